@@ -1,0 +1,65 @@
+//! Builds the C++ shim against libtorch and makes the binaries find libtorch.
+//!
+//! torch-sys (`links = "tch"`) exports the libtorch lib folder as
+//! `DEP_TCH_LIBTORCH_LIB`; the headers sit beside it in `../include`.
+use std::env;
+use std::path::PathBuf;
+
+fn main() {
+    embed_stdlib();
+    println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    println!("cargo:rerun-if-changed=build.rs");
+    let lib = PathBuf::from(
+        env::var("DEP_TCH_LIBTORCH_LIB")
+            .expect("torch-sys did not report libtorch's lib folder (set LIBTORCH_USE_PYTORCH=1)"),
+    );
+    let include = lib.join("../include");
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("csrc/shim.cpp")
+        .compile("knlp_shim");
+
+    // Keep libtorch_cuda in NEEDED although no symbol of it is referenced:
+    // otherwise `--as-needed` drops it and CUDA is silently unavailable.
+    println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,-ltorch,--as-needed");
+    // Run here without LD_LIBRARY_PATH; on a GPU machine LD_LIBRARY_PATH wins
+    // (RUNPATH is searched after it).
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+}
+
+/// Embed `stdlib/*.rhai` so `import` finds the standard library wherever the
+/// binary runs.
+fn embed_stdlib() {
+    println!("cargo:rerun-if-changed=stdlib");
+    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let mut entries: Vec<(String, PathBuf)> = std::fs::read_dir(root.join("stdlib"))
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "rhai"))
+                .map(|p| (p.file_stem().unwrap().to_string_lossy().to_string(), p))
+                .collect()
+        })
+        .unwrap_or_default();
+    entries.sort();
+    let mut code = String::from(
+        "/// Embedded standard-library modules: (name, source).\npub static STDLIB: &[(&str, &str)] = &[\n",
+    );
+    for (name, path) in entries {
+        println!("cargo:rerun-if-changed={}", path.display());
+        code.push_str(&format!("    ({name:?}, include_str!({:?})),\n", path.display().to_string()));
+    }
+    code.push_str("];\n");
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("stdlib.rs");
+    std::fs::write(out, code).unwrap();
+}
