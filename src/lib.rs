@@ -1,0 +1,10 @@
+//! knlp: a kernel-style research shell over libtorch.
+//!
+//! The library is usable from Rust without Rhai; [`script`] is the Rhai
+//! layer on top and the binaries in `src/bin/` are thin.
+pub mod interrupt;
+pub mod safetensors;
+pub mod script;
+pub mod shell;
+pub mod shim;
+pub mod tensor;

@@ -1,0 +1,261 @@
+//! safetensors files: read with validation, written atomically.
+//!
+//! Our own reader/writer (the format is an 8-byte little-endian header
+//! length, a JSON header, then raw little-endian data) because tch's copy
+//! drops metadata, reads whole files and does not write atomically.
+//! Every error names the file and, where it applies, the tensor.
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Map, Value};
+use tch::{Device, Kind, Tensor};
+
+use crate::tensor::torch_error;
+
+/// Largest header we accept (a guard against garbage lengths).
+const MAX_HEADER: u64 = 100 << 20;
+
+const DTYPES: &[(Kind, &str)] = &[
+    (Kind::Double, "F64"),
+    (Kind::Float, "F32"),
+    (Kind::Half, "F16"),
+    (Kind::BFloat16, "BF16"),
+    (Kind::Int64, "I64"),
+    (Kind::Int, "I32"),
+    (Kind::Int16, "I16"),
+    (Kind::Int8, "I8"),
+    (Kind::Uint8, "U8"),
+    (Kind::Bool, "BOOL"),
+];
+
+fn dtype_name(kind: Kind) -> Option<&'static str> {
+    DTYPES.iter().find(|(k, _)| *k == kind).map(|(_, n)| *n)
+}
+
+fn dtype_kind(name: &str) -> Option<Kind> {
+    DTYPES.iter().find(|(_, n)| *n == name).map(|(k, _)| *k)
+}
+
+/// A loaded file: tensors in file order (on the CPU) and the string metadata.
+pub struct Loaded {
+    pub tensors: Vec<(String, Tensor)>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Loaded {
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+}
+
+/// Write `tensors` (any device, any layout) and `metadata` to `path`
+/// atomically: a temporary file in the same folder, fsync, rename.
+pub fn save(
+    path: &Path,
+    tensors: &[(String, &Tensor)],
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), String> {
+    let ctx = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mut header = Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), json!(metadata));
+    }
+    let mut cpu = Vec::with_capacity(tensors.len());
+    let mut offset = 0usize;
+    for (name, t) in tensors {
+        if name == "__metadata__" {
+            return Err(format!("{}: '__metadata__' is not a valid tensor name", path.display()));
+        }
+        let kind =
+            t.f_kind().map_err(|e| format!("{}: tensor '{name}': {}", path.display(), torch_error(&e)))?;
+        let dt = dtype_name(kind).ok_or_else(|| {
+            format!(
+                "{}: tensor '{name}' has dtype {kind:?}, which safetensors files here cannot hold",
+                path.display()
+            )
+        })?;
+        let c = t
+            .f_detach()
+            .and_then(|x| x.f_to_device(Device::Cpu))
+            .and_then(|x| x.f_contiguous())
+            .map_err(|e| format!("{}: tensor '{name}': {}", path.display(), torch_error(&e)))?;
+        let bytes = c.numel() * kind.elt_size_in_bytes();
+        header.insert(
+            name.clone(),
+            json!({"dtype": dt, "shape": c.size(), "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+        cpu.push((name, c, bytes));
+    }
+    let mut head = serde_json::to_vec(&Value::Object(header)).map_err(|e| e.to_string())?;
+    while head.len() % 8 != 0 {
+        head.push(b' ');
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).map_err(ctx)?;
+    }
+    let tmp = temp_path(path);
+    let result = (|| -> Result<(), String> {
+        let file = File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        w.write_all(&(head.len() as u64).to_le_bytes()).map_err(ctx)?;
+        w.write_all(&head).map_err(ctx)?;
+        let mut buf = Vec::new();
+        for (name, c, bytes) in &cpu {
+            buf.resize(*bytes, 0);
+            c.f_copy_data_u8(&mut buf, c.numel())
+                .map_err(|e| format!("{}: tensor '{name}': {}", path.display(), torch_error(&e)))?;
+            w.write_all(&buf).map_err(ctx)?;
+        }
+        let file = w.into_inner().map_err(|e| ctx(e.into_error()))?;
+        file.sync_all().map_err(ctx)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    fs::rename(&tmp, path).map_err(ctx)?;
+    sync_dir(path);
+    Ok(())
+}
+
+/// A sibling temporary path, unique to this process.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// fsync the folder holding `path` so a rename survives a crash.
+pub fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+/// Read and validate a safetensors file; tensors land on the CPU.
+pub fn load(path: &Path) -> Result<Loaded, String> {
+    let p = path.display();
+    let mut file = File::open(path).map_err(|e| format!("{p}: {e}"))?;
+    let len = file.metadata().map_err(|e| format!("{p}: {e}"))?.len();
+    if len < 8 {
+        return Err(format!("{p}: not a safetensors file (only {len} bytes)"));
+    }
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n).map_err(|e| format!("{p}: {e}"))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER || n + 8 > len {
+        return Err(format!(
+            "{p}: not a safetensors file or truncated (header of {n} bytes in a file of {len})"
+        ));
+    }
+    let mut head = vec![0u8; n as usize];
+    file.read_exact(&mut head).map_err(|e| format!("{p}: {e}"))?;
+    let header: Map<String, Value> =
+        serde_json::from_slice(&head).map_err(|e| format!("{p}: header is not valid JSON: {e}"))?;
+    let data_len = (len - 8 - n) as usize;
+    let mut entries = Vec::new();
+    let mut metadata = BTreeMap::new();
+    for (name, v) in &header {
+        if name == "__metadata__" {
+            if let Some(m) = v.as_object() {
+                for (k, v) in m {
+                    metadata.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
+                }
+            }
+            continue;
+        }
+        let bad = |what: &str| format!("{p}: tensor '{name}': {what}");
+        let dt = v.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("no dtype"))?;
+        let kind = dtype_kind(dt).ok_or_else(|| bad(&format!("unsupported dtype {dt}")))?;
+        let shape: Vec<i64> = v
+            .get("shape")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("no shape"))?
+            .iter()
+            .map(|d| d.as_i64().filter(|d| *d >= 0).ok_or_else(|| bad("bad shape")))
+            .collect::<Result<_, _>>()?;
+        let off = v
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .filter(|a| a.len() == 2)
+            .ok_or_else(|| bad("no data_offsets"))?;
+        let (start, end) = match (off[0].as_u64(), off[1].as_u64()) {
+            (Some(s), Some(e)) if s <= e => (s as usize, e as usize),
+            _ => return Err(bad("bad data_offsets")),
+        };
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |acc, d| acc.checked_mul(*d as usize))
+            .ok_or_else(|| bad("shape overflows"))?;
+        if numel.checked_mul(kind.elt_size_in_bytes()) != Some(end - start) {
+            return Err(bad(&format!("shape {shape:?} of {dt} does not match {} data bytes", end - start)));
+        }
+        if end > data_len {
+            return Err(bad(&format!("data ends at byte {end} but the file holds {data_len} (truncated?)")));
+        }
+        entries.push((name.clone(), kind, shape, start, end));
+    }
+    // Data is read in file order so a large file streams once.
+    entries.sort_by_key(|e| e.3);
+    let mut data = Vec::new();
+    file.read_to_end(&mut data).map_err(|e| format!("{p}: {e}"))?;
+    let mut tensors = Vec::with_capacity(entries.len());
+    for (name, kind, shape, start, end) in entries {
+        let t = Tensor::f_from_data_size(&data[start..end], &shape, kind)
+            .map_err(|e| format!("{p}: tensor '{name}': {}", torch_error(&e)))?;
+        tensors.push((name, t));
+    }
+    Ok(Loaded { tensors, metadata })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_with_metadata() {
+        let dir = tempdir();
+        let path = dir.join("a.safetensors");
+        let a = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]).reshape([2, 3]);
+        let b = Tensor::from_slice(&[true, false]);
+        let at = a.transpose(0, 1); // non-contiguous input
+        let mut meta = BTreeMap::new();
+        meta.insert("step".to_string(), "7".to_string());
+        save(&path, &[("a".into(), &at), ("b".into(), &b)], &meta).unwrap();
+        let l = load(&path).unwrap();
+        assert_eq!(l.metadata.get("step").unwrap(), "7");
+        assert!(l.get("a").unwrap().equal(&at));
+        assert!(l.get("b").unwrap().equal(&b));
+    }
+
+    #[test]
+    fn truncated_files_are_refused() {
+        let dir = tempdir();
+        let path = dir.join("t.safetensors");
+        let a = Tensor::ones([100], (Kind::Float, Device::Cpu));
+        save(&path, &[("w".into(), &a)], &BTreeMap::new()).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+        let e = load(&path).err().unwrap();
+        assert!(e.contains("'w'") && e.contains("truncated"), "{e}");
+        fs::write(&path, b"garbage!garbage!").unwrap();
+        assert!(load(&path).err().unwrap().contains("not a safetensors file"));
+    }
+
+    fn tempdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("knlp-st-{}-{}", std::process::id(), rand_suffix()));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::time::{SystemTime, UNIX_EPOCH};
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
+    }
+}

@@ -1,0 +1,127 @@
+//! Safe wrappers over the C++ shim (`csrc/shim.cpp`): global libtorch switches
+//! and CUDA allocator statistics that tch 0.24 does not bind.
+//!
+//! Every call returns `Err` with libtorch's message instead of throwing.
+use std::ffi::CStr;
+use std::os::raw::{c_char, c_int};
+
+extern "C" {
+    fn knlp_shim_last_error() -> *const c_char;
+    fn knlp_torch_version() -> *const c_char;
+    fn knlp_set_tf32(on: c_int) -> c_int;
+    fn knlp_get_tf32(out: *mut c_int) -> c_int;
+    fn knlp_set_autocast(enabled: c_int, dtype: c_int) -> c_int;
+    fn knlp_get_autocast(enabled: *mut c_int, dtype: *mut c_int) -> c_int;
+    fn knlp_set_deterministic(on: c_int, warn_only: c_int) -> c_int;
+    fn knlp_get_deterministic(out: *mut c_int) -> c_int;
+    fn knlp_memory_stats(device: c_int, out: *mut i64) -> c_int;
+    fn knlp_reset_peak_memory(device: c_int) -> c_int;
+    fn knlp_empty_cache() -> c_int;
+}
+
+fn check(rc: c_int) -> Result<(), String> {
+    if rc == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim returns a pointer into a thread-local std::string that
+    // stays valid until the next shim call on this thread.
+    let msg = unsafe { CStr::from_ptr(knlp_shim_last_error()) };
+    Err(crate::tensor::clean_torch_message(&msg.to_string_lossy()))
+}
+
+/// The libtorch version the binary runs against, e.g. `2.11.0`.
+pub fn torch_version() -> String {
+    // SAFETY: a pointer to a static string literal.
+    unsafe { CStr::from_ptr(knlp_torch_version()) }.to_string_lossy().into_owned()
+}
+
+/// Allow TF32 tensor cores for fp32 matmuls and convolutions on CUDA.
+pub fn set_tf32(on: bool) -> Result<(), String> {
+    check(unsafe { knlp_set_tf32(on as c_int) })
+}
+
+pub fn tf32() -> Result<bool, String> {
+    let mut v = 0;
+    check(unsafe { knlp_get_tf32(&mut v) })?;
+    Ok(v != 0)
+}
+
+/// Autocast precision for CUDA regions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AutocastDtype {
+    F16,
+    BF16,
+}
+
+/// Enable or disable CUDA autocast on the calling thread with the given dtype.
+pub fn set_autocast(enabled: bool, dtype: AutocastDtype) -> Result<(), String> {
+    let d = matches!(dtype, AutocastDtype::BF16) as c_int;
+    check(unsafe { knlp_set_autocast(enabled as c_int, d) })
+}
+
+/// Current CUDA autocast state of the calling thread.
+pub fn autocast() -> Result<(bool, AutocastDtype), String> {
+    let (mut e, mut d) = (0, 0);
+    check(unsafe { knlp_get_autocast(&mut e, &mut d) })?;
+    let dtype = if d == 1 { AutocastDtype::BF16 } else { AutocastDtype::F16 };
+    Ok((e != 0, dtype))
+}
+
+/// Run `f` with CUDA autocast in `dtype`, restoring the previous state after.
+pub fn with_autocast<T>(dtype: AutocastDtype, f: impl FnOnce() -> T) -> Result<T, String> {
+    let (was, prev) = autocast()?;
+    set_autocast(true, dtype)?;
+    let out = f();
+    set_autocast(was, prev)?;
+    Ok(out)
+}
+
+/// `torch.use_deterministic_algorithms(on)` plus deterministic cuDNN.
+pub fn set_deterministic(on: bool) -> Result<(), String> {
+    check(unsafe { knlp_set_deterministic(on as c_int, 0) })
+}
+
+pub fn deterministic() -> Result<bool, String> {
+    let mut v = 0;
+    check(unsafe { knlp_get_deterministic(&mut v) })?;
+    Ok(v != 0)
+}
+
+/// CUDA caching-allocator statistics in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryStats {
+    pub allocated: i64,
+    pub peak_allocated: i64,
+    pub reserved: i64,
+    pub peak_reserved: i64,
+}
+
+/// Allocator statistics of CUDA device `device`; an error without CUDA.
+pub fn memory_stats(device: usize) -> Result<MemoryStats, String> {
+    ensure_cuda(device)?;
+    let mut out = [0i64; 4];
+    check(unsafe { knlp_memory_stats(device as c_int, out.as_mut_ptr()) })?;
+    Ok(MemoryStats { allocated: out[0], peak_allocated: out[1], reserved: out[2], peak_reserved: out[3] })
+}
+
+pub fn reset_peak_memory(device: usize) -> Result<(), String> {
+    ensure_cuda(device)?;
+    check(unsafe { knlp_reset_peak_memory(device as c_int) })
+}
+
+/// Release cached, unused CUDA memory back to the driver.
+pub fn empty_cache() -> Result<(), String> {
+    ensure_cuda(0)?;
+    check(unsafe { knlp_empty_cache() })
+}
+
+fn ensure_cuda(device: usize) -> Result<(), String> {
+    let n = tch::Cuda::device_count() as usize;
+    if n == 0 {
+        return Err("CUDA is not available on this machine".into());
+    }
+    if device >= n {
+        return Err(format!("CUDA device {device} does not exist ({n} visible)"));
+    }
+    Ok(())
+}
