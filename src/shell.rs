@@ -1,0 +1,306 @@
+//! `knlp-shell`: an interactive Rhai session with knlp's bindings.
+//!
+//! Variables, functions and `import` aliases persist across inputs; input
+//! continues over several lines while it is incomplete; errors print like
+//! `knlp run` and the session goes on. With a pipe on stdin it reads inputs
+//! without prompts, for automation and tests.
+use std::cell::RefCell;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use rustyline::completion::{Completer, Pair};
+use rustyline::error::ReadlineError;
+use rustyline::highlight::Highlighter;
+use rustyline::hint::Hinter;
+use rustyline::history::DefaultHistory;
+use rustyline::validate::{ValidationContext, ValidationResult, Validator};
+use rustyline::{Context, Editor, Helper};
+
+use crate::script::{api, display_value, Limits, Runtime};
+
+const COMMANDS: &[(&str, &str)] = &[
+    (":help", "this list; `:help NAME` documents a function"),
+    (":load FILE", "run a script file in this session (its variables and functions stay)"),
+    (":vars", "variables in scope with their types"),
+    (":reset", "forget all variables, functions and imports"),
+    (":quit", "leave (also Ctrl-D)"),
+];
+
+const KEYWORDS: &[&str] = &[
+    "let", "const", "fn", "if", "else", "for", "in", "while", "loop", "break", "continue", "return", "throw",
+    "try", "catch", "import", "as", "true", "false", "print", "switch",
+];
+
+pub struct Shell {
+    rt: Rc<RefCell<Runtime>>,
+    failed: bool,
+}
+
+impl Shell {
+    pub fn new(limits: Limits) -> Self {
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        let mut rt = Runtime::new(cwd, limits);
+        // Later inputs may redefine constants; keep expressions as typed.
+        rt.engine.set_optimization_level(rhai::OptimizationLevel::None);
+        // The shell's scope grows input by input; allow new names per input.
+        rt.engine.set_strict_variables(false);
+        Shell { rt: Rc::new(RefCell::new(rt)), failed: false }
+    }
+
+    /// Run until end of input. Returns the exit status: 0, or 1 when any
+    /// input failed in non-interactive mode.
+    pub fn run(mut self) -> i32 {
+        if std::io::stdin().is_terminal() {
+            self.interactive();
+            0
+        } else {
+            self.piped();
+            i32::from(self.failed)
+        }
+    }
+
+    /// Handle one complete input; false means quit.
+    fn handle(&mut self, input: &str) -> bool {
+        let trimmed = input.trim();
+        if trimmed.is_empty() {
+            return true;
+        }
+        if let Some(cmd) = trimmed.strip_prefix(':') {
+            return self.command(cmd);
+        }
+        let result = self.rt.borrow_mut().eval_input(input);
+        match result {
+            Ok(v) if v.is_unit() => {}
+            Ok(v) => println!("{}", display_value(&v)),
+            Err(e) => {
+                if e.ending == crate::script::errors::Ending::Exit(0) {
+                    return false;
+                }
+                self.failed = true;
+                eprint!("{}", e.rendered);
+            }
+        }
+        let _ = std::io::stdout().flush();
+        true
+    }
+
+    fn command(&mut self, cmd: &str) -> bool {
+        let (name, arg) = cmd.split_once(char::is_whitespace).map_or((cmd, ""), |(a, b)| (a, b.trim()));
+        match name {
+            "q" | "quit" | "exit" => return false,
+            "help" | "h" if arg.is_empty() => {
+                println!("commands:");
+                for (c, d) in COMMANDS {
+                    println!("  {c:<12} {d}");
+                }
+                println!("function groups (see `:help NAME` or `knlp doc`):");
+                for (g, intro) in api::GROUPS {
+                    println!("  {g}: {intro}");
+                }
+            }
+            "help" | "h" | "doc" => {
+                let rt = self.rt.borrow();
+                let found = api::lookup(&rt.docs, arg);
+                if found.is_empty() {
+                    println!("no documented function '{arg}'");
+                    self.failed = true;
+                }
+                for d in found {
+                    println!("{}\n    {}", d.signature, d.doc);
+                }
+            }
+            "load" if !arg.is_empty() => match std::fs::read_to_string(arg) {
+                Ok(text) => {
+                    let r = self.rt.borrow_mut().load_source(&text, arg);
+                    if let Err(e) = r {
+                        self.failed = true;
+                        eprint!("{}", e.rendered);
+                    }
+                }
+                Err(e) => {
+                    self.failed = true;
+                    eprintln!("{arg}: error: cannot read: {e}");
+                }
+            },
+            "vars" => {
+                for (n, t, v) in self.rt.borrow().variables() {
+                    println!("{n:<16} {t:<10} {v}");
+                }
+                for f in self.rt.borrow().function_names() {
+                    println!("{f:<16} {:<10}", "fn");
+                }
+                for a in self.rt.borrow().imports.keys() {
+                    println!("{a:<16} {:<10}", "module");
+                }
+            }
+            "reset" => {
+                self.rt.borrow_mut().reset();
+                println!("session reset");
+            }
+            _ => {
+                self.failed = true;
+                eprintln!("unknown command ':{cmd}' (try :help)");
+            }
+        }
+        true
+    }
+
+    fn piped(&mut self) {
+        let stdin = std::io::stdin();
+        let mut buf = String::new();
+        for line in stdin.lock().lines() {
+            let Ok(line) = line else { break };
+            if buf.is_empty() && line.trim_start().starts_with(':') {
+                if !self.handle(&line) {
+                    return;
+                }
+                continue;
+            }
+            buf.push_str(&line);
+            buf.push('\n');
+            if self.rt.borrow().is_incomplete(&buf) {
+                continue;
+            }
+            let input = std::mem::take(&mut buf);
+            if !self.handle(&input) {
+                return;
+            }
+        }
+        if !buf.trim().is_empty() {
+            self.handle(&buf);
+        }
+    }
+
+    fn interactive(&mut self) {
+        let config = rustyline::Config::builder()
+            .edit_mode(rustyline::EditMode::Emacs)
+            .auto_add_history(false)
+            .max_history_size(10_000)
+            .map(|b| b.build())
+            .unwrap_or_default();
+        let mut ed: Editor<ShellHelper, DefaultHistory> = match Editor::with_config(config) {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("knlp-shell: cannot open the terminal: {e}");
+                return;
+            }
+        };
+        ed.set_helper(Some(ShellHelper { rt: self.rt.clone() }));
+        let history = history_path();
+        if let Some(h) = &history {
+            let _ = ed.load_history(h);
+        }
+        println!("{}", banner());
+        loop {
+            match ed.readline("knlp> ") {
+                Ok(line) => {
+                    if !line.trim().is_empty() {
+                        let _ = ed.add_history_entry(line.as_str());
+                        if let Some(h) = &history {
+                            let _ = ed.append_history(h);
+                        }
+                    }
+                    crate::interrupt::clear();
+                    if !self.handle(&line) {
+                        break;
+                    }
+                }
+                Err(ReadlineError::Interrupted) => continue,
+                Err(ReadlineError::Eof) => break,
+                Err(e) => {
+                    eprintln!("knlp-shell: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+pub fn banner() -> String {
+    let cuda = match tch::Cuda::device_count() {
+        0 => "CPU only".to_string(),
+        n => format!("{n} CUDA device(s)"),
+    };
+    format!(
+        "knlp-shell {} (libtorch {}, {cuda}). :help for help, Ctrl-D to quit.",
+        env!("CARGO_PKG_VERSION"),
+        crate::shim::torch_version()
+    )
+}
+
+/// `$KNLP_HISTORY`, else `$XDG_STATE_HOME/knlp/history`, else `~/.local/state/knlp/history`.
+fn history_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("KNLP_HISTORY") {
+        return Some(PathBuf::from(p));
+    }
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")))?;
+    let dir = base.join("knlp");
+    std::fs::create_dir_all(&dir).ok()?;
+    Some(dir.join("history"))
+}
+
+struct ShellHelper {
+    rt: Rc<RefCell<Runtime>>,
+}
+
+impl Helper for ShellHelper {}
+impl Hinter for ShellHelper {
+    type Hint = String;
+}
+impl Highlighter for ShellHelper {}
+
+impl Validator for ShellHelper {
+    fn validate(&self, ctx: &mut ValidationContext) -> rustyline::Result<ValidationResult> {
+        let input = ctx.input();
+        if input.trim_start().starts_with(':') || input.trim().is_empty() {
+            return Ok(ValidationResult::Valid(None));
+        }
+        Ok(if self.rt.borrow().is_incomplete(input) {
+            ValidationResult::Incomplete
+        } else {
+            ValidationResult::Valid(None)
+        })
+    }
+}
+
+impl Completer for ShellHelper {
+    type Candidate = Pair;
+
+    fn complete(&self, line: &str, pos: usize, _ctx: &Context<'_>) -> rustyline::Result<(usize, Vec<Pair>)> {
+        let head = &line[..pos];
+        let start = head.rfind(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':')).map_or(0, |i| i + 1);
+        let word = &head[start..];
+        let after_dot = head[..start].ends_with('.');
+        let rt = self.rt.borrow();
+        let mut cands: Vec<String> = Vec::new();
+        if head.trim_start().starts_with(':') && !head.contains(' ') {
+            cands = COMMANDS.iter().map(|(c, _)| c.split(' ').next().unwrap_or(c).to_string()).collect();
+            let s = head.len() - head.trim_start().len();
+            return Ok((s, pairs(&cands, head.trim_start())));
+        }
+        if let Some((alias, _)) = word.split_once("::") {
+            if let Some(members) = rt.imports.get(alias) {
+                cands = members.iter().map(|m| format!("{alias}::{m}")).collect();
+            }
+        } else if after_dot {
+            cands = rt.docs.iter().filter(|d| d.signature.contains('.')).map(|d| d.name.clone()).collect();
+        } else {
+            cands.extend(api::names(&rt.docs));
+            cands.extend(rt.variables().into_iter().map(|(n, _, _)| n));
+            cands.extend(rt.function_names());
+            cands.extend(rt.imports.keys().map(|a| format!("{a}::")));
+            cands.extend(KEYWORDS.iter().map(|k| k.to_string()));
+        }
+        Ok((start, pairs(&cands, word)))
+    }
+}
+
+fn pairs(cands: &[String], prefix: &str) -> Vec<Pair> {
+    let mut v: Vec<&String> = cands.iter().filter(|c| c.starts_with(prefix)).collect();
+    v.sort();
+    v.dedup();
+    v.into_iter().map(|c| Pair { display: c.clone(), replacement: c.clone() }).collect()
+}
