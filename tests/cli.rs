@@ -1,0 +1,278 @@
+//! End-to-end tests of the `knlp` and `knlp-shell` binaries.
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+const KNLP: &str = env!("CARGO_BIN_EXE_knlp");
+const SHELL: &str = env!("CARGO_BIN_EXE_knlp-shell");
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fresh scratch folder for one test.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("knlp-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    if let Some(parent) = p.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn knlp(dir: &Path, args: &[&str]) -> Output {
+    Command::new(KNLP).args(args).current_dir(dir).output().unwrap()
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn version_and_help() {
+    let o = Command::new(KNLP).arg("--version").output().unwrap();
+    assert!(o.status.success());
+    assert!(text(&o).0.starts_with("knlp "));
+    let o = Command::new(KNLP).arg("--help").output().unwrap();
+    assert!(o.status.success());
+    assert!(text(&o).0.contains("run"));
+    // A usage error is exit status 2, as for any clap tool.
+    let o = Command::new(KNLP).arg("--bogus").output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn tensor_ops_script_passes() {
+    let o = knlp(&root(), &["run", "tests/scripts/tensor_ops.rhai"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("tensor_ops: ok"));
+}
+
+#[test]
+fn quickstart_runs() {
+    let o = knlp(&root(), &["run", "scripts/quickstart.rhai", "--steps", "20"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains("fitted w"), "{out}");
+}
+
+#[test]
+fn error_names_file_line_column_with_caret() {
+    let d = scratch("errpos");
+    write(&d, "bad.rhai", "let a = ones([2, 2]);\nlet b = 1;\nlet c = a.reshape([3]);\n");
+    let o = knlp(&d, &["run", "bad.rhai"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.starts_with("bad.rhai:3:11: error: shape '[3]' is invalid for input of size 4"), "{err}");
+    assert!(err.contains(" 3 | let c = a.reshape([3]);\n   |           ^"), "{err}");
+    assert!(!err.contains("Exception raised from"), "backtrace leaked: {err}");
+}
+
+#[test]
+fn errors_inside_functions_and_modules_show_the_chain() {
+    let d = scratch("errmod");
+    write(&d, "lib/m.rhai", "fn boom(t) {\n    t.matmul(t)\n}\n");
+    write(&d, "main.rhai", "import \"lib/m\" as m;\nlet x = ones([2, 3]);\nm::boom(x);\n");
+    let o = knlp(&d, &["run", "main.rhai"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.starts_with("lib/m.rhai:2:7: error:"), "{err}");
+    assert!(err.contains("in function 'boom' called at main.rhai:3:4"), "{err}");
+}
+
+#[test]
+fn syntax_errors_and_unknown_functions() {
+    let d = scratch("syntax");
+    write(&d, "s.rhai", "let x = (1 + ;\n");
+    let (_, err) = text(&knlp(&d, &["run", "s.rhai"]));
+    assert!(err.starts_with("s.rhai:1:14: error: syntax error"), "{err}");
+    write(&d, "f.rhai", "let x = zeros([2]);\nx.sum(\"no\");\nx.nope(1);\n");
+    let (_, err) = text(&knlp(&d, &["run", "f.rhai"]));
+    assert!(err.starts_with("f.rhai:2:3: error: dim must be an int"), "{err}");
+    write(&d, "g.rhai", "topk(1, 2, 3);\n");
+    let (_, err) = text(&knlp(&d, &["run", "g.rhai"]));
+    assert!(err.contains("no function matches topk (int, int, int)"), "{err}");
+    assert!(err.contains("Tensor.topk(k: int)"), "the message lists the real signatures: {err}");
+}
+
+#[test]
+fn limits_stop_runaway_scripts() {
+    let d = scratch("limits");
+    write(&d, "loop.rhai", "let i = 0;\nloop { i += 1; }\n");
+    let o = knlp(&d, &["run", "--max-operations", "100000", "loop.rhai"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("script stopped after 100000 operations"), "{err}");
+    let o = knlp(&d, &["run", "--max-operations", "0", "--timeout", "0.5", "loop.rhai"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("--timeout of 0.5 s"), "{err}");
+    write(&d, "rec.rhai", "fn f(x) { f(x + 1) }\nf(0);\n");
+    let (_, err) = text(&knlp(&d, &["run", "--max-call-levels", "50", "rec.rhai"]));
+    assert!(err.contains("call stack too deep"), "{err}");
+    write(&d, "big.rhai", "let a = [];\nfor i in 0..1000 { a.push(i); }\n");
+    let (_, err) = text(&knlp(&d, &["run", "--max-array-size", "100", "big.rhai"]));
+    assert!(err.contains("big.rhai:2:"), "{err}");
+}
+
+#[test]
+fn ctrl_c_stops_a_script() {
+    let d = scratch("sigint");
+    write(&d, "spin.rhai", "print(\"started\");\nlet i = 0;\nloop { i += 1; }\n");
+    let child = Command::new(KNLP)
+        .args(["run", "--max-operations", "0", "spin.rhai"])
+        .current_dir(&d)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let o = child.wait_with_output().unwrap();
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted (Ctrl-C)") && err.contains("spin.rhai:3:"), "{err}");
+}
+
+#[test]
+fn imports_resolve_from_script_folder_then_stdlib() {
+    let d = scratch("imports");
+    write(&d, "proj/helper.rhai", "fn twice(x) { x * 2 }\nexport const K = 7;\n");
+    write(&d, "proj/util.rhai", "fn mean(xs) { -1.0 }\n");
+    write(
+        &d,
+        "proj/main.rhai",
+        "import \"helper\" as h;\nimport \"util\" as u;\nprint(`${h::twice(h::K)} ${u::mean([1.0])}`);\n",
+    );
+    // Run from another folder: resolution follows the script, not the cwd.
+    let o = knlp(&d, &["run", "proj/main.rhai"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(out.trim(), "14 -1.0", "the script's own util shadows stdlib's");
+    write(&d, "std.rhai", "import \"util\" as u;\nprint(u::mean([1.0, 3.0]));\n");
+    let (out, _) = text(&knlp(&d, &["run", "std.rhai"]));
+    assert_eq!(out.trim(), "2.0", "stdlib/util.rhai is embedded");
+    write(&d, "esc.rhai", "import \"../secret\" as s;\n");
+    let (_, err) = text(&knlp(&d, &["run", "esc.rhai"]));
+    assert!(err.starts_with("esc.rhai:1:8: error: import \"../secret\""), "{err}");
+    write(&d, "missing.rhai", "import \"nothere\" as n;\n");
+    let (_, err) = text(&knlp(&d, &["run", "missing.rhai"]));
+    assert!(err.contains("module 'nothere' not found"), "{err}");
+}
+
+#[test]
+fn exit_codes() {
+    let d = scratch("exit");
+    write(&d, "ok.rhai", "print(1);\n");
+    assert_eq!(knlp(&d, &["run", "ok.rhai"]).status.code(), Some(0));
+    write(&d, "three.rhai", "exit(3);\n");
+    assert_eq!(knlp(&d, &["run", "three.rhai"]).status.code(), Some(3));
+    write(&d, "throw.rhai", "throw \"no\";\n");
+    assert_eq!(knlp(&d, &["run", "throw.rhai"]).status.code(), Some(1));
+    let o = knlp(&d, &["run", "absent.rhai"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("cannot read the script"));
+}
+
+#[test]
+fn script_arguments() {
+    let d = scratch("args");
+    write(&d, "a.rhai", "let o = parse_args(ARGS, #{ epochs: 1, lr: 0.5, name: \"x\", fast: false });\nprint(`${o.epochs} ${o.lr} ${o.name} ${o.fast} ${ARGS.len()}`);\n");
+    let o = knlp(&d, &["run", "a.rhai", "--epochs", "4", "--lr=0.25", "--fast", "--name", "y"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert_eq!(out.trim(), "4 0.25 y true 6");
+    let o = knlp(&d, &["run", "a.rhai", "--epoch", "4"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err.contains("unknown option --epoch") && err.contains("--epochs"), "{err}");
+    let o = knlp(&d, &["run", "a.rhai", "--help"]);
+    assert!(o.status.success());
+    assert!(text(&o).0.contains("--epochs"));
+}
+
+fn shell(input: &str) -> Output {
+    let mut child = Command::new(SHELL)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .current_dir(root())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn shell_state_persists_and_errors_survive() {
+    let input = "let a = ones([2, 2]);\nfn triple(x) { x * 3 }\ntriple(a).sum()\nlet b = a.reshape([5]);\nprint(\"after the error\");\n(a + 1).sum().item()\n";
+    let o = shell(input);
+    let (out, err) = text(&o);
+    assert!(out.contains("tensor(12., shape=[], dtype=float32, device=cpu)"), "{out}");
+    assert!(out.contains("after the error"), "{out}");
+    assert!(out.trim_end().ends_with("8.0"), "{out}");
+    assert!(err.contains("<input 4>:1:11: error: shape '[5]' is invalid"), "{err}");
+    assert_eq!(o.status.code(), Some(1), "a piped session with errors exits 1");
+}
+
+#[test]
+fn shell_multiline_input_imports_and_commands() {
+    let input = "let m = #{\n  a: 1,\n  b: [1,\n      2]\n};\nfn f(x) {\n  x + 1\n}\nf(m.a)\nimport \"util\" as u;\nu::mean([2.0, 4.0])\n:vars\n:help topk\n:quit\nprint(\"not reached\");\n";
+    let o = shell(input);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "2");
+    assert_eq!(lines[1], "3.0", "the import alias persists to the next input");
+    assert!(out.contains("m ") && out.contains("map"), "{out}");
+    assert!(out.contains("Tensor.topk(k: int) -> map"), "{out}");
+    assert!(!out.contains("not reached"));
+}
+
+#[test]
+fn shell_load_and_reset() {
+    let d = scratch("load");
+    let f = write(&d, "defs.rhai", "let loaded = 41;\nfn inc(x) { x + 1 }\n");
+    let input = format!(":load {}\ninc(loaded)\n:reset\nloaded\n", f.display());
+    let o = shell(&input);
+    let (out, err) = text(&o);
+    assert!(out.lines().next() == Some("42"), "{out}");
+    assert!(err.contains("Variable not found: loaded"), "{err}");
+}
+
+#[test]
+fn reference_docs_are_current() {
+    let o = Command::new(KNLP).arg("doc").output().unwrap();
+    assert!(o.status.success());
+    let generated = String::from_utf8(o.stdout).unwrap();
+    let committed = std::fs::read_to_string(root().join("docs/scripting.md")).unwrap_or_default();
+    assert!(generated == committed, "docs/scripting.md is stale: run `make docs` and commit it");
+}
+
+#[test]
+fn cuda_smoke_or_skip() {
+    let d = scratch("cuda");
+    write(
+        &d,
+        "c.rhai",
+        "if !cuda_available() { print(\"skip\"); exit(0); }\nset_tf32(true);\nassert(tf32());\nlet a = randn([256, 256]).to(\"cuda\").bf16();\nlet b = autocast(\"bf16\", || a.matmul(a));\nassert_eq(b.dtype, \"bfloat16\");\nassert(cuda_memory().peak_allocated > 0);\nprint(\"cuda ok\");\n",
+    );
+    let o = knlp(&d, &["run", "c.rhai"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    if out.trim() == "skip" {
+        eprintln!("cuda_smoke_or_skip: skipped, CUDA is not available on this machine");
+    } else {
+        assert!(out.contains("cuda ok"));
+    }
+}
