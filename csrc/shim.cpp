@@ -7,6 +7,7 @@
 #include <ATen/autocast_mode.h>
 #include <torch/headeronly/version.h>
 #include <cstring>
+#include <vector>
 #include <string>
 
 namespace {
@@ -91,6 +92,43 @@ int knlp_reset_peak_memory(int device) {
 
 int knlp_empty_cache() {
   return guarded([&] { at::accelerator::emptyCache(); });
+}
+
+// Point `t` at the storage of `src` (PyTorch's `t.data = src`): every alias
+// of `t` sees the new storage. Used to move parameters into flat buffers.
+int knlp_set_data(at::Tensor* t, at::Tensor* src) {
+  return guarded([&] { t->set_data(*src); });
+}
+
+// Give `t` a pre-allocated gradient tensor; autograd then accumulates into
+// it in place (AccumulateGrad adds into a defined grad when grad mode is
+// off), so gradients land in one flat buffer.
+int knlp_set_grad(at::Tensor* t, at::Tensor* g) {
+  return guarded([&] { t->mutable_grad() = *g; });
+}
+
+// ATen's fused AdamW over lists of tensors (one launch per list). `step` is
+// a float32 scalar tensor per parameter tensor, as torch.optim keeps it.
+int knlp_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs,
+                     at::Tensor** exp_avg_sqs, at::Tensor** max_exp_avg_sqs, at::Tensor** steps,
+                     int n, double lr, double beta1, double beta2, double weight_decay, double eps,
+                     int amsgrad, int adam_w) {
+  return guarded([&] {
+    std::vector<at::Tensor> p, g, m, v, mx, st;
+    for (int i = 0; i < n; ++i) {
+      p.push_back(*params[i]);
+      g.push_back(*grads[i]);
+      m.push_back(*exp_avgs[i]);
+      v.push_back(*exp_avg_sqs[i]);
+      if (amsgrad) mx.push_back(*max_exp_avg_sqs[i]);
+      st.push_back(*steps[i]);
+    }
+    if (adam_w) {
+      at::_fused_adamw_(p, g, m, v, mx, st, lr, beta1, beta2, weight_decay, eps, amsgrad != 0, false);
+    } else {
+      at::_fused_adam_(p, g, m, v, mx, st, lr, beta1, beta2, weight_decay, eps, amsgrad != 0, false);
+    }
+  });
 }
 
 int knlp_has_accelerator(int* out) {

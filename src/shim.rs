@@ -5,6 +5,9 @@
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int};
 
+use tch::Tensor;
+use torch_sys::C_tensor;
+
 extern "C" {
     fn knlp_shim_last_error() -> *const c_char;
     fn knlp_torch_version() -> *const c_char;
@@ -17,6 +20,24 @@ extern "C" {
     fn knlp_memory_stats(device: c_int, out: *mut i64) -> c_int;
     fn knlp_reset_peak_memory(device: c_int) -> c_int;
     fn knlp_empty_cache() -> c_int;
+    fn knlp_set_data(t: *mut C_tensor, src: *mut C_tensor) -> c_int;
+    fn knlp_set_grad(t: *mut C_tensor, g: *mut C_tensor) -> c_int;
+    fn knlp_fused_adamw(
+        params: *const *mut C_tensor,
+        grads: *const *mut C_tensor,
+        exp_avgs: *const *mut C_tensor,
+        exp_avg_sqs: *const *mut C_tensor,
+        max_exp_avg_sqs: *const *mut C_tensor,
+        steps: *const *mut C_tensor,
+        n: c_int,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+        amsgrad: c_int,
+        adam_w: c_int,
+    ) -> c_int;
 }
 
 fn check(rc: c_int) -> Result<(), String> {
@@ -124,4 +145,68 @@ fn ensure_cuda(device: usize) -> Result<(), String> {
         return Err(format!("CUDA device {device} does not exist ({n} visible)"));
     }
     Ok(())
+}
+
+/// Point `t` (and every alias of it) at the storage of `src`, like
+/// `t.data = src` in PyTorch. Shapes may differ; autograd metadata stays.
+pub fn set_data(t: &Tensor, src: &Tensor) -> Result<(), String> {
+    check(unsafe { knlp_set_data(t.as_ptr() as *mut C_tensor, src.as_ptr() as *mut C_tensor) })
+}
+
+/// Install `g` as the gradient of `t`; backward passes then accumulate into
+/// `g` in place.
+pub fn set_grad(t: &Tensor, g: &Tensor) -> Result<(), String> {
+    check(unsafe { knlp_set_grad(t.as_ptr() as *mut C_tensor, g.as_ptr() as *mut C_tensor) })
+}
+
+/// Hyper-parameters of one fused Adam/AdamW call.
+#[derive(Clone, Copy, Debug)]
+pub struct FusedAdam {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub weight_decay: f64,
+    pub eps: f64,
+    pub amsgrad: bool,
+    /// Decoupled weight decay (AdamW) instead of L2 in the gradient (Adam).
+    pub decoupled: bool,
+}
+
+/// ATen's `_fused_adamw_` / `_fused_adam_` over parallel lists. `steps` are
+/// float32 scalar tensors on the parameters' device, incremented by the kernel.
+pub fn fused_adam(
+    params: &[&Tensor],
+    grads: &[&Tensor],
+    exp_avgs: &[&Tensor],
+    exp_avg_sqs: &[&Tensor],
+    max_exp_avg_sqs: &[&Tensor],
+    steps: &[&Tensor],
+    h: FusedAdam,
+) -> Result<(), String> {
+    let n = params.len();
+    let same = [grads.len(), exp_avgs.len(), exp_avg_sqs.len(), steps.len()].iter().all(|&l| l == n);
+    if !same || (h.amsgrad && max_exp_avg_sqs.len() != n) {
+        return Err("fused_adam: tensor lists differ in length".into());
+    }
+    let ptrs = |v: &[&Tensor]| v.iter().map(|t| t.as_ptr() as *mut C_tensor).collect::<Vec<_>>();
+    let (p, g, m, v, mx, st) =
+        (ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs), ptrs(max_exp_avg_sqs), ptrs(steps));
+    check(unsafe {
+        knlp_fused_adamw(
+            p.as_ptr(),
+            g.as_ptr(),
+            m.as_ptr(),
+            v.as_ptr(),
+            mx.as_ptr(),
+            st.as_ptr(),
+            n as c_int,
+            h.lr,
+            h.beta1,
+            h.beta2,
+            h.weight_decay,
+            h.eps,
+            h.amsgrad as c_int,
+            h.decoupled as c_int,
+        )
+    })
 }
