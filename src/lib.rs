@@ -3,6 +3,8 @@
 //! The library is usable from Rust without Rhai; [`script`] is the Rhai
 //! layer on top and the binaries in `src/bin/` are thin.
 pub mod interrupt;
+pub mod layers;
+pub mod params;
 pub mod safetensors;
 pub mod script;
 pub mod shell;
