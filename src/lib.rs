@@ -4,6 +4,7 @@
 //! layer on top and the binaries in `src/bin/` are thin.
 pub mod interrupt;
 pub mod layers;
+pub mod optim;
 pub mod params;
 pub mod safetensors;
 pub mod script;

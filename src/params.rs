@@ -72,7 +72,7 @@ impl FlatGroup {
     }
 
     /// The decaying and the non-decaying parts of a flat buffer.
-    pub fn split<'a>(&self, t: &'a Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn split(&self, t: &Tensor) -> Result<(Tensor, Tensor)> {
         let n = self.numel();
         let d = t.f_narrow(0, 0, self.decay_len).map_err(te)?;
         let r = t.f_narrow(0, self.decay_len, n - self.decay_len).map_err(te)?;
@@ -291,7 +291,7 @@ mod tests {
         assert_eq!(g.decay_len, 14, "weight and embedding first, bias last");
         assert!(w.equal(&before), "values survive the move");
         // The model's aliases now live in the flat buffer.
-        tch::no_grad(|| w.f_fill_(2.0).unwrap());
+        let _ = tch::no_grad(|| w.f_fill_(2.0).unwrap());
         assert_eq!(g.data.narrow(0, 0, 6).sum(Kind::Float).double_value(&[]), 12.0);
         // Backward accumulates into the flat gradient buffer.
         let x = Tensor::ones([5, 2], (Kind::Float, Device::Cpu));
@@ -309,7 +309,7 @@ mod tests {
     #[test]
     fn strict_loading_names_the_tensor() {
         let mut s = ParamStore::new();
-        s.param("a", &[2], Init::Zeros, Role::Bias).unwrap();
+        let _ = s.param("a", &[2], Init::Zeros, Role::Bias).unwrap();
         s.finalize(Device::Cpu).unwrap();
         let ok = vec![("a".to_string(), Tensor::ones([2], (Kind::Float, Device::Cpu)))];
         s.load_named(&ok, "ck").unwrap();
