@@ -67,57 +67,12 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
         "A number as text with a fixed number of decimals.",
         |v: FLOAT, d: INT| format!("{v:.*}", d.clamp(0, 17) as usize),
     );
-    api.f("exit", "", "End the script successfully.", || -> RResult<()> { Err(exit_with(0)) });
-    api.f("exit", "code", "End the script with exit status `code`.", |c: INT| -> RResult<()> {
-        Err(exit_with(c))
-    });
-    api.f("assert", "condition", "Fail the script unless `condition` is true.", |c: bool| -> RResult<()> {
-        if c {
-            Ok(())
-        } else {
-            Err(rerr("assertion failed"))
-        }
-    });
     api.f(
-        "assert",
-        "condition, message",
-        "Fail the script with `message` unless `condition` is true.",
-        |c: bool, m: ImmutableString| -> RResult<()> {
-            if c {
-                Ok(())
-            } else {
-                Err(rerr(format!("assertion failed: {m}")))
-            }
-        },
+        "fmt",
+        "value, decimals",
+        "An int as text; `decimals` is accepted so `fmt` takes either number type.",
+        |v: INT, _d: INT| v.to_string(),
     );
-    api.f(
-        "assert_eq",
-        "a, b",
-        "Fail unless `a == b` (numbers, strings, bools, arrays of them).",
-        |a: Dynamic, b: Dynamic| -> RResult<()> {
-            if same(&a, &b) {
-                Ok(())
-            } else {
-                Err(rerr(format!("assertion failed: {} != {}", show(&a), show(&b))))
-            }
-        },
-    );
-    api.f("assert_close", "a, b, tol", "Fail unless tensors or numbers `a` and `b` agree within `tol` everywhere (same shape for tensors).", |a: Dynamic, b: Dynamic, tol: FLOAT| -> RResult<()> {
-        let (x, y) = (as_tensor(&a)?, as_tensor(&b)?);
-        if x.size() != y.size() {
-            return Err(rerr(format!("assertion failed: shapes {:?} and {:?} differ", x.size(), y.size())));
-        }
-        let diff = x.f_sub(&y).and_then(|d| d.f_abs()).and_then(|d| crate::tensor::to_vec_f64(&d)).map_err(|e| rerr(crate::tensor::torch_error(&e)))?;
-        let worst = diff.iter().cloned().fold(0.0f64, |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) });
-        if worst <= tol {
-            Ok(())
-        } else {
-            Err(rerr(format!("assertion failed: values differ by up to {worst:e} (tolerance {tol:e})\n  left:  {}\n  right: {}", show(&a), show(&b))))
-        }
-    });
-    api.f("fmt", "value, decimals", "An int as text (decimals are ignored).", |v: INT, _d: INT| {
-        v.to_string()
-    });
     api.f(
         "pad",
         "text, width",
