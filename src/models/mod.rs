@@ -1,0 +1,83 @@
+//! Models over [`ParamStore`]: LeNet-5, ResNet-18/50 and GPT-2.
+//!
+//! Every model registers its parameters with stable, documented names
+//! (`docs/models.md`), creates them on the CPU (seeded initialisation is the
+//! same on every device) and is moved to its device by
+//! [`ParamStore::finalize`].
+use anyhow::Result;
+use tch::{Device, TchError, Tensor};
+
+use crate::params::ParamStore;
+
+pub mod gpt2;
+pub mod lenet5;
+pub mod resnet;
+
+/// What a model predicts, which decides its loss and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Task {
+    /// Images [B, C, H, W] to class logits [B, classes].
+    Classify { classes: i64 },
+    /// Token ids [B, T] to next-token logits [B, T, vocab].
+    LanguageModel { vocab: i64, block_size: i64 },
+}
+
+pub trait Model {
+    /// Short architecture name (`lenet5`, `resnet18`, `resnet50`, `gpt2`).
+    fn arch(&self) -> &'static str;
+    fn task(&self) -> Task;
+    /// Logits for a batch; `train` selects dropout and batch-norm behaviour.
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor, TchError>;
+    fn store(&self) -> &ParamStore;
+    fn store_mut(&mut self) -> &mut ParamStore;
+    /// The configuration the model was built from, for run records.
+    fn config(&self) -> serde_json::Value;
+    /// Names of parameters tied to another name (GPT-2's `lm_head.weight`
+    /// is `transformer.wte.weight`): (alias, owner).
+    fn tied(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}
+
+/// Mean cross-entropy of logits against integer targets; language-model
+/// logits [B, T, V] are flattened, targets of -1 are ignored.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor, TchError> {
+    let v = *logits.size().last().unwrap_or(&1);
+    let l = logits.f_reshape([-1, v])?;
+    let t = targets.f_reshape([-1])?;
+    l.f_cross_entropy_loss::<Tensor>(&t, None, tch::Reduction::Mean, -1, 0.0)
+}
+
+/// Move a freshly built model to `device` with flat parameter buffers.
+pub fn finalize<M: Model + ?Sized>(m: &mut M, device: Device) -> Result<()> {
+    m.store_mut().finalize(device)
+}
+
+/// Architecture names [`build`] accepts (`resnet` alone takes `depth`).
+pub const ARCHS: &str = "lenet5, resnet18, resnet34, resnet50, resnet101, resnet152, gpt2";
+
+/// Build a model from its architecture name and an option map (a run
+/// record's `config`, or a configuration's model options). Unknown keys are
+/// errors that list the valid fields; `resnet18`/`resnet50`/... fix the depth.
+pub fn build(arch: &str, options: serde_json::Value) -> Result<Box<dyn Model>> {
+    let opts = if options.is_null() { serde_json::json!({}) } else { options };
+    let bad = |e: serde_json::Error| anyhow::anyhow!("{arch}: {e}");
+    Ok(match arch {
+        "lenet5" => Box::new(lenet5::LeNet5::new(serde_json::from_value(opts).map_err(bad)?)?),
+        "gpt2" => Box::new(gpt2::Gpt2::new(serde_json::from_value(opts).map_err(bad)?)?),
+        _ if arch.starts_with("resnet") => {
+            let given_depth = opts.get("depth").is_some();
+            let mut cfg: resnet::Config = serde_json::from_value(opts).map_err(bad)?;
+            if let Ok(depth) = arch["resnet".len()..].parse::<i64>() {
+                if given_depth && cfg.depth != depth {
+                    anyhow::bail!("{arch}: depth {} contradicts the architecture name", cfg.depth);
+                }
+                cfg.depth = depth;
+            } else if arch != "resnet" {
+                anyhow::bail!("unknown model '{arch}' (valid: {ARCHS})");
+            }
+            Box::new(resnet::ResNet::new(cfg)?)
+        }
+        _ => anyhow::bail!("unknown model '{arch}' (valid: {ARCHS})"),
+    })
+}
