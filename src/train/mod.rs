@@ -1,0 +1,868 @@
+//! The training loop: steps or epochs, gradient accumulation, evaluation,
+//! a time budget, bf16 autocast and TF32 on CUDA, metrics to the run
+//! directory as they happen, atomic checkpoints and exact resume.
+use std::io::{IsTerminal, Write};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{self, State};
+use crate::models::{cross_entropy, Model, Task};
+use crate::optim::schedule::Schedule;
+use crate::optim::{OptKind, Optimizer};
+use crate::params::ParamStore;
+use crate::runs::{RunDir, Status};
+use crate::tensor::torch_error;
+
+pub mod feed;
+
+fn te(e: tch::TchError) -> anyhow::Error {
+    anyhow!(torch_error(&e))
+}
+
+/// A source of batches. Image data sets are epoch-based; token data is an
+/// endless stream of random windows.
+pub trait Data {
+    /// Next training batch (x, y) on the CPU; `None` ends the epoch.
+    fn next_batch(&mut self) -> Result<Option<(Tensor, Tensor)>>;
+    /// Begin the next epoch (reshuffles).
+    fn new_epoch(&mut self) -> Result<()>;
+    /// Batches per epoch, for epoch-based data.
+    fn batches_per_epoch(&self) -> Option<i64>;
+    /// Call `f` on every evaluation batch. Evaluation data is the same at
+    /// every call (the test split, or fixed validation windows).
+    fn for_each_eval(&mut self, f: &mut dyn FnMut(&Tensor, &Tensor) -> Result<()>) -> Result<()>;
+    /// Position and RNG state, to resume exactly.
+    fn state(&self) -> Value;
+    fn restore(&mut self, state: &Value) -> Result<()>;
+    /// What the data is, for run records.
+    fn describe(&self) -> Value;
+}
+
+/// What a hook may touch around an optimizer step.
+pub struct StepCtx<'a> {
+    /// The optimizer step being taken (1-based).
+    pub step: i64,
+    pub total_steps: i64,
+    pub steps_per_epoch: Option<i64>,
+    pub store: &'a ParamStore,
+    pub opt: &'a mut Optimizer,
+}
+
+/// Work around the optimizer step: pruning masks gradients before it and
+/// re-masks weights and moments (and updates masks) after it.
+pub trait Hook {
+    fn name(&self) -> &str;
+    fn before_step(&mut self, ctx: &mut StepCtx) -> Result<()>;
+    fn after_step(&mut self, ctx: &mut StepCtx) -> Result<()>;
+    /// Metrics to log (e.g. achieved sparsity).
+    fn metrics(&mut self) -> Result<Map<String, Value>>;
+    /// Scalar state and tensors for checkpoints.
+    fn state(&self) -> Value;
+    fn tensors(&self) -> Vec<(String, Tensor)>;
+    fn restore(&mut self, state: &Value, tensors: &[(String, Tensor)]) -> Result<()>;
+    /// Summary entries at the end of the run.
+    fn summary(&mut self, store: &ParamStore) -> Result<Map<String, Value>> {
+        let _ = store;
+        self.metrics()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Optimizer steps to take (0: use `epochs`).
+    pub steps: i64,
+    /// Passes over epoch-based data (used when `steps` is 0).
+    pub epochs: i64,
+    /// Wall-clock budget in seconds (0 = none); the run stops cleanly.
+    pub time_limit: f64,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: i64,
+    /// Evaluate every N steps (0: at the end of every epoch, or at the end).
+    pub eval_every: i64,
+    /// Log training metrics every N steps.
+    pub log_every: i64,
+    /// Write the `last` checkpoint every N steps (0: at every evaluation).
+    pub checkpoint_every: i64,
+    /// `auto`, `constant`, `warmup_cosine` or `cosine_epoch`.
+    pub schedule: String,
+    pub warmup: i64,
+    /// Floor of cosine schedules (default lr / 10).
+    pub min_lr: Option<f64>,
+    /// `auto` (bf16 on CUDA, fp32 on CPU), `bf16`, `fp16` or `none`.
+    pub amp: String,
+    /// TF32 matmuls on CUDA.
+    pub tf32: bool,
+    /// Continue from the run directory's last checkpoint if there is one.
+    pub resume: bool,
+    /// `auto` (a bar on a terminal, lines otherwise), `bar`, `lines` or `off`.
+    pub progress: String,
+    /// Stop after this many steps, as if killed (tests of resume use it).
+    pub stop_after: i64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            steps: 0,
+            epochs: 1,
+            time_limit: 0.0,
+            grad_accum: 1,
+            eval_every: 0,
+            log_every: 10,
+            checkpoint_every: 0,
+            schedule: "auto".into(),
+            warmup: 0,
+            min_lr: None,
+            amp: "auto".into(),
+            tf32: true,
+            resume: false,
+            progress: "auto".into(),
+            stop_after: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.steps < 0 || self.epochs < 0 || self.grad_accum < 1 || self.log_every < 1 {
+            bail!("train: steps and epochs must be >= 0, grad_accum and log_every >= 1");
+        }
+        if self.steps == 0 && self.epochs == 0 && self.time_limit <= 0.0 {
+            bail!("train: set steps, epochs or time_limit");
+        }
+        let choices: [(&str, &str, &[&str]); 3] = [
+            ("schedule", &self.schedule, &["auto", "constant", "warmup_cosine", "cosine_epoch"]),
+            ("amp", &self.amp, &["auto", "bf16", "fp16", "none"]),
+            ("progress", &self.progress, &["auto", "bar", "lines", "off"]),
+        ];
+        for (key, v, valid) in choices {
+            if !valid.contains(&v) {
+                bail!("train: {key} must be one of {}, got '{v}'", valid.join(", "));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Outcome of a run, also written to `summary.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Summary {
+    pub status: Status,
+    pub reason: Option<String>,
+    pub steps: i64,
+    pub epochs: f64,
+    pub elapsed_s: f64,
+    /// Final and best evaluation metrics (`val_loss`, `val_ppl` or `test_loss`, `test_acc`).
+    pub final_metrics: Map<String, Value>,
+    pub best_metrics: Map<String, Value>,
+    pub train_loss: Option<f64>,
+    /// Tokens (LM) or samples (images) per second over the run.
+    pub throughput: f64,
+    pub throughput_unit: String,
+    pub peak_mem_mb: Option<f64>,
+    pub extra: Map<String, Value>,
+}
+
+/// Perplexity as reported everywhere: exp(min(loss, 20)).
+pub fn perplexity(loss: f64) -> f64 {
+    loss.min(20.0).exp()
+}
+
+struct Progress {
+    mode: &'static str,
+    last_len: usize,
+}
+
+impl Progress {
+    fn new(cfg: &str) -> Self {
+        let mode = match cfg {
+            "auto" if std::io::stderr().is_terminal() => "bar",
+            "auto" => "lines",
+            "bar" => "bar",
+            "lines" => "lines",
+            _ => "off",
+        };
+        Progress { mode, last_len: 0 }
+    }
+
+    fn bar(&mut self, step: i64, total: i64, text: &str) {
+        if self.mode != "bar" {
+            return;
+        }
+        let width = 24usize;
+        let frac = if total > 0 { (step as f64 / total as f64).clamp(0.0, 1.0) } else { 0.0 };
+        let filled = (frac * width as f64) as usize;
+        let line = format!("\r[{}{}] {step}/{total} {text}", "=".repeat(filled), " ".repeat(width - filled));
+        let pad = self.last_len.saturating_sub(line.len());
+        eprint!("{line}{}", " ".repeat(pad));
+        let _ = std::io::stderr().flush();
+        self.last_len = line.len();
+    }
+
+    /// A permanent line (log records, evaluations, messages).
+    fn line(&mut self, run: &RunDir, text: &str) {
+        run.log(text);
+        match self.mode {
+            "off" => {}
+            "bar" => {
+                eprint!("\r{}\r", " ".repeat(self.last_len));
+                self.last_len = 0;
+                println!("{text}");
+            }
+            _ => println!("{text}"),
+        }
+    }
+
+    fn finish(&mut self) {
+        if self.mode == "bar" && self.last_len > 0 {
+            eprintln!();
+        }
+    }
+}
+
+/// Mean loss and metric over the evaluation data, in eval mode:
+/// `test_loss`/`test_acc` for classifiers, `val_loss`/`val_ppl` for language models.
+pub fn evaluate(
+    model: &dyn Model,
+    data: &mut dyn Data,
+    amp: Option<crate::shim::AutocastDtype>,
+) -> Result<Map<String, Value>> {
+    let device = model.store().device();
+    let (mut loss_sum, mut correct, mut count, mut batches) = (0.0f64, 0i64, 0i64, 0i64);
+    let task = model.task();
+    let _guard = tch::no_grad_guard();
+    data.for_each_eval(&mut |x, y| {
+        let x = x.f_to_device(device).map_err(te)?;
+        let y = y.f_to_device(device).map_err(te)?;
+        let logits = match amp {
+            Some(d) => crate::shim::with_autocast(d, || model.forward(&x, false)).map_err(|e| anyhow!(e))?,
+            None => model.forward(&x, false),
+        }
+        .map_err(te)?;
+        let logits = logits.f_to_kind(Kind::Float).map_err(te)?;
+        let loss = cross_entropy(&logits, &y).map_err(te)?.f_double_value(&[]).map_err(te)?;
+        let n = y.size()[0];
+        if let Task::Classify { .. } = task {
+            let pred = logits.f_argmax(-1, false).map_err(te)?;
+            correct += pred
+                .f_eq_tensor(&y)
+                .and_then(|e| e.f_sum(Kind::Int64))
+                .and_then(|s| s.f_int64_value(&[]))
+                .map_err(te)?;
+            loss_sum += loss * n as f64;
+        } else {
+            loss_sum += loss;
+        }
+        count += n;
+        batches += 1;
+        Ok(())
+    })?;
+    let mut m = Map::new();
+    if batches == 0 {
+        return Ok(m);
+    }
+    match task {
+        Task::Classify { .. } => {
+            let n = count.max(1) as f64;
+            m.insert("test_loss".into(), json!(loss_sum / n));
+            m.insert("test_acc".into(), json!(correct as f64 / n));
+        }
+        Task::LanguageModel { .. } => {
+            let l = loss_sum / batches as f64;
+            m.insert("val_loss".into(), json!(l));
+            m.insert("val_ppl".into(), json!(perplexity(l)));
+        }
+    }
+    Ok(m)
+}
+
+/// Everything the loop needs, borrowed from the caller.
+pub struct Trainer<'a> {
+    pub model: &'a mut dyn Model,
+    pub opt: &'a mut Optimizer,
+    pub data: &'a mut dyn Data,
+    pub hooks: Vec<&'a mut dyn Hook>,
+    pub cfg: TrainConfig,
+    pub run: RunDir,
+    /// The full configuration recorded with the run (model, optimizer, ...).
+    pub record: Value,
+}
+
+fn amp_dtype(cfg: &TrainConfig, device: Device) -> Option<crate::shim::AutocastDtype> {
+    use crate::shim::AutocastDtype::*;
+    match (cfg.amp.as_str(), device.is_cuda()) {
+        (_, false) | ("none", _) => None,
+        ("fp16", true) => Some(F16),
+        _ => Some(BF16),
+    }
+}
+
+impl Trainer<'_> {
+    fn device(&self) -> Device {
+        self.model.store().device()
+    }
+
+    fn schedule(&self, total: i64) -> Schedule {
+        let base = self.opt.cfg.lr;
+        let min_lr = self.cfg.min_lr.unwrap_or(base / 10.0);
+        let epochs = if self.cfg.steps == 0 { self.cfg.epochs } else { 0 };
+        let cosine_kind = matches!(self.opt.cfg.kind, OptKind::AdamWAdv | OptKind::AdamWSpam);
+        let lm = matches!(self.model.task(), Task::LanguageModel { .. });
+        match self.cfg.schedule.as_str() {
+            "constant" => Schedule::Constant,
+            "cosine_epoch" => Schedule::CosineEpoch { epochs: epochs.max(1), min_lr },
+            "warmup_cosine" => Schedule::WarmupCosine { warmup: self.cfg.warmup, total, min_lr },
+            // auto: nanoGPT's warm-up + cosine for language models; the
+            // optimizers that carry a cosine schedule get it; else constant.
+            _ if lm => Schedule::WarmupCosine { warmup: self.cfg.warmup, total, min_lr },
+            _ if cosine_kind && epochs > 0 => Schedule::CosineEpoch { epochs, min_lr: 1e-6 },
+            _ if cosine_kind => Schedule::WarmupCosine { warmup: self.cfg.warmup, total, min_lr: 1e-6 },
+            _ => Schedule::Constant,
+        }
+    }
+
+    fn evaluate(&mut self) -> Result<Map<String, Value>> {
+        let amp = amp_dtype(&self.cfg, self.device());
+        evaluate(&*self.model, &mut *self.data, amp)
+    }
+
+    /// Is `new` better than `best` (accuracy up, loss down)?
+    fn better(&self, new: &Map<String, Value>, best: &Map<String, Value>) -> bool {
+        let get = |m: &Map<String, Value>, k: &str| m.get(k).and_then(Value::as_f64);
+        match (get(new, "test_acc"), get(best, "test_acc")) {
+            (Some(a), Some(b)) => return a > b,
+            (Some(_), None) => return true,
+            _ => {}
+        }
+        match (get(new, "val_loss"), get(best, "val_loss")) {
+            (Some(a), Some(b)) => a < b,
+            (Some(_), None) => true,
+            _ => false,
+        }
+    }
+
+    fn save(&mut self, which: &str, step: i64, epoch: i64, progress: &Value) -> Result<()> {
+        let mut extra = Vec::new();
+        let mut hook_state = Map::new();
+        for h in self.hooks.iter() {
+            hook_state.insert(h.name().to_string(), h.state());
+            for (n, t) in h.tensors() {
+                extra.push((format!("hook.{}.{n}", h.name()), t));
+            }
+        }
+        let state = State {
+            format: checkpoint::FORMAT,
+            arch: self.model.arch().to_string(),
+            step,
+            epoch,
+            optimizer: json!({ "lr": self.opt.lr, "step": self.opt.step, "spam": self.opt.spam }),
+            data: self.data.state(),
+            hooks: Value::Object(hook_state),
+            config: self.record.clone(),
+            progress: progress.clone(),
+        };
+        checkpoint::save(&self.run.checkpoint(which), self.model.store(), self.opt, &extra, &state)
+    }
+
+    fn resume_from(&mut self, ck: &checkpoint::Loaded) -> Result<()> {
+        if ck.state.arch != self.model.arch() {
+            bail!(
+                "{}: checkpoint of a {} model, this run builds a {}",
+                ck.path.display(),
+                ck.state.arch,
+                self.model.arch()
+            );
+        }
+        ck.restore_model(self.model.store())?;
+        ck.restore_optimizer(self.opt)?;
+        let o = &ck.state.optimizer;
+        self.opt.lr = o.get("lr").and_then(Value::as_f64).unwrap_or(self.opt.lr);
+        self.opt.step = o.get("step").and_then(Value::as_i64).unwrap_or(0);
+        if let Some(s) = o.get("spam").filter(|s| !s.is_null()) {
+            self.opt.spam = Some(serde_json::from_value(s.clone()).context("checkpoint: SPAM state")?);
+        }
+        self.data.restore(&ck.state.data)?;
+        for h in self.hooks.iter_mut() {
+            let name = h.name().to_string();
+            let st = ck.state.hooks.get(&name).cloned().unwrap_or(Value::Null);
+            let prefix = format!("hook.{name}.");
+            let ts: Vec<(String, Tensor)> = ck
+                .tensors
+                .iter()
+                .filter_map(|(n, t)| n.strip_prefix(&prefix).map(|s| (s.to_string(), t.shallow_clone())))
+                .collect();
+            h.restore(&st, &ts).with_context(|| format!("{}: hook '{name}'", ck.path.display()))?;
+        }
+        ck.restore_rng()
+    }
+
+    /// Run to completion (or failure). Errors in set-up return `Err`; a
+    /// failure during training (NaN, out of memory) is a `Summary` with
+    /// status `failed` and the run directory says why.
+    pub fn run(mut self) -> Result<Summary> {
+        self.cfg.validate()?;
+        let device = self.device();
+        if device.is_cuda() {
+            crate::shim::set_tf32(self.cfg.tf32).map_err(|e| anyhow!(e))?;
+            let _ = crate::shim::reset_peak_memory(match device {
+                Device::Cuda(i) => i,
+                _ => 0,
+            });
+        }
+        let amp = amp_dtype(&self.cfg, device);
+        let task = self.model.task();
+        let per_epoch = self.data.batches_per_epoch().map(|b| (b / self.cfg.grad_accum).max(1));
+        let mut total = if self.cfg.steps > 0 {
+            self.cfg.steps
+        } else if self.cfg.epochs > 0 {
+            match per_epoch {
+                Some(b) => b * self.cfg.epochs,
+                None => bail!("train: this data has no epochs; set steps or time_limit"),
+            }
+        } else {
+            0 // time budget: estimated once step time is known
+        };
+        let mut progress = Progress::new(&self.cfg.progress);
+        let (mut step, mut epoch) = (0i64, 0i64);
+        let mut best: Map<String, Value> = Map::new();
+        let mut last_eval: Map<String, Value> = Map::new();
+        let mut elapsed_before = 0.0f64;
+        let mut items_done = 0f64;
+        let last = self.run.checkpoint("last");
+        if self.cfg.resume && last.exists() {
+            let ck = checkpoint::load(&last)?;
+            self.resume_from(&ck)?;
+            step = ck.state.step;
+            epoch = ck.state.epoch;
+            let p = &ck.state.progress;
+            best = p.get("best").and_then(Value::as_object).cloned().unwrap_or_default();
+            last_eval = p.get("last_eval").and_then(Value::as_object).cloned().unwrap_or_default();
+            elapsed_before = p.get("elapsed_s").and_then(Value::as_f64).unwrap_or(0.0);
+            items_done = p.get("items").and_then(Value::as_f64).unwrap_or(0.0);
+            if let Some(t) = p.get("total_steps").and_then(Value::as_i64).filter(|t| *t > 0) {
+                total = t;
+            }
+            self.run.truncate_metrics_after(step)?;
+            progress.line(&self.run, &format!("resumed from {} at step {step}", last.display()));
+        } else {
+            self.run.write_json(crate::runs::CONFIG, &self.record)?;
+            let _ = std::fs::remove_file(self.run.file(crate::runs::METRICS));
+        }
+        self.run.set_status(Status::Running, None)?;
+        let mut schedule = self.schedule(total.max(1));
+        let start = Instant::now();
+        let elapsed = |s: &Instant| elapsed_before + s.elapsed().as_secs_f64();
+        let mut window_start = Instant::now();
+        let (mut window_items, mut window_steps) = (0f64, 0i64);
+        let mut loss_acc: Option<Tensor> = None;
+        let mut acc_hits: Option<Tensor> = None;
+        let mut acc_count = 0i64;
+        let mut last_train_loss: Option<f64> = None;
+        let mut failure: Option<String> = None;
+        let unit = if matches!(task, Task::LanguageModel { .. }) { "tokens_per_s" } else { "samples_per_s" };
+        let eval_every = self.cfg.eval_every;
+        let mut stopped_early = false;
+        // Step budgets stop here; epoch budgets stop at the end of an epoch.
+        let step_budget = self.cfg.steps > 0;
+        'outer: loop {
+            if (step_budget || self.cfg.epochs == 0) && total > 0 && step >= total {
+                break;
+            }
+            if self.cfg.time_limit > 0.0 && elapsed(&start) >= self.cfg.time_limit {
+                progress.line(
+                    &self.run,
+                    &format!("time budget of {} s reached at step {step}", self.cfg.time_limit),
+                );
+                break;
+            }
+            if crate::interrupt::requested() {
+                failure = Some("interrupted (Ctrl-C)".into());
+                break;
+            }
+            let lr = schedule.lr(self.opt.cfg.lr, step, epoch);
+            self.opt.lr = lr;
+            // Forward and backward over the micro-batches of this step.
+            let mut micro = 0;
+            while micro < self.cfg.grad_accum {
+                let Some((x, y)) = self.data.next_batch()? else {
+                    // End of an epoch (epoch-based data).
+                    epoch += 1;
+                    if eval_every == 0 {
+                        let m = self.evaluate()?;
+                        self.record_eval(
+                            &mut progress,
+                            step,
+                            epoch,
+                            &m,
+                            &mut best,
+                            &mut last_eval,
+                            &start,
+                            elapsed_before,
+                            items_done,
+                            total,
+                        )?;
+                    }
+                    if self.cfg.steps == 0 && self.cfg.epochs > 0 && epoch >= self.cfg.epochs {
+                        break 'outer;
+                    }
+                    self.data.new_epoch()?;
+                    if micro == 0 {
+                        // Epoch schedules change at epoch boundaries.
+                        self.opt.lr = schedule.lr(self.opt.cfg.lr, step, epoch);
+                    }
+                    continue;
+                };
+                let n_items = match task {
+                    Task::LanguageModel { .. } => x.numel() as f64,
+                    Task::Classify { .. } => x.size()[0] as f64,
+                };
+                let x = x.f_to_device(device).map_err(te)?;
+                let y = y.f_to_device(device).map_err(te)?;
+                let logits = match amp {
+                    Some(d) => crate::shim::with_autocast(d, || self.model.forward(&x, true))
+                        .map_err(|e| anyhow!(e))?,
+                    None => self.model.forward(&x, true),
+                };
+                let logits = match logits {
+                    Ok(l) => l,
+                    Err(e) => {
+                        failure = Some(torch_error(&e));
+                        break 'outer;
+                    }
+                };
+                let loss = cross_entropy(&logits.f_to_kind(Kind::Float).map_err(te)?, &y).map_err(te)?;
+                let scaled = loss.f_div_scalar(self.cfg.grad_accum as f64).map_err(te)?;
+                if let Err(e) = scaled.f_backward() {
+                    failure = Some(torch_error(&e));
+                    break 'outer;
+                }
+                let l = scaled.f_detach().map_err(te)?;
+                loss_acc = Some(match loss_acc {
+                    None => l,
+                    Some(a) => a.f_add(&l).map_err(te)?,
+                });
+                if let Task::Classify { .. } = task {
+                    let hits = tch::no_grad(|| {
+                        logits
+                            .f_argmax(-1, false)
+                            .and_then(|p| p.f_eq_tensor(&y))
+                            .and_then(|e| e.f_sum(Kind::Int64))
+                    });
+                    let hits = hits.map_err(te)?;
+                    acc_hits = Some(match acc_hits {
+                        None => hits,
+                        Some(a) => a.f_add(&hits).map_err(te)?,
+                    });
+                    acc_count += y.size()[0];
+                }
+                window_items += n_items;
+                items_done += n_items;
+                micro += 1;
+            }
+            // The optimizer step, with hooks around it.
+            step += 1;
+            let mut ctx = StepCtx {
+                step,
+                total_steps: total,
+                steps_per_epoch: per_epoch,
+                store: self.model.store(),
+                opt: self.opt,
+            };
+            for h in self.hooks.iter_mut() {
+                h.before_step(&mut ctx)?;
+            }
+            let report = ctx.opt.step(ctx.store)?;
+            for h in self.hooks.iter_mut() {
+                h.after_step(&mut ctx)?;
+            }
+            self.model.store().zero_grad()?;
+            window_steps += 1;
+            // Budget in time only: fix the schedule's length once step time is known.
+            if total == 0 && step == 20.min((self.cfg.time_limit / 10.0).max(1.0) as i64).max(5) {
+                let per_step = start.elapsed().as_secs_f64() / step as f64;
+                let remaining = (self.cfg.time_limit - elapsed(&start)).max(0.0);
+                total = step + (remaining / per_step) as i64;
+                schedule = self.schedule(total.max(1));
+                progress.line(
+                    &self.run,
+                    &format!("time budget: about {total} steps at {:.1} ms/step", per_step * 1e3),
+                );
+            }
+            // Logging (the only host synchronisation in the loop).
+            if step % self.cfg.log_every == 0 || step == total {
+                let train_loss = loss_acc.take().map(|t| t.f_double_value(&[])).transpose().map_err(te)?;
+                let train_loss = train_loss.map(|l| l * 1.0 / window_steps.max(1) as f64);
+                if let Some(l) = train_loss {
+                    if !l.is_finite() {
+                        failure = Some(format!(
+                            "loss is {l} at step {step}; stopped (the last good checkpoint is kept)"
+                        ));
+                        break;
+                    }
+                }
+                last_train_loss = train_loss;
+                let secs = window_start.elapsed().as_secs_f64();
+                let mut rec = Map::new();
+                rec.insert("step".into(), json!(step));
+                rec.insert("epoch".into(), json!(epoch));
+                if let Some(l) = train_loss {
+                    rec.insert("train_loss".into(), json!(l));
+                    if let Task::LanguageModel { .. } = task {
+                        rec.insert("train_ppl".into(), json!(perplexity(l)));
+                    }
+                }
+                if let Some(h) = acc_hits.take() {
+                    let hits = h.f_int64_value(&[]).map_err(te)?;
+                    rec.insert("train_acc".into(), json!(hits as f64 / acc_count.max(1) as f64));
+                    acc_count = 0;
+                }
+                rec.insert("lr".into(), json!(report.lr));
+                if let Some(g) = &report.grad_norm {
+                    rec.insert("grad_norm".into(), json!(g.f_double_value(&[]).map_err(te)?));
+                }
+                rec.insert("step_ms".into(), json!(secs * 1e3 / window_steps.max(1) as f64));
+                rec.insert(unit.into(), json!(window_items / secs.max(1e-9)));
+                if let Some(mb) = peak_mem_mb(device) {
+                    rec.insert("peak_mem_mb".into(), json!(mb));
+                }
+                rec.insert("elapsed_s".into(), json!(elapsed(&start)));
+                for h in self.hooks.iter_mut() {
+                    rec.extend(h.metrics()?);
+                }
+                self.run.append_metrics(&Value::Object(rec.clone()))?;
+                let line = format_record(&rec);
+                if progress.mode == "bar" {
+                    progress.bar(step, total, &line);
+                } else {
+                    progress.line(&self.run, &line);
+                }
+                window_start = Instant::now();
+                window_items = 0.0;
+                window_steps = 0;
+            }
+            let at_eval = eval_every > 0 && step % eval_every == 0;
+            if at_eval {
+                let m = self.evaluate()?;
+                self.record_eval(
+                    &mut progress,
+                    step,
+                    epoch,
+                    &m,
+                    &mut best,
+                    &mut last_eval,
+                    &start,
+                    elapsed_before,
+                    items_done,
+                    total,
+                )?;
+            }
+            let ck_every = self.cfg.checkpoint_every;
+            if (ck_every > 0 && step % ck_every == 0) || (ck_every == 0 && at_eval) {
+                let p = progress_state(&best, &last_eval, elapsed(&start), items_done, total);
+                self.save("last", step, epoch, &p)?;
+            }
+            if self.cfg.stop_after > 0 && step >= self.cfg.stop_after {
+                stopped_early = true;
+                break;
+            }
+        }
+        progress.finish();
+        let secs = elapsed(&start);
+        if stopped_early {
+            // Simulated crash: leave the run as a killed process would.
+            return Ok(self.summary(
+                Status::Running,
+                Some("stopped early".into()),
+                step,
+                epoch,
+                secs,
+                items_done,
+                &last_eval,
+                &best,
+                last_train_loss,
+                device,
+            )?);
+        }
+        if let Some(reason) = failure {
+            let status = if reason.starts_with("interrupted") { Status::Interrupted } else { Status::Failed };
+            progress.line(
+                &self.run,
+                &format!("run {}: {reason}", if status == Status::Failed { "failed" } else { "interrupted" }),
+            );
+            if status == Status::Interrupted && step > 0 {
+                let p = progress_state(&best, &last_eval, secs, items_done, total);
+                self.save("last", step, epoch, &p)?;
+            }
+            self.run.set_status(status, Some(&reason))?;
+            let s = self.summary(
+                status,
+                Some(reason),
+                step,
+                epoch,
+                secs,
+                items_done,
+                &last_eval,
+                &best,
+                last_train_loss,
+                device,
+            )?;
+            self.run.write_json(crate::runs::SUMMARY, &serde_json::to_value(&s)?)?;
+            return Ok(s);
+        }
+        // Final evaluation unless the last step just had one.
+        let evaluated_now = last_eval.get("step").and_then(Value::as_i64) == Some(step);
+        if !evaluated_now {
+            let m = self.evaluate()?;
+            self.record_eval(
+                &mut progress,
+                step,
+                epoch,
+                &m,
+                &mut best,
+                &mut last_eval,
+                &start,
+                elapsed_before,
+                items_done,
+                total,
+            )?;
+        }
+        let p = progress_state(&best, &last_eval, secs, items_done, total);
+        self.save("last", step, epoch, &p)?;
+        let s = self.summary(
+            Status::Done,
+            None,
+            step,
+            epoch,
+            secs,
+            items_done,
+            &last_eval,
+            &best,
+            last_train_loss,
+            device,
+        )?;
+        self.run.write_json(crate::runs::SUMMARY, &serde_json::to_value(&s)?)?;
+        self.run.set_status(Status::Done, None)?;
+        progress.line(&self.run, &format!("done: {}", format_record(&s.final_metrics)));
+        Ok(s)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record_eval(
+        &mut self,
+        progress: &mut Progress,
+        step: i64,
+        epoch: i64,
+        m: &Map<String, Value>,
+        best: &mut Map<String, Value>,
+        last_eval: &mut Map<String, Value>,
+        start: &Instant,
+        elapsed_before: f64,
+        items: f64,
+        total: i64,
+    ) -> Result<()> {
+        let mut rec = Map::new();
+        rec.insert("step".into(), json!(step));
+        rec.insert("epoch".into(), json!(epoch));
+        rec.extend(m.clone());
+        for h in self.hooks.iter_mut() {
+            rec.extend(h.metrics()?);
+        }
+        self.run.append_metrics(&Value::Object(rec.clone()))?;
+        progress.line(&self.run, &format!("eval {}", format_record(&rec)));
+        *last_eval = rec.clone();
+        if self.better(m, best) {
+            *best = rec;
+            let p =
+                progress_state(best, last_eval, elapsed_before + start.elapsed().as_secs_f64(), items, total);
+            self.save("best", step, epoch, &p)?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn summary(
+        &mut self,
+        status: Status,
+        reason: Option<String>,
+        step: i64,
+        epoch: i64,
+        secs: f64,
+        items: f64,
+        last_eval: &Map<String, Value>,
+        best: &Map<String, Value>,
+        train_loss: Option<f64>,
+        device: Device,
+    ) -> Result<Summary> {
+        let mut extra = Map::new();
+        for h in self.hooks.iter_mut() {
+            extra.extend(h.summary(self.model.store())?);
+        }
+        let per_epoch = self.data.batches_per_epoch().map(|b| (b / self.cfg.grad_accum).max(1));
+        let epochs = match per_epoch {
+            Some(b) if self.cfg.steps > 0 => step as f64 / b as f64,
+            _ => epoch as f64,
+        };
+        let unit = if matches!(self.model.task(), Task::LanguageModel { .. }) {
+            "tokens_per_s"
+        } else {
+            "samples_per_s"
+        };
+        Ok(Summary {
+            status,
+            reason,
+            steps: step,
+            epochs,
+            elapsed_s: secs,
+            final_metrics: last_eval.clone(),
+            best_metrics: best.clone(),
+            train_loss,
+            throughput: items / secs.max(1e-9),
+            throughput_unit: unit.into(),
+            peak_mem_mb: peak_mem_mb(device),
+            extra,
+        })
+    }
+}
+
+fn progress_state(
+    best: &Map<String, Value>,
+    last_eval: &Map<String, Value>,
+    elapsed: f64,
+    items: f64,
+    total: i64,
+) -> Value {
+    json!({ "best": best, "last_eval": last_eval, "elapsed_s": elapsed, "items": items, "total_steps": total })
+}
+
+fn peak_mem_mb(device: Device) -> Option<f64> {
+    match device {
+        Device::Cuda(i) => {
+            crate::shim::memory_stats(i).ok().map(|s| s.peak_allocated as f64 / (1 << 20) as f64)
+        }
+        _ => None,
+    }
+}
+
+/// `step 120 | train_loss 2.3456 | lr 3.0e-4 | ...` for logs and the bar.
+pub fn format_record(rec: &Map<String, Value>) -> String {
+    rec.iter()
+        .map(|(k, v)| match v {
+            Value::Number(n) if n.is_f64() => {
+                let x = n.as_f64().unwrap_or(0.0);
+                let s = if x != 0.0 && (x.abs() < 1e-3 || x.abs() >= 1e5) {
+                    format!("{x:.3e}")
+                } else {
+                    format!("{x:.4}")
+                };
+                format!("{k} {s}")
+            }
+            other => format!("{k} {other}"),
+        })
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
