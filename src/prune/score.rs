@@ -1,0 +1,110 @@
+//! Importance scores: higher means keep. One table of small functions, each
+//! an element-wise expression over whole tensors (or a whole flat buffer),
+//! so every scorer runs as a few libtorch kernels.
+//!
+//! `w` is the weight, `m` Adam's first moment (`exp_avg`) and `v` its second
+//! moment (`exp_avg_sq`), neither bias-corrected (`knlp-spec.md` 1.7).
+use tch::{Kind, TchError, Tensor};
+
+/// The state a scorer reads.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Needs {
+    Weight,
+    M,
+    V,
+    MV,
+}
+
+type Scorer = fn(&Tensor, Option<&Tensor>, Option<&Tensor>) -> Result<Tensor, TchError>;
+
+fn m_of(m: Option<&Tensor>) -> Result<&Tensor, TchError> {
+    m.ok_or_else(|| TchError::Torch("optimizer moment missing".into()))
+}
+
+/// (name, needs, formula, scorer). bitter8/bitter9 get their structural
+/// weight applied per tensor by the pruner (see `structure_weight`).
+pub const METHODS: &[(&str, Needs, &str, Scorer)] = &[
+    ("magnitude", Needs::Weight, "|w|", |w, _, _| w.f_abs()),
+    ("bitter0", Needs::MV, "w^2 |m| / (sqrt(v) + 1e-8)", |w, m, v| {
+        w.f_square()?.f_mul(&m_of(m)?.f_abs()?)?.f_div(&m_of(v)?.f_sqrt()?.f_add_scalar(1e-8)?)
+    }),
+    ("bitter1", Needs::Weight, "|w|", |w, _, _| w.f_abs()),
+    ("bitter2", Needs::Weight, "|w|", |w, _, _| w.f_abs()),
+    ("bitter3", Needs::M, "|w| sqrt(|m| + 1e-8)", |w, m, _| {
+        w.f_abs()?.f_mul(&m_of(m)?.f_abs()?.f_add_scalar(1e-8)?.f_sqrt()?)
+    }),
+    ("bitter4", Needs::M, "|w| sqrt(|m| + 1e-8), layer-adaptive threshold", |w, m, _| {
+        w.f_abs()?.f_mul(&m_of(m)?.f_abs()?.f_add_scalar(1e-8)?.f_sqrt()?)
+    }),
+    ("bitter5", Needs::MV, "sign(w) m / (sqrt(v) + 1e-8) + 0.1 |w|", |w, m, v| {
+        let r = w.f_sign()?.f_mul(m_of(m)?)?.f_div(&m_of(v)?.f_sqrt()?.f_add_scalar(1e-8)?)?;
+        r.f_add(&w.f_abs()?.f_mul_scalar(0.1)?)
+    }),
+    ("bitter6", Needs::MV, "|w| sqrt(|m| + 1e-8) sqrt(m^2 / (v + 1e-8))", |w, m, v| {
+        let m = m_of(m)?;
+        let a = w.f_abs()?.f_mul(&m.f_abs()?.f_add_scalar(1e-8)?.f_sqrt()?)?;
+        a.f_mul(&m.f_square()?.f_div(&m_of(v)?.f_add_scalar(1e-8)?)?.f_sqrt()?)
+    }),
+    ("bitter7", Needs::V, "|w| (|v| + 1e-8)^0.25", |w, _, v| {
+        w.f_abs()?.f_mul(&m_of(v)?.f_abs()?.f_add_scalar(1e-8)?.f_pow_tensor_scalar(0.25)?)
+    }),
+    ("bitter8", Needs::M, "s |w| sqrt(|m| + 1e-8), s = structural weight", |w, m, _| {
+        w.f_abs()?.f_mul(&m_of(m)?.f_abs()?.f_add_scalar(1e-8)?.f_sqrt()?)
+    }),
+    ("bitter9", Needs::V, "s |w| (|v|^0.25 + 1e-8), s = structural weight", |w, _, v| {
+        w.f_abs()?.f_mul(&m_of(v)?.f_abs()?.f_pow_tensor_scalar(0.25)?.f_add_scalar(1e-8)?)
+    }),
+];
+
+pub fn names() -> Vec<&'static str> {
+    METHODS.iter().map(|m| m.0).collect()
+}
+
+pub fn lookup(name: &str) -> Option<&'static (&'static str, Needs, &'static str, Scorer)> {
+    METHODS.iter().find(|m| m.0 == name)
+}
+
+/// Importance of `w` by `method`; falls back to |w| when a moment the method
+/// needs does not exist yet. With `fp16`, inputs are rounded to float16 and
+/// the score computed there (the seed's bitter8 precision trick, for any
+/// scorer), then returned as float32.
+pub fn score(
+    method: &str,
+    w: &Tensor,
+    m: Option<&Tensor>,
+    v: Option<&Tensor>,
+    fp16: bool,
+) -> Result<Tensor, TchError> {
+    let Some(&(_, needs, _, f)) = lookup(method) else {
+        return Err(TchError::Torch(format!("unknown scorer '{method}' (valid: {})", names().join(", "))));
+    };
+    let missing = match needs {
+        Needs::Weight => false,
+        Needs::M => m.is_none(),
+        Needs::V => v.is_none(),
+        Needs::MV => m.is_none() || v.is_none(),
+    };
+    let cast = |t: &Tensor| if fp16 { t.f_to_kind(Kind::Half) } else { t.f_to_kind(Kind::Float) };
+    let (w, m, v) = (cast(w)?, m.map(cast).transpose()?, v.map(cast).transpose()?);
+    let s = if missing { w.f_abs()? } else { f(&w, m.as_ref(), v.as_ref())? };
+    s.f_to_kind(Kind::Float)
+}
+
+/// RATIO structural weight of a GPT-2 tensor for bitter8/bitter9: attention
+/// 2.5, MLP 1.0, coupling 3.0, anything else 1.0 (DECISIONS.md). Vanilla
+/// GPT-2 has no coupling tensors; names containing `coupling` or R-MLP's
+/// `up_low` count as coupling.
+pub fn structure_weight(name: &str) -> f64 {
+    if name.contains("coupling") || name.contains("up_low") {
+        3.0
+    } else if name.contains(".attn.") {
+        2.5
+    } else {
+        1.0
+    }
+}
+
+/// Whether a method applies a structural weight.
+pub fn is_structural(method: &str) -> bool {
+    matches!(method, "bitter8" | "bitter9")
+}

@@ -1,0 +1,117 @@
+//! The k-th smallest score, exactly, in two passes of 16-bit radix counting
+//! over an order-preserving integer view of the float bits. Unlike
+//! `kthvalue` (a sort-based selection, seconds on 10^8 elements) or
+//! `quantile` (refuses more than 2^24 elements), this is two element-wise
+//! passes and two histograms, on any device.
+use anyhow::{anyhow, bail, Result};
+use tch::{Device, Kind, Tensor};
+
+use crate::tensor::torch_error;
+
+fn te(e: tch::TchError) -> anyhow::Error {
+    anyhow!(torch_error(&e))
+}
+
+const BINS: i64 = 1 << 16;
+
+/// Order-preserving int32 keys of float32 values: for negative floats the
+/// magnitude bits are flipped, so integer order equals float order.
+fn keys(x: &Tensor) -> Result<Tensor> {
+    let bits = x.f_contiguous().and_then(|c| c.f_view_dtype(Kind::Int)).map_err(te)?;
+    let flipped = bits.f_bitwise_xor(0x7FFF_FFFFi64).map_err(te)?;
+    let neg = bits.f_lt(0).map_err(te)?;
+    flipped.f_where_self(&neg, &bits).map_err(te)
+}
+
+fn float_of_key(key: i32) -> f32 {
+    let bits = if key < 0 { key ^ 0x7FFF_FFFF } else { key };
+    f32::from_bits(bits as u32)
+}
+
+/// Index of the bin holding the k-th (1-based) element, and how many
+/// elements lie in earlier bins.
+fn find_bin(counts: &Tensor, k: i64) -> Result<(i64, i64)> {
+    let c: Vec<i64> = Vec::<i64>::try_from(counts.f_to_device(Device::Cpu).map_err(te)?).map_err(te)?;
+    let mut seen = 0i64;
+    for (b, n) in c.iter().enumerate() {
+        if seen + n >= k {
+            return Ok((b as i64, seen));
+        }
+        seen += n;
+    }
+    bail!("k = {k} exceeds the {seen} elements")
+}
+
+/// The k-th smallest value (1-based) of a 1-D float32 tensor.
+pub fn kth_smallest(x: &Tensor, k: i64) -> Result<f64> {
+    let n = x.numel() as i64;
+    if k < 1 || k > n {
+        bail!("kth_smallest: k = {k} is outside 1..={n}");
+    }
+    let x = x.f_to_kind(Kind::Float).and_then(|t| t.f_reshape([-1])).map_err(te)?;
+    let key = keys(&x)?;
+    // Pass 1: the high 16 bits (signed, shifted to 0..65535).
+    let hi = key
+        .f_bitwise_right_shift_tensor_scalar(16)
+        .and_then(|h| h.f_add_scalar(32768))
+        .and_then(|h| h.f_to_kind(Kind::Int64));
+    let hi = hi.map_err(te)?;
+    let counts = hi.f_bincount::<Tensor>(None, BINS).map_err(te)?;
+    let (bin, below) = find_bin(&counts, k)?;
+    // Pass 2: the low 16 bits of the keys inside that bin.
+    let inside = key.f_masked_select(&hi.f_eq(bin).map_err(te)?).map_err(te)?;
+    let lo = inside.f_bitwise_and(0xFFFFi64).and_then(|l| l.f_to_kind(Kind::Int64)).map_err(te)?;
+    let counts = lo.f_bincount::<Tensor>(None, BINS).map_err(te)?;
+    let (low, _) = find_bin(&counts, k - below)?;
+    let key = (((bin - 32768) << 16) | low) as i32;
+    Ok(float_of_key(key) as f64)
+}
+
+/// An estimate of the k-th smallest value from a uniform sample (with
+/// replacement) of `fraction` of the elements, drawn with libtorch's
+/// generator: k' = max(1, floor(k * M / N)) of the M samples.
+pub fn kth_smallest_sampled(x: &Tensor, k: i64, fraction: f64) -> Result<f64> {
+    let n = x.numel() as i64;
+    if !(fraction > 0.0 && fraction <= 1.0) {
+        bail!("sample_fraction must be in (0, 1], got {fraction}");
+    }
+    let m = ((fraction * n as f64) as i64).max(1);
+    let idx = Tensor::f_randint(n, [m], (Kind::Int64, x.device())).map_err(te)?;
+    let sample = x.f_reshape([-1]).and_then(|f| f.f_index_select(0, &idx)).map_err(te)?;
+    let kp = ((k as f64 * m as f64 / n as f64) as i64).max(1);
+    kth_smallest(&sample, kp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_kthvalue_including_negatives_and_ties() {
+        tch::manual_seed(7);
+        let opts = (Kind::Float, Device::Cpu);
+        let cases = [
+            Tensor::randn([10_000], opts),
+            Tensor::rand([5_000], opts).f_mul_scalar(1e-6).unwrap(),
+            Tensor::randint(5, [3_000], opts), // many ties
+            Tensor::from_slice(&[-0.0f32, 0.0, -1e-30, 1e-30, f32::MIN_POSITIVE, -3.5, 2.0]),
+        ];
+        for x in cases {
+            let n = x.numel() as i64;
+            for k in [1, 2, n / 3, n / 2, n - 1, n] {
+                let want = x.kthvalue(k, 0, false).0.double_value(&[]);
+                let got = kth_smallest(&x, k).unwrap();
+                assert_eq!(got, want, "k = {k} of {n}");
+            }
+        }
+        assert!(kth_smallest(&Tensor::ones([3], opts), 4).is_err());
+    }
+
+    #[test]
+    fn sampled_estimate_is_close() {
+        tch::manual_seed(3);
+        let x = Tensor::rand([200_000], (Kind::Float, Device::Cpu));
+        let est = kth_smallest_sampled(&x, 100_000, 0.05).unwrap();
+        assert!((est - 0.5).abs() < 0.02, "{est}");
+    }
+}
