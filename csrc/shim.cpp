@@ -7,6 +7,7 @@
 #include <ATen/autocast_mode.h>
 #include <torch/headeronly/version.h>
 #include <cstring>
+#include <mutex>
 #include <vector>
 #include <string>
 
@@ -128,6 +129,26 @@ int knlp_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_a
     } else {
       at::_fused_adam_(p, g, m, v, mx, st, lr, beta1, beta2, weight_decay, eps, amsgrad != 0, false);
     }
+  });
+}
+
+// State of libtorch's default generator on `device` (-1 = CPU, else the
+// CUDA device index), as the uint8 tensor torch.get_rng_state() returns.
+int knlp_get_rng_state(int device, at::Tensor** out) {
+  return guarded([&] {
+    c10::Device d = device < 0 ? c10::Device(c10::kCPU) : c10::Device(c10::kCUDA, device);
+    auto gen = at::globalContext().defaultGenerator(d);
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    *out = new at::Tensor(gen.get_state());
+  });
+}
+
+int knlp_set_rng_state(int device, at::Tensor* state) {
+  return guarded([&] {
+    c10::Device d = device < 0 ? c10::Device(c10::kCPU) : c10::Device(c10::kCUDA, device);
+    auto gen = at::globalContext().defaultGenerator(d);
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(*state);
   });
 }
 

@@ -2,12 +2,18 @@
 //!
 //! The library is usable from Rust without Rhai; [`script`] is the Rhai
 //! layer on top and the binaries in `src/bin/` are thin.
+pub mod checkpoint;
+pub mod data;
 pub mod interrupt;
 pub mod layers;
+pub mod models;
 pub mod optim;
 pub mod params;
+pub mod prune;
+pub mod runs;
 pub mod safetensors;
 pub mod script;
 pub mod shell;
 pub mod shim;
 pub mod tensor;
+pub mod train;

@@ -64,6 +64,9 @@ pub struct FlatGroup {
     pub members: Vec<(usize, i64, i64)>,
     /// Elements [0, decay_len) take weight decay.
     pub decay_len: i64,
+    /// Elements [0, weight_len) are linear/conv weights (what pruning targets);
+    /// embeddings follow them inside the decay range.
+    pub weight_len: i64,
 }
 
 impl FlatGroup {
@@ -145,13 +148,18 @@ impl ParamStore {
         for kind in kinds {
             let mut order: Vec<usize> =
                 (0..self.params.len()).filter(|&i| self.params[i].tensor.kind() == kind).collect();
-            // Decaying parameters first (stable, so model order is kept).
-            order.sort_by_key(|&i| !self.params[i].role.decays());
+            // Weights, then embeddings (both decay), then the rest; stable, so
+            // model order is kept within each part.
+            order.sort_by_key(|&i| match self.params[i].role {
+                Role::Weight => 0,
+                Role::Embedding => 1,
+                _ => 2,
+            });
             let total: i64 = order.iter().map(|&i| self.params[i].tensor.numel() as i64).sum();
             let data = Tensor::f_zeros([total], (kind, device)).map_err(te)?;
             let grad = Tensor::f_zeros([total], (kind, device)).map_err(te)?;
             let mut members = Vec::with_capacity(order.len());
-            let (mut off, mut decay_len) = (0i64, 0i64);
+            let (mut off, mut decay_len, mut weight_len) = (0i64, 0i64, 0i64);
             for &i in &order {
                 let p = &self.params[i];
                 let n = p.tensor.numel() as i64;
@@ -166,9 +174,12 @@ impl ParamStore {
                 if p.role.decays() {
                     decay_len = off + n;
                 }
+                if p.role == Role::Weight {
+                    weight_len = off + n;
+                }
                 off += n;
             }
-            self.groups.push(FlatGroup { kind, data, grad, members, decay_len });
+            self.groups.push(FlatGroup { kind, data, grad, members, decay_len, weight_len });
         }
         for (name, b) in &self.buffers {
             let moved = b.f_to_device(device).map_err(te)?;
@@ -289,6 +300,8 @@ mod tests {
         let g = &s.groups()[0];
         assert_eq!(g.numel(), 6 + 3 + 8);
         assert_eq!(g.decay_len, 14, "weight and embedding first, bias last");
+        assert_eq!(g.weight_len, 6);
+        assert_eq!(g.members.iter().map(|m| m.0).collect::<Vec<_>>(), vec![0, 2, 1]);
         assert!(w.equal(&before), "values survive the move");
         // The model's aliases now live in the flat buffer.
         let _ = tch::no_grad(|| w.f_fill_(2.0).unwrap());

@@ -21,6 +21,8 @@ extern "C" {
     fn knlp_reset_peak_memory(device: c_int) -> c_int;
     fn knlp_empty_cache() -> c_int;
     fn knlp_set_data(t: *mut C_tensor, src: *mut C_tensor) -> c_int;
+    fn knlp_get_rng_state(device: c_int, out: *mut *mut C_tensor) -> c_int;
+    fn knlp_set_rng_state(device: c_int, state: *mut C_tensor) -> c_int;
     fn knlp_set_grad(t: *mut C_tensor, g: *mut C_tensor) -> c_int;
     fn knlp_fused_adamw(
         params: *const *mut C_tensor,
@@ -151,6 +153,20 @@ fn ensure_cuda(device: usize) -> Result<(), String> {
 /// `t.data = src` in PyTorch. Shapes may differ; autograd metadata stays.
 pub fn set_data(t: &Tensor, src: &Tensor) -> Result<(), String> {
     check(unsafe { knlp_set_data(t.as_ptr() as *mut C_tensor, src.as_ptr() as *mut C_tensor) })
+}
+
+/// libtorch's default generator state on the CPU (`None`) or a CUDA device,
+/// like `torch.get_rng_state()`: a uint8 tensor.
+pub fn rng_state(cuda: Option<usize>) -> Result<Tensor, String> {
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    check(unsafe { knlp_get_rng_state(cuda.map_or(-1, |d| d as c_int), &mut out) })?;
+    // SAFETY: the shim returned a heap-allocated at::Tensor that we now own.
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// Restore a generator state saved by [`rng_state`].
+pub fn set_rng_state(cuda: Option<usize>, state: &Tensor) -> Result<(), String> {
+    check(unsafe { knlp_set_rng_state(cuda.map_or(-1, |d| d as c_int), state.as_ptr() as *mut C_tensor) })
 }
 
 /// Install `g` as the gradient of `t`; backward passes then accumulate into

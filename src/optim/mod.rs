@@ -251,6 +251,11 @@ impl Optimizer {
         (g.exp_avg.numel() > 0).then_some((&g.exp_avg, &g.exp_avg_sq))
     }
 
+    /// Flat AMSGrad maxima of buffer `i`, when AMSGrad is on.
+    pub fn max_moment(&self, i: usize) -> Option<&Tensor> {
+        self.groups.get(i).map(|g| &g.max_exp_avg_sq).filter(|t| t.numel() > 0)
+    }
+
     /// Views of the state of parameter `name` (None before it exists).
     pub fn state(&self, store: &ParamStore, name: &str) -> Result<ParamState> {
         let idx = store

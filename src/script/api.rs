@@ -26,6 +26,11 @@ pub const GROUPS: &[(&str, &str)] = &[
     ("Sorting and selection", "Top-k, k-th value and sorting. These return a map `#{ values, indices }`."),
     ("Autograd", "Gradients of scalar results with respect to tensors that require them."),
     ("Files", "safetensors files. Paths are the ones the script names; nothing else on disk is touched."),
+    ("Data", "Data sets and loaders: Fashion-MNIST, CIFAR and IDX images, nanoGPT token files, the Brown corpus and GPT-2 BPE. Paths are those the script names or the documented defaults; nothing else on disk is read."),
+    ("Models", "LeNet-5, ResNet and GPT-2, built on the CPU from a seed and moved to their device. Parameter names are documented in docs/models.md."),
+    ("Optimizers", "SGD, Adam, AdamW, AdamWAdv and AdamWSpam over flat parameter buffers, with readable state (docs/optim.md)."),
+    ("Pruning", "Magnitude, movement and Adam-state (bitter) pruning, the scorers and the schedule (docs/pruning.md)."),
+    ("Training", "The training loop: run directories, metrics, checkpoints and resume (docs/training.md)."),
     ("Device and precision", "CUDA, TF32, autocast and determinism switches, and CUDA memory statistics."),
     ("Script helpers", "Arguments, configuration and utilities for scripts."),
 ];
@@ -215,7 +220,8 @@ pub fn script_type(engine: &Engine, rust: &str) -> String {
         _ if t.contains("BTreeMap<") || t.ends_with("::Map") => "map".into(),
         _ if t.ends_with("Dynamic") => "any".into(),
         _ if t.ends_with("FnPtr") => "Fn".into(),
-        _ if t.contains("Range<i64>") || t.contains("RangeInclusive<i64>") => "range".into(),
+        _ if t.contains("RangeInclusive<i64>") => "inclusive_range".into(),
+        _ if t.contains("Range<i64>") => "range".into(),
         _ => {
             let mapped = engine.map_type_name(t);
             mapped.rsplit("::").next().unwrap_or(mapped).to_string()
@@ -233,7 +239,7 @@ pub fn reference_markdown(docs: &[DocEntry]) -> String {
     );
     out.push_str(
         "Types: `int` (i64), `float` (f64), `bool`, `string`, `array`, `map`, `range` \
-         (`a..b` or `a..=b`), `Fn` (a function pointer or closure), `any`, and the knlp \
+         (`a..b`), `inclusive_range` (`a..=b`), `Fn` (a function pointer or closure), `any`, and the knlp \
          types (`Tensor`, ...). `Type.name(...)` is a method: call it as `x.name(...)` or \
          `name(x, ...)`. Every function reports libtorch errors as script errors with the \
          file, line and column of the call.\n\n",

@@ -2,11 +2,16 @@
 //! rendering. The library modules know nothing of Rhai; everything
 //! script-facing lives below this module.
 pub mod api;
+pub mod data;
 pub mod device;
 pub mod errors;
 pub mod helpers;
+pub mod models;
+pub mod optim;
+pub mod prune;
 pub mod resolver;
 pub mod tensor;
+pub mod train;
 pub mod value;
 
 use std::cell::{Cell, RefCell};
@@ -73,6 +78,11 @@ pub fn register_all(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     tensor::register(engine, docs);
     device::register(engine, docs);
     helpers::register(engine, docs);
+    data::register(engine, docs);
+    models::register(engine, docs);
+    optim::register(engine, docs);
+    prune::register(engine, docs);
+    train::register(engine, docs);
 }
 
 /// The documentation registry, for `knlp doc` (no runtime needed).
@@ -342,8 +352,10 @@ mod tests {
             }
             assert!(documented.contains(name), "{sig} has no documentation entry");
         }
+        let mut seen = std::collections::HashSet::new();
         for d in &docs {
             assert!(!d.doc.is_empty() && d.doc.ends_with('.'), "{}: doc should be a sentence", d.signature);
+            assert!(seen.insert(d.signature.clone()), "{} is registered twice", d.signature);
         }
     }
 
