@@ -74,7 +74,7 @@ run: build
 
 test: build
 	$(CARGO) fmt --all -- --check
-	$(CARGO) test --release --locked -- --test-threads=2
+	$(CARGO) test --release --locked --workspace -- --test-threads=2
 
 # ---- everything else --------------------------------------------------------
 
@@ -83,7 +83,7 @@ docs: build
 	$(KNLP) doc > docs/scripting.md
 
 lint: setup
-	$(CARGO) clippy --release --locked --all-targets -- -D warnings
+	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
 
 fmt:
 	$(CARGO) fmt --all

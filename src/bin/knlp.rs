@@ -7,7 +7,14 @@ use clap::{Args, Parser, Subcommand};
 use knlp::script::{self, Limits, Runtime};
 
 #[derive(Parser)]
-#[command(name = "knlp", version, about = "Kernel-style ML research shell: Rhai scripts over libtorch")]
+#[command(
+    name = "knlp",
+    version,
+    about = "Kernel-style ML research shell: Rhai scripts over libtorch",
+    after_help = "Kconfig commands, with kconfiglib's arguments and environment (KCONFIG_CONFIG, srctree):\n  \
+                  olddefconfig, alldefconfig, allnoconfig, allyesconfig, allmodconfig, listnewconfig,\n  \
+                  savedefconfig, defconfig, setconfig, config get|set SYMBOL [VALUE]  (see docs/config.md)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -96,7 +103,13 @@ fn split_script_args(argv: Vec<String>) -> (Vec<String>, Vec<String>) {
 }
 
 fn main() -> ExitCode {
-    let (head, script_args) = split_script_args(std::env::args().collect());
+    let argv: Vec<String> = std::env::args().collect();
+    // The Kconfig tools take kconfiglib's command lines verbatim.
+    if argv.get(1).is_some_and(|c| kconfig::cli::COMMANDS.contains(&c.as_str())) {
+        let code = kconfig::cli::run(&argv[1..], &mut std::io::stdout(), &mut std::io::stderr());
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
+    let (head, script_args) = split_script_args(argv);
     let cli = Cli::parse_from(head);
     let code = match cli.command {
         Command::Run { limits, file, args: _ } => {
