@@ -1,0 +1,484 @@
+//! The experiment configuration: the project's Kconfig tree evaluated with a
+//! `.config`, plus `make VAR=value` overrides, read into typed settings.
+//!
+//! Every symbol is read through [`Reader`], which records what it read; a
+//! test fails for a Kconfig symbol no code reads and for a read of a symbol
+//! Kconfig does not define.
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use kconfig::{Kconfig, SymbolType, Tristate};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::optim::{OptConfig, OptKind, SpamConfig};
+use crate::prune::PruneConfig;
+use crate::train::TrainConfig;
+
+/// Reads symbols by name, recording each read.
+pub struct Reader<'a> {
+    kc: &'a Kconfig,
+    read: RefCell<BTreeSet<String>>,
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(kc: &'a Kconfig) -> Self {
+        Reader { kc, read: RefCell::new(BTreeSet::new()) }
+    }
+
+    fn sym(&self, name: &str, want: &[SymbolType]) -> Result<kconfig::Symbol<'a>> {
+        self.read.borrow_mut().insert(name.to_string());
+        let s = self
+            .kc
+            .symbol(name)
+            .filter(|s| s.is_defined())
+            .ok_or_else(|| anyhow!("Kconfig defines no symbol {name}"))?;
+        if !want.contains(&s.orig_type()) {
+            bail!("Kconfig symbol {name} has type {:?}, expected {want:?}", s.orig_type());
+        }
+        Ok(s)
+    }
+
+    pub fn bool(&self, name: &str) -> Result<bool> {
+        Ok(self.sym(name, &[SymbolType::Bool, SymbolType::Tristate])?.tri_value() != Tristate::N)
+    }
+
+    pub fn int(&self, name: &str) -> Result<i64> {
+        let s = self.sym(name, &[SymbolType::Int, SymbolType::Hex])?;
+        let v = s.str_value();
+        let parsed = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+            Some(h) => i64::from_str_radix(h, 16),
+            None => v.parse(),
+        };
+        parsed.map_err(|_| anyhow!("CONFIG_{name}={v}: not an integer"))
+    }
+
+    pub fn string(&self, name: &str) -> Result<String> {
+        Ok(self.sym(name, &[SymbolType::String])?.str_value())
+    }
+
+    /// A float kept in a string symbol (`"3e-3"`).
+    pub fn float(&self, name: &str) -> Result<f64> {
+        let v = self.string(name)?;
+        v.trim().parse::<f64>().map_err(|_| anyhow!("CONFIG_{name}=\"{v}\": not a number"))
+    }
+
+    /// An int, or None when the symbol has no value (its menu is disabled).
+    pub fn int_opt(&self, name: &str) -> Result<Option<i64>> {
+        if self.sym(name, &[SymbolType::Int, SymbolType::Hex])?.str_value().is_empty() {
+            return Ok(None);
+        }
+        self.int(name).map(Some)
+    }
+
+    /// A float string, or None when the symbol is disabled.
+    pub fn float_opt(&self, name: &str) -> Result<Option<f64>> {
+        let s = self.sym(name, &[SymbolType::String])?;
+        if s.visibility() == Tristate::N && s.str_value().is_empty() {
+            return Ok(None);
+        }
+        self.float(name).map(Some)
+    }
+
+    /// Names of every symbol read so far.
+    pub fn read(&self) -> BTreeSet<String> {
+        self.read.borrow().clone()
+    }
+}
+
+/// (suffix, name) tables for the multi-select menus.
+pub const MODELS: &[(&str, &str)] =
+    &[("LENET5", "lenet5"), ("RESNET18", "resnet18"), ("RESNET50", "resnet50"), ("GPT2", "gpt2")];
+pub const OPTIMIZERS: &[(&str, &str)] = &[
+    ("SGD", "sgd"),
+    ("ADAM", "adam"),
+    ("ADAMW", "adamw"),
+    ("ADAMWADV", "adamwadv"),
+    ("ADAMWSPAM", "adamwspam"),
+    ("ADAMWPRUNE", "adamwprune"),
+];
+pub const PRUNING: &[(&str, &str)] =
+    &[("NONE", "none"), ("MAGNITUDE", "magnitude"), ("MOVEMENT", "movement"), ("STATE", "state")];
+pub const SPARSITIES: &[(&str, f64)] = &[("50", 0.5), ("70", 0.7), ("90", 0.9), ("95", 0.95), ("99", 0.99)];
+pub const GPT2_SIZES: &[(&str, Option<&str>)] = &[
+    ("CUSTOM", None),
+    ("124M", Some("124M")),
+    ("350M", Some("350M")),
+    ("774M", Some("774M")),
+    ("1558M", Some("1558M")),
+];
+
+/// Data settings shared by the cells.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DataSpec {
+    /// `fashion_mnist`, `cifar10` or `cifar100`.
+    pub image_dataset: String,
+    pub image_dir: String,
+    pub batch_size: i64,
+    pub augment: bool,
+    pub text_dir: String,
+    pub eval_batches: i64,
+}
+
+/// Everything `knlp train` needs to build and run the matrix.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Experiment {
+    pub models: Vec<String>,
+    /// Model options by architecture (GPT-2's size, block, dropout, ...).
+    pub gpt2: Value,
+    pub optimizers: Vec<String>,
+    /// Shared optimizer settings (lr, betas, weight decay, SPAM, ...).
+    pub opt: OptConfig,
+    pub adamwprune_base: OptKind,
+    pub pruning: Vec<String>,
+    pub sparsities: Vec<f64>,
+    pub variants: Vec<String>,
+    /// Schedule and mask settings shared by the pruned cells.
+    pub prune: PruneConfig,
+    pub data: DataSpec,
+    pub train: TrainConfig,
+    pub seed: i64,
+    pub device: String,
+    pub cpu_threads: i64,
+    pub deterministic: bool,
+    pub trackio: bool,
+    pub project: String,
+    pub runs_dir: PathBuf,
+    pub parallel_jobs: i64,
+    pub baseline: String,
+    pub auto_graphs: bool,
+}
+
+fn enabled<T: Clone>(r: &Reader, prefix: &str, table: &[(&str, T)]) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    for (suffix, v) in table {
+        if r.bool(&format!("{prefix}{suffix}"))? {
+            out.push(v.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// The one enabled member of a choice whose members are `<prefix><SUFFIX>`.
+fn chosen<T: Clone>(r: &Reader, prefix: &str, table: &[(&str, T)]) -> Result<Option<T>> {
+    let mut pick = None;
+    for (suffix, v) in table {
+        if r.bool(&format!("{prefix}{suffix}"))? {
+            pick = Some(v.clone());
+        }
+    }
+    Ok(pick)
+}
+
+impl Experiment {
+    /// Read the evaluated configuration. Every symbol of the tree is read
+    /// (values of disabled menus are simply unused).
+    pub fn read(r: &Reader) -> Result<Experiment> {
+        let models: Vec<String> = enabled(r, "MODEL_", MODELS)?.into_iter().map(String::from).collect();
+        let optimizers: Vec<String> =
+            enabled(r, "OPTIMIZER_", OPTIMIZERS)?.into_iter().map(String::from).collect();
+        let pruning: Vec<String> = enabled(r, "PRUNING_", PRUNING)?.into_iter().map(String::from).collect();
+        let sparsities = enabled(r, "SPARSITY_", SPARSITIES)?;
+        let variants: Vec<String> = (0..=9)
+            .map(|i| Ok((format!("bitter{i}"), r.bool(&format!("ADAMWPRUNE_VARIANT_BITTER{i}"))?)))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .filter(|(_, on)| *on)
+            .map(|(v, _)| v)
+            .collect();
+
+        let size = chosen(r, "GPT2_SIZE_", GPT2_SIZES)?.flatten();
+        // GPT-2's options have values only while GPT-2 is enabled.
+        let mut gpt2 = json!({ "bias": r.bool("GPT2_BIAS")?, "tie_weights": r.bool("GPT2_TIE_WEIGHTS")? });
+        if let Some(b) = r.int_opt("GPT2_BLOCK_SIZE")? {
+            gpt2["block_size"] = json!(b);
+        }
+        if let Some(d) = r.float_opt("GPT2_DROPOUT")? {
+            gpt2["dropout"] = json!(d);
+        }
+        let (nl, nh, ne) = (r.int_opt("GPT2_N_LAYER")?, r.int_opt("GPT2_N_HEAD")?, r.int_opt("GPT2_N_EMBD")?);
+        match size {
+            Some(p) => gpt2["preset"] = json!(p),
+            None => {
+                for (k, v) in [("n_layer", nl), ("n_head", nh), ("n_embd", ne)] {
+                    if let Some(v) = v {
+                        gpt2[k] = json!(v);
+                    }
+                }
+            }
+        }
+
+        let sd = SpamConfig::default();
+        let spam = SpamConfig {
+            theta: r.float_opt("SPAM_THETA")?.unwrap_or(sd.theta),
+            interval: r.int_opt("SPAM_INTERVAL")?.unwrap_or(sd.interval),
+            warmup: r.int_opt("SPAM_WARMUP")?.unwrap_or(sd.warmup),
+            enable_clip: r.bool("SPAM_ENABLE_CLIP")?,
+            spike_threshold: r.float_opt("SPAM_SPIKE_THRESHOLD")?.unwrap_or(sd.spike_threshold),
+            ..sd
+        };
+        let od = OptConfig::default();
+        let opt = OptConfig {
+            lr: r.float("LEARNING_RATE")?,
+            weight_decay: r.float("WEIGHT_DECAY")?,
+            beta1: r.float("ADAM_BETA1")?,
+            beta2: r.float("ADAM_BETA2")?,
+            eps: r.float("ADAM_EPS")?,
+            momentum: r.float_opt("SGD_MOMENTUM")?.unwrap_or(od.momentum),
+            nesterov: r.bool("SGD_NESTEROV")?,
+            fused: r.bool("FUSED_ADAM")?,
+            spam,
+            ..OptConfig::default()
+        };
+        let base = [
+            ("ADAM", OptKind::Adam),
+            ("ADAMW", OptKind::AdamW),
+            ("ADAMWADV", OptKind::AdamWAdv),
+            ("ADAMWSPAM", OptKind::AdamWSpam),
+        ];
+        let adamwprune_base = chosen(r, "ADAMWPRUNE_BASE_", &base)?.unwrap_or(OptKind::AdamW);
+
+        let movement = chosen(r, "MOVEMENT_", &[("KNLP", "knlp"), ("SANH", "sanh")])?.unwrap_or("knlp");
+        let cubic = chosen(r, "PRUNING_SCHEDULE_", &[("CUBIC", true), ("LINEAR", false)])?.unwrap_or(true);
+        let pd = PruneConfig::default();
+        let prune = PruneConfig {
+            variant: movement.to_string(),
+            warmup: r.int_opt("PRUNING_WARMUP")?.unwrap_or(pd.warmup),
+            ramp_end: r.int_opt("PRUNING_RAMP_END")?.unwrap_or(pd.ramp_end),
+            ramp_end_epoch: r.float_opt("PRUNING_RAMP_END_EPOCH")?.unwrap_or(pd.ramp_end_epoch),
+            frequency: r.int_opt("PRUNING_FREQUENCY")?.unwrap_or(pd.frequency),
+            schedule: if cubic { "cubic" } else { "linear" }.into(),
+            sample_fraction: r.float_opt("PRUNING_SAMPLE_FRACTION")?.unwrap_or(0.0),
+            score_dtype: if r.bool("PRUNING_SCORE_FP16")? { "fp16" } else { "fp32" }.into(),
+            prune_embeddings: r.bool("PRUNING_EMBEDDINGS")?,
+            mask_state: r.bool("PRUNING_MASK_STATE")?,
+            regrow: r.bool("PRUNING_REGROW")?,
+            ..PruneConfig::default()
+        };
+
+        let datasets = [("FASHION_MNIST", "fashion_mnist"), ("CIFAR10", "cifar10"), ("CIFAR100", "cifar100")];
+        let data = DataSpec {
+            image_dataset: chosen(r, "IMAGE_DATASET_", &datasets)?.unwrap_or("fashion_mnist").to_string(),
+            image_dir: r.string("IMAGE_DATA_DIR")?,
+            batch_size: r.int("BATCH_SIZE")?,
+            augment: r.bool("IMAGE_AUGMENT")?,
+            text_dir: r.string("TEXT_DATA_DIR")?,
+            eval_batches: r.int_opt("EVAL_BATCHES")?.unwrap_or(8),
+        };
+
+        let schedules = [
+            ("AUTO", "auto"),
+            ("CONSTANT", "constant"),
+            ("WARMUP_COSINE", "warmup_cosine"),
+            ("COSINE_EPOCH", "cosine_epoch"),
+        ];
+        let amps = [("BF16", "bf16"), ("FP16", "fp16"), ("NONE", "none")];
+        let train = TrainConfig {
+            steps: r.int("TRAIN_STEPS")?,
+            epochs: r.int("TRAIN_EPOCHS")?,
+            time_limit: r.int("TRAIN_TIME")? as f64,
+            grad_accum: r.int("GRAD_ACCUM")?,
+            eval_every: r.int("EVAL_EVERY")?,
+            log_every: r.int("LOG_EVERY")?,
+            checkpoint_every: r.int("CHECKPOINT_EVERY")?,
+            schedule: chosen(r, "LR_SCHEDULE_", &schedules)?.unwrap_or("auto").into(),
+            warmup: r.int_opt("LR_WARMUP")?.unwrap_or(0),
+            min_lr: Some(r.float("MIN_LR")?),
+            amp: chosen(r, "AMP_", &amps)?.unwrap_or("bf16").into(),
+            tf32: r.bool("TF32")?,
+            ..TrainConfig::default()
+        };
+        let devices = [("AUTO", "auto"), ("CPU", "cpu"), ("CUDA", "cuda")];
+        Ok(Experiment {
+            models,
+            gpt2,
+            optimizers,
+            opt,
+            adamwprune_base,
+            pruning,
+            sparsities,
+            variants,
+            prune,
+            data,
+            train,
+            seed: r.int("SEED")?,
+            device: chosen(r, "DEVICE_", &devices)?.unwrap_or("auto").into(),
+            cpu_threads: r.int("CPU_THREADS")?,
+            deterministic: r.bool("DETERMINISTIC")?,
+            trackio: r.bool("TRACKER_TRACKIO")?,
+            project: r.string("TRACKER_PROJECT")?,
+            runs_dir: PathBuf::from(r.string("RUNS_DIR")?),
+            parallel_jobs: r.int("PARALLEL_JOBS")?,
+            baseline: r.string("BASELINE")?,
+            auto_graphs: r.bool("AUTO_GRAPHS")?,
+        })
+    }
+}
+
+/// `make VAR=value` overrides: (variable, what it sets, how).
+type Apply = fn(&mut Kconfig, &str) -> Result<()>;
+pub const OVERRIDES: &[(&str, &str, Apply)] = &[
+    ("TIME", "TRAIN_TIME (seconds per run)", |kc, v| set(kc, "TRAIN_TIME", v)),
+    ("EPOCHS", "TRAIN_EPOCHS", |kc, v| set(kc, "TRAIN_EPOCHS", v)),
+    ("STEPS", "TRAIN_STEPS", |kc, v| set(kc, "TRAIN_STEPS", v)),
+    ("SEED", "SEED", |kc, v| set(kc, "SEED", v)),
+    ("LR", "LEARNING_RATE", |kc, v| set(kc, "LEARNING_RATE", v)),
+    ("BATCH_SIZE", "BATCH_SIZE", |kc, v| set(kc, "BATCH_SIZE", v)),
+    ("PARALLEL_JOBS", "PARALLEL_JOBS", |kc, v| set(kc, "PARALLEL_JOBS", v)),
+    ("BASELINE", "BASELINE", |kc, v| set(kc, "BASELINE", v)),
+    ("PROJECT", "TRACKER_PROJECT", |kc, v| set(kc, "TRACKER_PROJECT", v)),
+    ("DEVICE", "DEVICE_AUTO|CPU|CUDA", |kc, v| set(kc, &format!("DEVICE_{}", v.to_ascii_uppercase()), "y")),
+    ("TRACKER", "TRACKER_TRACKIO (trackio, local or none)", |kc, v| {
+        let names: Vec<&str> = v.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+        for n in &names {
+            if !["trackio", "local", "none"].contains(n) {
+                bail!("TRACKER={v}: unknown tracker '{n}' (valid: trackio, local, none)");
+            }
+        }
+        set(kc, "TRACKER_TRACKIO", if names.contains(&"trackio") { "y" } else { "n" })
+    }),
+    ("MODELS", "MODEL_* (comma list)", |kc, v| set_list(kc, "MODELS", v, "MODEL_", MODELS)),
+    ("OPTIMIZERS", "OPTIMIZER_* (comma list)", |kc, v| {
+        set_list(kc, "OPTIMIZERS", v, "OPTIMIZER_", OPTIMIZERS)
+    }),
+    ("PRUNING", "PRUNING_* (comma list)", |kc, v| set_list(kc, "PRUNING", v, "PRUNING_", PRUNING)),
+    ("SPARSITY", "SPARSITY_* (comma list of 50, 70, 90, 95, 99)", |kc, v| {
+        let names: Vec<(&str, &str)> = SPARSITIES.iter().map(|(s, _)| (*s, *s)).collect();
+        set_list(kc, "SPARSITY", v, "SPARSITY_", &names)
+    }),
+    ("VARIANTS", "ADAMWPRUNE_VARIANT_* (comma list of bitter0 ... bitter9)", |kc, v| {
+        let names: Vec<(String, String)> =
+            (0..=9).map(|i| (format!("BITTER{i}"), format!("bitter{i}"))).collect();
+        let refs: Vec<(&str, &str)> = names.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        set_list(kc, "VARIANTS", v, "ADAMWPRUNE_VARIANT_", &refs)
+    }),
+];
+
+fn set(kc: &mut Kconfig, sym: &str, v: &str) -> Result<()> {
+    kc.set_value(sym, v).map_err(|e| anyhow!("{e}"))
+}
+
+/// Enable exactly the listed members of a multi-select menu.
+fn set_list(kc: &mut Kconfig, var: &str, v: &str, prefix: &str, table: &[(&str, &str)]) -> Result<()> {
+    let wanted: Vec<&str> = v.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    for w in &wanted {
+        if !table.iter().any(|(_, n)| n == w) {
+            let valid: Vec<&str> = table.iter().map(|(_, n)| *n).collect();
+            bail!("{var}={v}: unknown value '{w}' (valid: {})", valid.join(", "));
+        }
+    }
+    // Enable first (dependencies of later entries may need them), then disable.
+    for (suffix, name) in table {
+        if wanted.contains(name) {
+            set(kc, &format!("{prefix}{suffix}"), "y").with_context(|| format!("{var}={v}"))?;
+        }
+    }
+    for (suffix, name) in table {
+        if !wanted.contains(name) {
+            set(kc, &format!("{prefix}{suffix}"), "n").with_context(|| format!("{var}={v}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Parse `VAR=value` override arguments, checking the variable names.
+pub fn parse_overrides(args: &[String]) -> Result<Vec<(String, String)>> {
+    args.iter()
+        .map(|a| {
+            let (k, v) = a.split_once('=').ok_or_else(|| anyhow!("override '{a}' is not VAR=value"))?;
+            if !OVERRIDES.iter().any(|(n, _, _)| *n == k) {
+                let valid: Vec<&str> = OVERRIDES.iter().map(|(n, _, _)| *n).collect();
+                bail!("unknown override {k} (valid: {})", valid.join(", "));
+            }
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// The project's Kconfig tree with a `.config` and overrides applied.
+/// Precedence: Kconfig defaults < `.config` < overrides.
+pub fn load(
+    kconfig: &Path,
+    dot_config: &Path,
+    overrides: &[(String, String)],
+) -> Result<(Kconfig, Vec<String>)> {
+    let mut kc = Kconfig::load(kconfig, None).map_err(|e| anyhow!("{e}"))?;
+    if !dot_config.exists() {
+        bail!(
+            "{}: no configuration yet; run `make defconfig-<name>` (see `make list-defconfigs`) or `make menuconfig`",
+            dot_config.display()
+        );
+    }
+    let loaded = kc.load_config(dot_config).map_err(|e| anyhow!("{e}"))?;
+    let mut warnings: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
+    for (k, v) in overrides {
+        let (_, _, apply) =
+            OVERRIDES.iter().find(|(n, _, _)| n == k).ok_or_else(|| anyhow!("unknown override {k}"))?;
+        apply(&mut kc, v).with_context(|| format!("override {k}={v}"))?;
+    }
+    warnings.extend(kc.take_warnings().iter().map(|w| w.to_string()));
+    Ok((kc, warnings))
+}
+
+/// A short stable checksum (FNV-1a, 64 bits) as hex.
+pub fn checksum(parts: &[&str]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.bytes().chain([0u8]) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// The project name: configured, else `<first model>-<5 hex digits>` of the
+/// `.config` file (before overrides, so `make TIME=...` and `make continue`
+/// name the same project) and the working directory.
+pub fn project_name(exp: &Experiment, dot_config_text: &str) -> String {
+    if !exp.project.trim().is_empty() {
+        return exp.project.trim().to_string();
+    }
+    let model = match exp.models.as_slice() {
+        [one] => one.clone(),
+        [] => "empty".to_string(),
+        _ => "matrix".to_string(),
+    };
+    let cwd = std::env::current_dir().map(|p| p.display().to_string()).unwrap_or_default();
+    let values: Vec<&str> = dot_config_text.lines().filter(|l| l.starts_with("CONFIG_")).collect();
+    format!("{model}-{}", &checksum(&[&values.join("\n"), &cwd])[..5])
+}
+
+/// Check one configuration file: every line must assign a known symbol a
+/// value it keeps (no unknown symbols, unmet dependencies or out-of-range
+/// values), and the experiment it describes must have cells.
+/// Returns the number of cells.
+pub fn check_file(kconfig: &Path, file: &Path) -> Result<usize> {
+    let mut kc = Kconfig::load(kconfig, None).map_err(|e| anyhow!("{e}"))?;
+    let loaded = kc.load_config(file).map_err(|e| anyhow!("{e}"))?;
+    let mut problems: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
+    let text = std::fs::read_to_string(file).with_context(|| format!("{}", file.display()))?;
+    for (i, line) in text.lines().enumerate() {
+        let Some(rest) = line.strip_prefix("CONFIG_") else { continue };
+        let Some((name, raw)) = rest.split_once('=') else { continue };
+        let Some(sym) = kc.symbol(name) else { continue };
+        let want = raw.trim_matches('"');
+        let got = sym.str_value();
+        if got != want {
+            problems.push(format!(
+                "{}:{}: CONFIG_{name}={raw} does not hold (value is '{got}'; unmet dependencies: {})",
+                file.display(),
+                i + 1,
+                sym.direct_deps()
+            ));
+        }
+    }
+    problems.extend(kc.take_warnings().iter().map(|w| w.to_string()));
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n        "));
+    }
+    let exp = Experiment::read(&Reader::new(&kc))?;
+    Ok(crate::matrix::cells(&exp)?.len())
+}

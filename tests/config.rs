@@ -1,0 +1,117 @@
+//! The project's Kconfig tree: every symbol is read by the code, every
+//! preset loads cleanly, overrides apply with Kconfig's rules.
+use std::path::PathBuf;
+use std::process::Command;
+
+use knlp::config::{self, Experiment, Reader};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tree() -> kconfig::Kconfig {
+    kconfig::Kconfig::load(&root().join("Kconfig"), Some(&root())).unwrap()
+}
+
+#[test]
+fn every_symbol_is_consumed_and_every_read_is_defined() {
+    let kc = tree();
+    let r = Reader::new(&kc);
+    // Reading a symbol Kconfig does not define is an error, so this also
+    // proves every key the code reads exists.
+    Experiment::read(&r).unwrap();
+    let read = r.read();
+    let defined: Vec<String> = kc.symbols().map(|s| s.name().to_string()).collect();
+    let unread: Vec<&String> = defined.iter().filter(|s| !read.contains(*s)).collect();
+    assert!(unread.is_empty(), "Kconfig symbols no code reads: {unread:?}");
+    for name in &read {
+        assert!(defined.contains(name), "the code reads {name}, which Kconfig does not define");
+    }
+}
+
+#[test]
+fn every_preset_checks_out() {
+    let mut n = 0;
+    for e in std::fs::read_dir(root().join("defconfigs")).unwrap() {
+        let p = e.unwrap().path();
+        let first = std::fs::read_to_string(&p).unwrap();
+        assert!(first.starts_with("# "), "{}: the first line describes the preset", p.display());
+        let cells = config::check_file(&root().join("Kconfig"), &p)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+        assert!(cells > 0);
+        n += 1;
+    }
+    assert!(n >= 20, "{n} presets");
+}
+
+#[test]
+fn defconfig_targets_write_the_preset() {
+    let d = std::env::temp_dir().join(format!("knlp-defconfig-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    for name in ["lenet5-compare", "gpt2-bitter7-baseline"] {
+        let cfg = d.join(format!("{name}.config"));
+        let o = Command::new(env!("CARGO_BIN_EXE_knlp"))
+            .args(["defconfig", "--kconfig", "Kconfig", &format!("defconfigs/{name}")])
+            .env("KCONFIG_CONFIG", &cfg)
+            .current_dir(root())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (kc, _) = config::load(&root().join("Kconfig"), &cfg, &[]).unwrap();
+        let exp = Experiment::read(&Reader::new(&kc)).unwrap();
+        let cells = knlp::matrix::cells(&exp).unwrap();
+        match name {
+            "lenet5-compare" => assert_eq!(cells.len(), 9),
+            _ => {
+                assert_eq!(cells.len(), 1);
+                assert_eq!(cells[0].id, "gpt2_adamwprune_state-bitter7_50");
+                assert_eq!(exp.gpt2["preset"], "124M");
+            }
+        }
+    }
+}
+
+#[test]
+fn overrides_apply_with_kconfig_rules_and_name_the_variable() {
+    let d = std::env::temp_dir().join(format!("knlp-override-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let cfg = d.join(".config");
+    std::fs::copy(root().join("defconfigs/lenet5-compare"), &cfg).unwrap();
+    let k = root().join("Kconfig");
+    let ov = config::parse_overrides(&[
+        "TIME=120".into(),
+        "MODELS=lenet5,gpt2".into(),
+        "SPARSITY=90".into(),
+        "VARIANTS=bitter7".into(),
+    ])
+    .unwrap();
+    let (kc, _) = config::load(&k, &cfg, &ov).unwrap();
+    let exp = Experiment::read(&Reader::new(&kc)).unwrap();
+    assert_eq!(exp.train.time_limit, 120.0);
+    assert_eq!(exp.models, vec!["lenet5", "gpt2"]);
+    assert_eq!(exp.sparsities, vec![0.9]);
+    assert_eq!(exp.variants, vec!["bitter7"]);
+    // The .config file itself is untouched.
+    assert_eq!(
+        std::fs::read_to_string(&cfg).unwrap(),
+        std::fs::read_to_string(root().join("defconfigs/lenet5-compare")).unwrap()
+    );
+    let e = config::parse_overrides(&["TIMEOUT=1".into()]).unwrap_err().to_string();
+    assert!(e.contains("unknown override TIMEOUT") && e.contains("TIME"), "{e}");
+    let bad = config::parse_overrides(&["MODELS=lenet6".into()]).unwrap();
+    let e = format!("{:#}", config::load(&k, &cfg, &bad).unwrap_err());
+    assert!(e.contains("MODELS=lenet6") && e.contains("lenet5"), "{e}");
+    let bad = config::parse_overrides(&["EPOCHS=-3".into()]).unwrap();
+    assert!(format!("{:#}", config::load(&k, &cfg, &bad).unwrap_err()).contains("EPOCHS=-3"));
+}
+
+#[test]
+fn project_names_follow_the_config_and_folder() {
+    let kc = tree();
+    let exp = Experiment::read(&Reader::new(&kc)).unwrap();
+    let a = config::project_name(&exp, "CONFIG_A=y\n");
+    let b = config::project_name(&exp, "CONFIG_A=n\n");
+    assert!(a.starts_with("lenet5-") && a.len() == "lenet5-".len() + 5, "{a}");
+    assert_ne!(a, b);
+    assert_eq!(a, config::project_name(&exp, "# comment\nCONFIG_A=y\n"), "comments do not matter");
+}
