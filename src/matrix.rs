@@ -1,0 +1,677 @@
+//! The test matrix: what `make` runs. The configuration's models x
+//! optimizers x pruning methods x sparsities x variants become cells, each
+//! with a stable id and a run directory under `runs/<project>/<cell-id>/`.
+//! Cells run as child processes (`knlp cell ...`), so one cell's crash,
+//! NaN or out-of-memory error fails that cell alone; `PARALLEL_JOBS` run at
+//! once, one per GPU when there are several. `knlp continue` picks a matrix
+//! up after a crash: done cells are skipped, interrupted cells resume from
+//! their last checkpoint, cells never started run.
+use std::collections::VecDeque;
+use std::fs;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tch::Device;
+
+use crate::config::Experiment;
+use crate::data::{self, Loader, LoaderOptions, Split};
+use crate::models::{self, Model};
+use crate::optim::{OptConfig, OptKind, Optimizer};
+use crate::prune::{PruneConfig, PruneHook, Pruner};
+use crate::runs::{RunDir, Status};
+use crate::train::feed::{ImageFeed, TextFeed};
+use crate::train::{Data, Hook, Summary, TrainConfig, Trainer};
+
+pub const MATRIX_FILE: &str = "matrix.json";
+
+/// One run of the matrix.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Cell {
+    pub id: String,
+    pub model: String,
+    pub optimizer: String,
+    pub pruning: String,
+    pub variant: Option<String>,
+    pub sparsity: f64,
+}
+
+/// The stable id of a cell: `<model>_<optimizer>_<pruning>[-<variant>][_<pct>]`.
+pub fn cell_id(model: &str, optimizer: &str, pruning: &str, variant: Option<&str>, sparsity: f64) -> String {
+    let mut id = format!("{model}_{optimizer}_{pruning}");
+    if let Some(v) = variant {
+        id.push('-');
+        id.push_str(v);
+    }
+    if pruning != "none" {
+        id.push_str(&format!("_{}", (sparsity * 100.0).round() as i64));
+    }
+    id
+}
+
+/// Expand the configuration into cells. AdamWPrune pairs only with state
+/// pruning, and state pruning only with AdamWPrune.
+pub fn cells(exp: &Experiment) -> Result<Vec<Cell>> {
+    let mut out = Vec::new();
+    let mut skipped = Vec::new();
+    for model in &exp.models {
+        for opt in &exp.optimizers {
+            for pr in &exp.pruning {
+                let prune_opt = opt == "adamwprune";
+                if prune_opt != (pr == "state") {
+                    skipped.push(format!("{opt}+{pr}"));
+                    continue;
+                }
+                if pr == "none" {
+                    out.push(Cell {
+                        id: cell_id(model, opt, pr, None, 0.0),
+                        model: model.clone(),
+                        optimizer: opt.clone(),
+                        pruning: pr.clone(),
+                        variant: None,
+                        sparsity: 0.0,
+                    });
+                    continue;
+                }
+                let variants: Vec<Option<String>> =
+                    if pr == "state" { exp.variants.iter().cloned().map(Some).collect() } else { vec![None] };
+                for &s in &exp.sparsities {
+                    for v in &variants {
+                        out.push(Cell {
+                            id: cell_id(model, opt, pr, v.as_deref(), s),
+                            model: model.clone(),
+                            optimizer: opt.clone(),
+                            pruning: pr.clone(),
+                            variant: v.clone(),
+                            sparsity: s,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    if out.is_empty() {
+        let mut why = vec!["the configuration gives no cells".to_string()];
+        if exp.models.is_empty() {
+            why.push("enable a model".into());
+        }
+        if exp.optimizers.is_empty() {
+            why.push("enable an optimizer".into());
+        }
+        if exp.pruning.is_empty() {
+            why.push("enable a pruning method (or none)".into());
+        }
+        if exp.pruning.iter().any(|p| p != "none") && exp.sparsities.is_empty() {
+            why.push("pick a target sparsity".into());
+        }
+        if exp.pruning.iter().any(|p| p == "state") && exp.variants.is_empty() {
+            why.push("pick an AdamWPrune variant".into());
+        }
+        if !skipped.is_empty() {
+            why.push(format!("skipped pairs: {} (adamwprune runs only with state pruning, state pruning only with adamwprune)", skipped.join(", ")));
+        }
+        bail!("{}", why.join("; "));
+    }
+    Ok(out)
+}
+
+/// The matrix as recorded in `runs/<project>/matrix.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MatrixFile {
+    pub project: String,
+    pub created: String,
+    /// The `.config` the matrix was made from.
+    pub dot_config: String,
+    pub experiment: Experiment,
+    pub cells: Vec<Cell>,
+}
+
+impl MatrixFile {
+    pub fn read(project_dir: &Path) -> Result<MatrixFile> {
+        let p = project_dir.join(MATRIX_FILE);
+        let text = fs::read_to_string(&p).with_context(|| format!("{}: no matrix here", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}: not a knlp matrix file", p.display()))
+    }
+
+    pub fn write(&self, project_dir: &Path) -> Result<()> {
+        let text = serde_json::to_vec_pretty(self)?;
+        crate::runs::write_atomic(&project_dir.join(MATRIX_FILE), &text)
+    }
+
+    pub fn cell(&self, id: &str) -> Result<&Cell> {
+        self.cells.iter().find(|c| c.id == id).ok_or_else(|| {
+            let ids: Vec<&str> = self.cells.iter().map(|c| c.id.as_str()).collect();
+            anyhow!("no cell '{id}' in project {} (cells: {})", self.project, ids.join(", "))
+        })
+    }
+}
+
+/// The device a cell runs on (CUDA_VISIBLE_DEVICES already narrowed it).
+fn device(exp: &Experiment) -> Result<Device> {
+    crate::tensor::parse_device_or_auto(&exp.device).map_err(|e| anyhow!(e))
+}
+
+/// An image data set and its classes/channels, for image models.
+fn image_feed(exp: &Experiment, seed: u64, batch: usize) -> Result<(ImageFeed, i64, i64)> {
+    let dir = |default: &str| {
+        if exp.data.image_dir.is_empty() {
+            PathBuf::from(default)
+        } else {
+            PathBuf::from(&exp.data.image_dir)
+        }
+    };
+    let (train, test, cifar) = match exp.data.image_dataset.as_str() {
+        "fashion_mnist" => {
+            let d = dir(data::FASHION_MNIST_DIR);
+            (data::fashion_mnist(&d, Split::Train)?, data::fashion_mnist(&d, Split::Test)?, false)
+        }
+        "cifar10" => {
+            let d = dir("data/cifar10");
+            (data::cifar10(&d, Split::Train)?, data::cifar10(&d, Split::Test)?, true)
+        }
+        "cifar100" => {
+            let d = dir("data/cifar100");
+            let l = data::Cifar100Label::Fine;
+            (data::cifar100(&d, Split::Train, l)?, data::cifar100(&d, Split::Test, l)?, true)
+        }
+        other => bail!("unknown image data set '{other}'"),
+    };
+    let norm = Some((train.mean.clone(), train.std.clone()));
+    let resize = if cifar { None } else { Some(32) };
+    let aug = cifar && exp.data.augment;
+    let train_opts = LoaderOptions {
+        batch_size: batch,
+        shuffle: true,
+        seed,
+        resize,
+        crop_padding: if aug { 4 } else { 0 },
+        hflip: aug,
+        normalize: norm.clone(),
+        ..LoaderOptions::default()
+    };
+    let test_opts = LoaderOptions {
+        batch_size: 1000,
+        shuffle: false,
+        seed,
+        resize,
+        normalize: norm,
+        ..LoaderOptions::default()
+    };
+    let (classes, channels) = (train.classes as i64, train.shape()[0] as i64);
+    let tl = Loader::new(&train, train_opts)?;
+    let el = Loader::new(&test, test_opts)?;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    Ok((
+        ImageFeed { train: Rc::new(RefCell::new(tl)), eval: Some(Rc::new(RefCell::new(el))) },
+        classes,
+        channels,
+    ))
+}
+
+/// Build the model of `cell` (on the CPU, not finalized).
+pub fn build_model(exp: &Experiment, cell: &Cell, classes: i64, channels: i64) -> Result<Box<dyn Model>> {
+    let opts = match cell.model.as_str() {
+        "gpt2" => exp.gpt2.clone(),
+        _ => json!({ "classes": classes, "in_channels": channels }),
+    };
+    models::build(&cell.model, opts)
+}
+
+/// The optimizer configuration of a cell: the kind's defaults, then the
+/// experiment's shared settings.
+pub fn opt_config(exp: &Experiment, cell: &Cell) -> Result<OptConfig> {
+    let kind =
+        if cell.optimizer == "adamwprune" { exp.adamwprune_base } else { OptKind::parse(&cell.optimizer)? };
+    let base = OptConfig::for_kind(kind);
+    let e = &exp.opt;
+    let cfg = OptConfig {
+        lr: e.lr,
+        weight_decay: e.weight_decay,
+        beta1: e.beta1,
+        beta2: e.beta2,
+        eps: e.eps,
+        momentum: e.momentum,
+        nesterov: e.nesterov,
+        fused: e.fused,
+        spam: e.spam.clone(),
+        ..base
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The pruning configuration of a cell (None for dense cells).
+pub fn prune_config(exp: &Experiment, cell: &Cell) -> Option<PruneConfig> {
+    if cell.pruning == "none" {
+        return None;
+    }
+    let mut p = exp.prune.clone();
+    p.method = cell.pruning.clone();
+    p.target = cell.sparsity;
+    p.variant = match cell.pruning.as_str() {
+        "state" => cell.variant.clone().unwrap_or_else(|| "bitter7".into()),
+        "movement" => exp.prune.variant.clone(),
+        _ => "magnitude".into(),
+    };
+    if cell.pruning == "magnitude" {
+        p.variant = PruneConfig::default().variant;
+    }
+    Some(p)
+}
+
+/// What a cell needs at run time: data, model, optimizer and pruner.
+pub struct Built {
+    pub data: Box<dyn Data>,
+    pub model: Box<dyn Model>,
+    pub opt: Optimizer,
+    pub pruner: Option<Pruner>,
+}
+
+/// Build everything for `cell`; `tiny` shrinks the batch (for `knlp check`).
+pub fn build(exp: &Experiment, cell: &Cell, device: Device, tiny: bool) -> Result<Built> {
+    tch::manual_seed(exp.seed);
+    let batch = if tiny { 2 } else { exp.data.batch_size as usize };
+    let (data, classes, channels): (Box<dyn Data>, i64, i64) = if cell.model == "gpt2" {
+        let ds = if exp.data.text_dir.is_empty() {
+            data::default_text_dataset(Path::new(data::DEFAULT_CACHE_DIR))?
+        } else {
+            PathBuf::from(&exp.data.text_dir)
+        };
+        let tokens = data::TokenDataset::open(&ds, None, exp.seed as u64)?;
+        let block = exp.gpt2.get("block_size").and_then(Value::as_i64).unwrap_or(1024) as usize;
+        let block = if tiny { block.min(16) } else { block };
+        let evals = if tiny { 1 } else { exp.data.eval_batches as usize };
+        let feed = TextFeed::new(std::rc::Rc::new(std::cell::RefCell::new(tokens)), batch, block, evals)?;
+        (Box::new(feed), 0, 0)
+    } else {
+        let (feed, classes, channels) = image_feed(exp, exp.seed as u64, batch)?;
+        (Box::new(feed), classes, channels)
+    };
+    let mut model = build_model(exp, cell, classes, channels)?;
+    model.store_mut().finalize(device)?;
+    let opt = Optimizer::new(model.store(), opt_config(exp, cell)?)?;
+    let pruner = match prune_config(exp, cell) {
+        Some(p) => Some(Pruner::new(model.store(), p)?),
+        None => None,
+    };
+    Ok(Built { data, model, opt, pruner })
+}
+
+/// The full record of a cell's configuration (config.json).
+fn record(exp: &Experiment, cell: &Cell, b: &Built, train: &TrainConfig, project: &str) -> Value {
+    json!({
+        "arch": b.model.arch(),
+        "model": b.model.config(),
+        "optimizer": b.opt.cfg,
+        "train": train,
+        "data": b.data.describe(),
+        "pruning": b.pruner.as_ref().map(|p| json!(p.cfg)),
+        "cell": cell,
+        "project": project,
+        "seed": exp.seed,
+        "device": exp.device,
+    })
+}
+
+/// Run one cell in this process (what `knlp cell` does).
+pub fn run_cell(project_dir: &Path, cell_id: &str, resume: bool) -> Result<Summary> {
+    let m = MatrixFile::read(project_dir)?;
+    let exp = &m.experiment;
+    let cell = m.cell(cell_id)?.clone();
+    if exp.cpu_threads > 0 {
+        tch::set_num_threads(exp.cpu_threads as i32);
+    }
+    if exp.deterministic {
+        crate::shim::set_deterministic(true).map_err(|e| anyhow!(e))?;
+    }
+    let dev = device(exp)?;
+    let run = RunDir::open(&project_dir.join(&cell.id))?;
+    let mut b = match build(exp, &cell, dev, false) {
+        Ok(b) => b,
+        Err(e) => {
+            let reason = format!("{e:#}");
+            run.log(&format!("cell {}: {reason}", cell.id));
+            run.set_status(Status::Failed, Some(&reason))?;
+            return Err(e);
+        }
+    };
+    let train = TrainConfig { resume, progress: "lines".into(), ..exp.train.clone() };
+    let rec = record(exp, &cell, &b, &train, &m.project);
+    let mut hook = b.pruner.as_mut().map(|p| PruneHook::new(p, None));
+    let mut hooks: Vec<&mut dyn Hook> = Vec::new();
+    if let Some(h) = hook.as_mut() {
+        hooks.push(h);
+    }
+    let t = Trainer {
+        model: &mut *b.model,
+        opt: &mut b.opt,
+        data: &mut *b.data,
+        hooks,
+        cfg: train,
+        run,
+        record: rec,
+    };
+    t.run()
+}
+
+/// `knlp check`: build every cell's model, optimizer and pruner and take one
+/// forward/backward/optimizer step with a tiny batch on the CPU.
+pub fn check(exp: &Experiment) -> Result<Vec<(String, Result<f64>)>> {
+    let mut out = Vec::new();
+    for cell in cells(exp)? {
+        let res = (|| -> Result<f64> {
+            let mut b = build(exp, &cell, Device::Cpu, true)?;
+            let (x, y) = b.data.next_batch()?.ok_or_else(|| anyhow!("no training batch"))?;
+            let logits = b.model.forward(&x, true).map_err(|e| anyhow!(crate::tensor::torch_error(&e)))?;
+            let loss = crate::models::cross_entropy(&logits, &y)
+                .map_err(|e| anyhow!(crate::tensor::torch_error(&e)))?;
+            loss.f_backward().map_err(|e| anyhow!(crate::tensor::torch_error(&e)))?;
+            if let Some(p) = b.pruner.as_mut() {
+                p.before_step(b.model.store())?;
+            }
+            b.opt.step(b.model.store())?;
+            if let Some(p) = b.pruner.as_mut() {
+                // Exercise scoring and selection on the real shapes.
+                let target = p.cfg.target;
+                p.update_masks(b.model.store(), &b.opt, target, None)?;
+                p.apply(b.model.store())?;
+            }
+            let l = loss.f_double_value(&[]).map_err(|e| anyhow!(crate::tensor::torch_error(&e)))?;
+            if !l.is_finite() {
+                bail!("loss is {l}");
+            }
+            Ok(l)
+        })();
+        out.push((cell.id, res));
+    }
+    Ok(out)
+}
+
+/// Runs cells as child processes with a bounded number at once.
+pub struct Runner {
+    pub exe: PathBuf,
+    pub project_dir: PathBuf,
+    pub jobs: usize,
+    pub resume: bool,
+}
+
+struct Running {
+    cell: String,
+    child: Child,
+    slot: usize,
+    started: Instant,
+}
+
+/// Outcome of one cell as seen by the runner.
+#[derive(Debug, Clone)]
+pub struct CellResult {
+    pub id: String,
+    pub status: Status,
+    pub reason: Option<String>,
+    pub seconds: f64,
+}
+
+impl Runner {
+    /// Run `ids` (in order), at most `jobs` at once.
+    pub fn run(&self, ids: &[String]) -> Result<Vec<CellResult>> {
+        let gpus = tch::Cuda::device_count() as usize;
+        let mut queue: VecDeque<String> = ids.iter().cloned().collect();
+        let mut running: Vec<Running> = Vec::new();
+        let mut results = Vec::new();
+        let table = self.jobs > 1;
+        let tty = std::io::stdout().is_terminal();
+        let mut drawn = 0usize;
+        let total = ids.len();
+        while !queue.is_empty() || !running.is_empty() {
+            while running.len() < self.jobs && !queue.is_empty() {
+                let id = queue.pop_front().unwrap_or_default();
+                let slot = (0..self.jobs).find(|s| !running.iter().any(|r| r.slot == *s)).unwrap_or(0);
+                let child = self.spawn(&id, slot, gpus, table)?;
+                if !table {
+                    println!("=== cell {}/{}: {id}", results.len() + 1, total);
+                } else if !tty {
+                    println!("started {id}");
+                }
+                running.push(Running { cell: id, child, slot, started: Instant::now() });
+            }
+            std::thread::sleep(Duration::from_millis(if table { 500 } else { 100 }));
+            let mut i = 0;
+            while i < running.len() {
+                if let Some(st) = running[i].child.try_wait()? {
+                    let r = running.remove(i);
+                    let res = self.finished(&r, st);
+                    if table && !tty {
+                        println!(
+                            "{} {}: {:?}{}",
+                            if res.status == Status::Done { "finished" } else { "stopped" },
+                            res.id,
+                            res.status,
+                            res.reason.as_ref().map(|x| format!(" ({x})")).unwrap_or_default()
+                        );
+                    }
+                    results.push(res);
+                    crate::testhook::point("cell-done");
+                } else {
+                    i += 1;
+                }
+            }
+            if table && tty {
+                drawn = self.draw(&running, results.len(), total, drawn);
+            }
+        }
+        Ok(results)
+    }
+
+    fn spawn(&self, id: &str, slot: usize, gpus: usize, quiet: bool) -> Result<Child> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("cell").arg(&self.project_dir).arg(id);
+        if self.resume {
+            cmd.arg("--resume");
+        }
+        if gpus > 1 && self.jobs > 1 {
+            // One GPU per running cell.
+            let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+            let ids: Vec<String> = match visible {
+                Some(v) if !v.is_empty() => v.split(',').map(String::from).collect(),
+                _ => (0..gpus).map(|g| g.to_string()).collect(),
+            };
+            cmd.env("CUDA_VISIBLE_DEVICES", &ids[slot % ids.len()]);
+        }
+        if quiet {
+            let dir = self.project_dir.join(id);
+            fs::create_dir_all(&dir)?;
+            let log = fs::File::create(dir.join("output.log"))?;
+            cmd.stdout(Stdio::from(log.try_clone()?)).stderr(Stdio::from(log));
+        }
+        cmd.spawn().with_context(|| format!("cannot start {}", self.exe.display()))
+    }
+
+    fn finished(&self, r: &Running, st: std::process::ExitStatus) -> CellResult {
+        let run = RunDir { path: self.project_dir.join(&r.cell) };
+        let rec = run.status().ok();
+        let (mut status, mut reason) = match &rec {
+            Some(s) => (s.status, s.reason.clone()),
+            None => (Status::Failed, Some("no status".into())),
+        };
+        if !st.success() && !matches!(status, Status::Failed | Status::Interrupted) {
+            // Killed (OOM killer, a signal) before it could record why.
+            use std::os::unix::process::ExitStatusExt;
+            let why = match st.signal() {
+                Some(sig) => format!("the cell's process was killed by signal {sig}"),
+                None => format!("the cell's process exited with status {}", st.code().unwrap_or(-1)),
+            };
+            let _ = run.set_status(Status::Failed, Some(&why));
+            status = Status::Failed;
+            reason = Some(why);
+        }
+        CellResult { id: r.cell.clone(), status, reason, seconds: r.started.elapsed().as_secs_f64() }
+    }
+
+    /// A status table, one line per running cell, redrawn in place.
+    fn draw(&self, running: &[Running], done: usize, total: usize, drawn: usize) -> usize {
+        let mut out = String::new();
+        if drawn > 0 {
+            out.push_str(&format!("\x1b[{drawn}F\x1b[J"));
+        }
+        out.push_str(&format!("matrix: {done}/{total} cells finished, {} running\n", running.len()));
+        for r in running {
+            let run = RunDir { path: self.project_dir.join(&r.cell) };
+            let last =
+                run.metrics().ok().and_then(|m| m.into_iter().rev().find(|x| x.get("train_loss").is_some()));
+            let progress = match last {
+                Some(x) => format!(
+                    "step {} loss {:.4}",
+                    x.get("step").and_then(Value::as_i64).unwrap_or(0),
+                    x.get("train_loss").and_then(Value::as_f64).unwrap_or(f64::NAN)
+                ),
+                None => "starting".into(),
+            };
+            out.push_str(&format!(
+                "  {:<44} {:<28} {:>6.0}s\n",
+                r.cell,
+                progress,
+                r.started.elapsed().as_secs_f64()
+            ));
+        }
+        print!("{out}");
+        let _ = std::io::stdout().flush();
+        running.len() + 1
+    }
+}
+
+/// Hold `runs/<project>/.lock` while a matrix runs there.
+pub struct Lock(PathBuf);
+
+impl Lock {
+    pub fn take(project_dir: &Path) -> Result<Lock> {
+        fs::create_dir_all(project_dir)?;
+        let p = project_dir.join(".lock");
+        if let Ok(text) = fs::read_to_string(&p) {
+            if let Ok(pid) = text.trim().parse::<i32>() {
+                // Signal 0 tests whether the process exists.
+                let alive = Command::new("kill")
+                    .args(["-0", &pid.to_string()])
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if alive && pid as u32 != std::process::id() {
+                    bail!("{} is being run by process {pid}", project_dir.display());
+                }
+            }
+        }
+        fs::write(&p, std::process::id().to_string())?;
+        Ok(Lock(p))
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// What to do with each cell when (re)starting a matrix.
+pub fn plan(project_dir: &Path, m: &MatrixFile, retry_failed: bool) -> Vec<(String, Status, bool)> {
+    m.cells
+        .iter()
+        .map(|c| {
+            let run = RunDir { path: project_dir.join(&c.id) };
+            let st = run.status().map(|s| s.status).unwrap_or(Status::Pending);
+            let run_it = match st {
+                Status::Done => false,
+                Status::Failed => retry_failed,
+                _ => true,
+            };
+            (c.id.clone(), st, run_it)
+        })
+        .collect()
+}
+
+/// Copy a finished baseline run into the project as `cell`'s run.
+pub fn adopt_baseline(runs_dir: &Path, spec: &str, project_dir: &Path, cells: &[Cell]) -> Result<String> {
+    let src = {
+        let direct = PathBuf::from(spec);
+        if direct.join("summary.json").exists() {
+            direct
+        } else {
+            runs_dir.join(spec)
+        }
+    };
+    let run = RunDir { path: src.clone() };
+    if !src.join("config.json").exists() {
+        bail!("BASELINE={spec}: {} is not a run folder (no config.json)", src.display());
+    }
+    if run.status()?.status != Status::Done {
+        bail!("BASELINE={spec}: the run at {} has not finished", src.display());
+    }
+    let cfg = run.read_json(crate::runs::CONFIG)?;
+    let id = cfg
+        .get("cell")
+        .and_then(|c| c.get("id"))
+        .and_then(Value::as_str)
+        .map(String::from)
+        .or_else(|| src.file_name().map(|n| n.to_string_lossy().to_string()))
+        .ok_or_else(|| anyhow!("BASELINE={spec}: cannot tell its cell"))?;
+    if !cells.iter().any(|c| c.id == id) {
+        let ids: Vec<&str> = cells.iter().map(|c| c.id.as_str()).collect();
+        bail!("BASELINE={spec}: its cell '{id}' is not in this matrix (cells: {})", ids.join(", "));
+    }
+    let dst = project_dir.join(&id);
+    if dst.exists() {
+        fs::remove_dir_all(&dst)?;
+    }
+    copy_dir(&src, &dst)?;
+    let note = RunDir { path: dst };
+    note.log(&format!("copied from baseline {}", src.display()));
+    Ok(id)
+}
+
+fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
+    fs::create_dir_all(dst)?;
+    for e in fs::read_dir(src)? {
+        let e = e?;
+        let to = dst.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &to)?;
+        } else {
+            fs::copy(e.path(), &to).with_context(|| format!("copying {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The most recently changed matrix under `runs_dir`.
+pub fn latest_project(runs_dir: &Path) -> Result<PathBuf> {
+    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
+    for e in fs::read_dir(runs_dir).with_context(|| format!("{}: no runs yet", runs_dir.display()))? {
+        let p = e?.path();
+        let f = p.join(MATRIX_FILE);
+        if let Ok(meta) = fs::metadata(&f) {
+            let t = meta.modified()?;
+            if best.as_ref().is_none_or(|(bt, _)| t > *bt) {
+                best = Some((t, p));
+            }
+        }
+    }
+    best.map(|(_, p)| p).ok_or_else(|| anyhow!("{}: no matrix has run here yet", runs_dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_stable() {
+        assert_eq!(
+            cell_id("lenet5", "adamwprune", "state", Some("bitter7"), 0.7),
+            "lenet5_adamwprune_state-bitter7_70"
+        );
+        assert_eq!(cell_id("lenet5", "adamw", "none", None, 0.0), "lenet5_adamw_none");
+        assert_eq!(cell_id("gpt2", "adamw", "magnitude", None, 0.5), "gpt2_adamw_magnitude_50");
+    }
+}
