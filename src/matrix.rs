@@ -201,7 +201,7 @@ fn image_feed(exp: &Experiment, seed: u64, batch: usize) -> Result<(ImageFeed, i
         normalize: norm,
         ..LoaderOptions::default()
     };
-    let (classes, channels) = (train.classes as i64, train.shape()[0] as i64);
+    let (classes, channels) = (train.classes as i64, train.shape()[0]);
     let tl = Loader::new(&train, train_opts)?;
     let el = Loader::new(&test, test_opts)?;
     use std::cell::RefCell;
@@ -347,6 +347,7 @@ pub fn run_cell(project_dir: &Path, cell_id: &str, resume: bool) -> Result<Summa
     if let Some(h) = hook.as_mut() {
         hooks.push(h);
     }
+    let tracker = Some(if exp.trackio { "local,trackio" } else { "local" }.to_string());
     let t = Trainer {
         model: &mut *b.model,
         opt: &mut b.opt,
@@ -355,6 +356,7 @@ pub fn run_cell(project_dir: &Path, cell_id: &str, resume: bool) -> Result<Summa
         cfg: train,
         run,
         record: rec,
+        tracker,
     };
     t.run()
 }

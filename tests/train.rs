@@ -106,7 +106,7 @@ impl Data for Blobs {
         self.served += 1;
         let mut x = self.x.index_select(0, &idx);
         if self.poison_at.is_some_and(|p| self.served >= p) {
-            x = x * f64::NAN;
+            x *= f64::NAN;
         }
         Ok(Some((x, self.y.index_select(0, &idx))))
     }
@@ -157,7 +157,7 @@ fn train(
     data: &mut Blobs,
     opt: &mut Optimizer,
     c: TrainConfig,
-    dir: &PathBuf,
+    dir: &std::path::Path,
     pruner: Option<&mut Pruner>,
 ) -> knlp::train::Summary {
     let mut hook = pruner.map(|p| PruneHook::new(p, None));
@@ -165,9 +165,18 @@ fn train(
     if let Some(h) = hook.as_mut() {
         hooks.push(h);
     }
-    Trainer { model: m, opt, data, hooks, cfg: c, run: RunDir::open(dir).unwrap(), record: json!({}) }
-        .run()
-        .unwrap()
+    Trainer {
+        model: m,
+        opt,
+        data,
+        hooks,
+        cfg: c,
+        run: RunDir::open(dir).unwrap(),
+        record: json!({}),
+        tracker: Some("local".into()),
+    }
+    .run()
+    .unwrap()
 }
 
 fn adamw() -> OptConfig {

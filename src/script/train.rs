@@ -131,6 +131,10 @@ fn run_train(ctx: &NativeCallContext, model: RModel, opt: ROpt, data: Dynamic, o
         },
     };
     let run = RunDir::open(&dir).rt()?;
+    let tracker = match opts.get("tracker") {
+        Some(t) => Some(expect_str(t, "tracker")?),
+        None => None,
+    };
     let mut m = model.borrow_mut()?;
     let mut o = opt.borrow_mut()?;
     let record = json!({
@@ -173,7 +177,9 @@ fn run_train(ctx: &NativeCallContext, model: RModel, opt: ROpt, data: Dynamic, o
         hooks.push(h);
     }
     let summary =
-        Trainer { model: &mut **m, opt: &mut o, data: &mut *data, hooks, cfg, run, record }.run().rt()?;
+        Trainer { model: &mut **m, opt: &mut o, data: &mut *data, hooks, cfg, run, record, tracker }
+            .run()
+            .rt()?;
     Ok(RRun { dir, summary: Rc::new(summary) })
 }
 
@@ -183,7 +189,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     engine.register_fn("to_debug", |r: &mut RRun| describe(r));
     let mut api = Api::new(engine, docs);
     api.group("Training");
-    api.f("train", "model, opt, data: Loader|TokenDataset, options: map", "Train and return the Run. Options: `steps`, `epochs`, `time_limit` (s), `grad_accum`, `eval_every`, `log_every`, `checkpoint_every`, `schedule` (\"auto\", \"constant\", \"warmup_cosine\", \"cosine_epoch\"), `warmup`, `min_lr`, `amp` (\"auto\", \"bf16\", \"fp16\", \"none\"), `tf32`, `resume`, `progress`, `stop_after`; `test` (a Loader over the test split, for evaluation) for images; `batch_size`, `block_size`, `eval_batches` for tokens; `pruner`; `run_dir` or `name` (default runs/<arch>-<time>); `record` (extra map kept with the run).", |ctx: NativeCallContext, m: RModel, o: ROpt, d: Dynamic, opts: Map| -> RResult<RRun> {
+    api.f("train", "model, opt, data: Loader|TokenDataset, options: map", "Train and return the Run. Options: `steps`, `epochs`, `time_limit` (s), `grad_accum`, `eval_every`, `log_every`, `checkpoint_every`, `schedule` (\"auto\", \"constant\", \"warmup_cosine\", \"cosine_epoch\"), `warmup`, `min_lr`, `amp` (\"auto\", \"bf16\", \"fp16\", \"none\"), `tf32`, `resume`, `progress`, `stop_after`; `test` (a Loader over the test split, for evaluation) for images; `batch_size`, `block_size`, `eval_batches` for tokens; `pruner`; `run_dir` or `name` (default runs/<arch>-<time>); `tracker` (\"local\", \"trackio\"; default $TRACKER); `record` (extra map kept with the run).", |ctx: NativeCallContext, m: RModel, o: ROpt, d: Dynamic, opts: Map| -> RResult<RRun> {
         run_train(&ctx, m, o, d, opts)
     });
     api.f("evaluate", "model, data: Loader|TokenDataset, options: map", "Evaluation metrics without training: `#{ test_loss, test_acc }` over a whole Loader, or `#{ val_loss, val_ppl }` over `eval_batches` fixed validation windows (`batch_size`, `block_size`).", |m: RModel, d: Dynamic, opts: Map| -> RResult<Map> {

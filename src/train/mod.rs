@@ -16,6 +16,7 @@ use crate::optim::{OptKind, Optimizer};
 use crate::params::ParamStore;
 use crate::runs::{RunDir, Status};
 use crate::tensor::torch_error;
+use crate::track::{RunInfo, Tracker};
 
 pub mod feed;
 
@@ -291,6 +292,8 @@ pub struct Trainer<'a> {
     pub run: RunDir,
     /// The full configuration recorded with the run (model, optimizer, ...).
     pub record: Value,
+    /// Tracker sinks (`local`, `trackio`); None reads `$TRACKER`.
+    pub tracker: Option<String>,
 }
 
 fn amp_dtype(cfg: &TrainConfig, device: Device) -> Option<crate::shim::AutocastDtype> {
@@ -424,6 +427,11 @@ impl Trainer<'_> {
             _ if self.cfg.time_limit > 0.0 => 0,
             _ => bail!("train: token data has no epochs; set steps or time_limit"),
         };
+        // A bad tracker spec fails before any work.
+        let mut tracker = match &self.tracker {
+            Some(spec) => Tracker::from_spec(spec)?,
+            None => Tracker::from_env()?,
+        };
         let mut progress = Progress::new(&self.cfg.progress);
         let (mut step, mut epoch) = (0i64, 0i64);
         let mut best: Map<String, Value> = Map::new();
@@ -431,7 +439,8 @@ impl Trainer<'_> {
         let mut elapsed_before = 0.0f64;
         let mut items_done = 0f64;
         let last = self.run.checkpoint("last");
-        if self.cfg.resume && last.exists() {
+        let resumed = self.cfg.resume && last.exists();
+        if resumed {
             let ck = checkpoint::load(&last)?;
             self.resume_from(&ck)?;
             step = ck.state.step;
@@ -446,10 +455,10 @@ impl Trainer<'_> {
             }
             self.run.truncate_metrics_after(step)?;
             progress.line(&self.run, &format!("resumed from {} at step {step}", last.display()));
-        } else {
-            self.run.write_json(crate::runs::CONFIG, &self.record)?;
-            let _ = std::fs::remove_file(self.run.file(crate::runs::METRICS));
         }
+        // The local sink writes config.json and starts a new metrics.jsonl
+        // unless resumed; it writes system.json either way.
+        tracker.start(&RunInfo::new(&self.run.path, self.record.clone(), resumed))?;
         self.run.set_status(Status::Running, None)?;
         let mut schedule = self.schedule(total.max(1));
         let start = Instant::now();
@@ -492,6 +501,7 @@ impl Trainer<'_> {
                     if eval_every == 0 {
                         let m = self.evaluate()?;
                         self.record_eval(
+                            &mut tracker,
                             &mut progress,
                             step,
                             epoch,
@@ -632,7 +642,7 @@ impl Trainer<'_> {
                 for h in self.hooks.iter_mut() {
                     rec.extend(h.metrics()?);
                 }
-                self.run.append_metrics(&Value::Object(rec.clone()))?;
+                tracker.log(&rec)?;
                 let line = format_record(&rec);
                 if progress.mode == "bar" {
                     progress.bar(step, total, &line);
@@ -647,6 +657,7 @@ impl Trainer<'_> {
             if at_eval {
                 let m = self.evaluate()?;
                 self.record_eval(
+                    &mut tracker,
                     &mut progress,
                     step,
                     epoch,
@@ -673,7 +684,7 @@ impl Trainer<'_> {
         let secs = elapsed(&start);
         if stopped_early {
             // Simulated crash: leave the run as a killed process would.
-            return Ok(self.summary(
+            return self.summary(
                 Status::Running,
                 Some("stopped early".into()),
                 step,
@@ -684,7 +695,7 @@ impl Trainer<'_> {
                 &best,
                 last_train_loss,
                 device,
-            )?);
+            );
         }
         if let Some(reason) = failure {
             let status = if reason.starts_with("interrupted") { Status::Interrupted } else { Status::Failed };
@@ -709,7 +720,8 @@ impl Trainer<'_> {
                 last_train_loss,
                 device,
             )?;
-            self.run.write_json(crate::runs::SUMMARY, &serde_json::to_value(&s)?)?;
+            let name = if status == Status::Failed { "failed" } else { "interrupted" };
+            tracker.finish(&serde_json::to_value(&s)?, name)?;
             return Ok(s);
         }
         // Final evaluation unless the last step just had one.
@@ -717,6 +729,7 @@ impl Trainer<'_> {
         if !evaluated_now {
             let m = self.evaluate()?;
             self.record_eval(
+                &mut tracker,
                 &mut progress,
                 step,
                 epoch,
@@ -743,7 +756,7 @@ impl Trainer<'_> {
             last_train_loss,
             device,
         )?;
-        self.run.write_json(crate::runs::SUMMARY, &serde_json::to_value(&s)?)?;
+        tracker.finish(&serde_json::to_value(&s)?, "done")?;
         self.run.set_status(Status::Done, None)?;
         progress.line(&self.run, &format!("done: {}", format_record(&s.final_metrics)));
         Ok(s)
@@ -752,6 +765,7 @@ impl Trainer<'_> {
     #[allow(clippy::too_many_arguments)]
     fn record_eval(
         &mut self,
+        tracker: &mut Tracker,
         progress: &mut Progress,
         step: i64,
         epoch: i64,
@@ -770,7 +784,7 @@ impl Trainer<'_> {
         for h in self.hooks.iter_mut() {
             rec.extend(h.metrics()?);
         }
-        self.run.append_metrics(&Value::Object(rec.clone()))?;
+        tracker.log(&rec)?;
         progress.line(&self.run, &format!("eval {}", format_record(&rec)));
         *last_eval = rec.clone();
         if self.better(m, best) {
