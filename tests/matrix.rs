@@ -1,0 +1,182 @@
+//! The test matrix under crashes: start a small matrix, SIGKILL its whole
+//! process group mid-cell, between cells and during a checkpoint write,
+//! `knlp continue`, and check every cell finished exactly once with the
+//! metrics of an uninterrupted run.
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const KNLP: &str = env!("CARGO_BIN_EXE_knlp");
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+const CONFIG: &str = "CONFIG_MODEL_LENET5=y
+CONFIG_OPTIMIZER_ADAMW=y
+CONFIG_OPTIMIZER_ADAMWPRUNE=y
+CONFIG_PRUNING_NONE=y
+CONFIG_PRUNING_MAGNITUDE=y
+CONFIG_PRUNING_STATE=y
+CONFIG_SPARSITY_50=y
+# CONFIG_SPARSITY_70 is not set
+CONFIG_ADAMWPRUNE_VARIANT_BITTER7=y
+CONFIG_PRUNING_WARMUP=5
+CONFIG_PRUNING_RAMP_END=20
+CONFIG_PRUNING_FREQUENCY=5
+CONFIG_BATCH_SIZE=32
+CONFIG_TRAIN_STEPS=30
+CONFIG_LOG_EVERY=5
+CONFIG_EVAL_EVERY=10
+CONFIG_CHECKPOINT_EVERY=10
+CONFIG_DEVICE_CPU=y
+CONFIG_AUTO_GRAPHS=n
+";
+
+/// A scratch folder with the test configuration.
+fn workdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("knlp-matrix-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join(".config"), CONFIG).unwrap();
+    d
+}
+
+fn knlp(dir: &Path) -> Command {
+    let mut c = Command::new(KNLP);
+    c.current_dir(dir)
+        .env("srctree", root())
+        .env("KCONFIG_CONFIG", dir.join(".config"))
+        .env_remove("KNLP_TEST_PAUSE")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn train_args(project: &str) -> Vec<String> {
+    vec![
+        "train".into(),
+        "--kconfig".into(),
+        root().join("Kconfig").display().to_string(),
+        "--set".into(),
+        format!("PROJECT={project}"),
+    ]
+}
+
+/// Metrics of a run without timing fields, which differ from run to run.
+fn metrics(run: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            for k in ["elapsed_s", "step_ms", "samples_per_s"] {
+                o.remove(k);
+            }
+            v
+        })
+        .collect()
+}
+
+const CELLS: &[&str] =
+    &["lenet5_adamw_none", "lenet5_adamw_magnitude_50", "lenet5_adamwprune_state-bitter7_50"];
+
+fn check_against(reference: &Path, project: &Path, what: &str) {
+    for cell in CELLS {
+        let (a, b) = (reference.join(cell), project.join(cell));
+        let status: Value =
+            serde_json::from_str(&std::fs::read_to_string(b.join("status.json")).unwrap()).unwrap();
+        assert_eq!(status["status"], "done", "{what}: {cell}");
+        let (ma, mb) = (metrics(&a), metrics(&b));
+        let steps: Vec<i64> = mb
+            .iter()
+            .filter(|r| r.get("train_loss").is_some())
+            .map(|r| r["step"].as_i64().unwrap())
+            .collect();
+        assert_eq!(steps, vec![5, 10, 15, 20, 25, 30], "{what}: {cell} logs every step once");
+        assert_eq!(ma, mb, "{what}: {cell} has the metrics of an uninterrupted run");
+        let sa: Value =
+            serde_json::from_str(&std::fs::read_to_string(a.join("summary.json")).unwrap()).unwrap();
+        let sb: Value =
+            serde_json::from_str(&std::fs::read_to_string(b.join("summary.json")).unwrap()).unwrap();
+        assert_eq!(sa["final_metrics"], sb["final_metrics"], "{what}: {cell}");
+        assert_eq!(sb["steps"], 30);
+    }
+}
+
+#[test]
+fn sigkill_anywhere_then_continue_completes_every_cell_once() {
+    // The reference: the same matrix, never interrupted.
+    let dir = workdir("sigkill");
+    let o = knlp(&dir).args(train_args("reference")).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let reference = dir.join("runs/reference");
+
+    for (n, pause) in ["step:15", "cell-done:1", "checkpoint:3", "step:28"].iter().enumerate() {
+        let project = format!("crash{n}");
+        let marker = dir.join(format!("paused-{n}"));
+        let mut child = knlp(&dir)
+            .args(train_args(&project))
+            .env("KNLP_TEST_PAUSE", pause)
+            .env("KNLP_TEST_PAUSE_FILE", &marker)
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let t0 = Instant::now();
+        while !marker.exists() {
+            assert!(t0.elapsed() < Duration::from_secs(240), "{pause}: never reached");
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("{pause}: finished ({st}) before the pause point");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // SIGKILL the whole process group: the runner and its cell.
+        let pgid = child.id() as i32;
+        let st = Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).status().unwrap();
+        assert!(st.success());
+        let _ = child.wait();
+        let proj = dir.join("runs").join(&project);
+        let done_before: Vec<&&str> = CELLS
+            .iter()
+            .filter(|c| {
+                std::fs::read_to_string(proj.join(c).join("status.json"))
+                    .is_ok_and(|s| s.contains("\"done\""))
+            })
+            .collect();
+        assert!(done_before.len() < CELLS.len(), "{pause}: the kill left work to do");
+        let o = knlp(&dir).args(["continue", &project]).output().unwrap();
+        assert!(o.status.success(), "{pause}: continue failed: {}", String::from_utf8_lossy(&o.stderr));
+        check_against(&reference, &proj, pause);
+    }
+}
+
+#[test]
+fn a_failing_cell_does_not_stop_the_others() {
+    let dir = workdir("failing");
+    // A learning rate that overflows: the dense cell diverges to NaN.
+    let cfg =
+        CONFIG.replace("CONFIG_TRAIN_STEPS=30", "CONFIG_TRAIN_STEPS=10") + "CONFIG_LEARNING_RATE=\"1e30\"\n";
+    std::fs::write(dir.join(".config"), cfg).unwrap();
+    let o = knlp(&dir).args(train_args("failing")).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "a matrix with failed cells exits 1");
+    let proj = dir.join("runs/failing");
+    let mut statuses = Vec::new();
+    for cell in CELLS {
+        let s: Value =
+            serde_json::from_str(&std::fs::read_to_string(proj.join(cell).join("status.json")).unwrap())
+                .unwrap();
+        statuses.push((
+            cell,
+            s["status"].as_str().unwrap().to_string(),
+            s["reason"].as_str().unwrap_or("").to_string(),
+        ));
+    }
+    assert!(statuses.iter().all(|(_, st, _)| st == "failed"), "{statuses:?}");
+    assert!(statuses.iter().all(|(_, _, r)| r.contains("loss is")), "{statuses:?}");
+    // A bad option fails its cell with a reason; `continue` skips failed cells.
+    let o = knlp(&dir).args(["continue", "failing"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+}
