@@ -134,7 +134,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
         "self, lr",
         "Set the learning rate of the next step.",
         |o: &mut ROpt, lr: FLOAT| -> RResult<()> {
-            if !(lr >= 0.0) {
+            if lr.is_nan() || lr < 0.0 {
                 return Err(rerr("set_lr(): lr must be >= 0"));
             }
             o.borrow_mut()?.lr = lr;
