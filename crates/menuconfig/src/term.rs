@@ -211,6 +211,44 @@ pub(crate) fn run_ui(state: &mut State) -> Result<Outcome, Error> {
     }
 }
 
+/// SIGHUP's number, reported when the terminal goes away.
+#[cfg(unix)]
+const HANGUP: i32 = libc::SIGHUP;
+#[cfg(not(unix))]
+const HANGUP: i32 = 1;
+
+enum TtyState {
+    Readable,
+    Idle,
+    HungUp,
+}
+
+/// Wait up to `ms` for input on stdin; report a hang-up.
+#[cfg(unix)]
+fn wait_for_terminal(ms: i32) -> TtyState {
+    let mut fd = libc::pollfd { fd: 0, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut fd, 1, ms) };
+    if n < 0 {
+        // EINTR (a signal): the caller checks the signal flag next.
+        return TtyState::Idle;
+    }
+    if fd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+        return TtyState::HungUp;
+    }
+    if fd.revents & libc::POLLIN != 0 {
+        TtyState::Readable
+    } else {
+        TtyState::Idle
+    }
+}
+
+#[cfg(not(unix))]
+fn wait_for_terminal(ms: i32) -> TtyState {
+    std::thread::sleep(Duration::from_millis(ms as u64));
+    TtyState::Idle
+}
+
 fn event_loop(
     state: &mut State,
     terminal: &mut Terminal<CrosstermBackend<Stdout>>,
@@ -224,13 +262,20 @@ fn event_loop(
                 state.render(area, f.buffer_mut());
             })
             .map_err(Error::Terminal)?;
-        // Wait for input, checking for termination signals in between.
+        // Wait for input, checking for termination signals in between. The
+        // wait on the terminal is our own poll(2): crossterm's poll spins
+        // forever once the terminal hangs up (a closed tmux, a dropped ssh),
+        // while poll(2) reports the hang-up and we exit as for SIGHUP.
         loop {
             let s = signals::take();
             if s != 0 {
                 return Err(Error::Signal(s));
             }
-            if event::poll(Duration::from_millis(100)).map_err(Error::Terminal)? {
+            match wait_for_terminal(100) {
+                TtyState::HungUp => return Err(Error::Signal(HANGUP)),
+                TtyState::Readable | TtyState::Idle => {}
+            }
+            if event::poll(Duration::ZERO).map_err(Error::Terminal)? {
                 break;
             }
         }

@@ -332,3 +332,35 @@ fn refuses_without_a_terminal_and_reports_load_errors() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("usage: menuconfig [-h] [kconfig]"));
 }
+
+#[test]
+fn exits_when_the_terminal_hangs_up() {
+    if !tmux_available() {
+        println!("skipping the tmux end-to-end test: tmux is not installed");
+        return;
+    }
+    // Closing the terminal (here: killing the tmux server) must end the
+    // program; it must not spin on a dead terminal.
+    let dir = Scratch::new("hangup");
+    let script = dir.script(&format!(
+        "srctree='{}' sh -c 'echo $$ > pid; exec \"$0\" Kconfig' '{}'",
+        dir.0.join("src").display(),
+        BIN
+    ));
+    let t = Tmux::start("hangup", &script);
+    t.wait_for("Test Configuration");
+    let pid = dir.read("pid").trim().to_string();
+    t.run(&["kill-server"]);
+    let start = Instant::now();
+    let alive = |p: &str| {
+        Path::new(&format!("/proc/{p}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default().contains(") Z")
+    };
+    while alive(&pid) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "menuconfig still running 5 s after its terminal hung up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
