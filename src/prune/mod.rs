@@ -183,8 +183,6 @@ pub struct Pruner {
     pub updates: i64,
     pub last_update: i64,
     pub target_now: f64,
-    /// Achieved global sparsity at the last update (measured).
-    pub achieved: f64,
 }
 
 impl Pruner {
@@ -243,17 +241,7 @@ impl Pruner {
                 movement.push(init.and_then(|t| t.f_to_kind(Kind::Float)).map_err(te)?);
             }
         }
-        Ok(Pruner {
-            cfg,
-            members,
-            ranges,
-            masks,
-            movement,
-            updates: 0,
-            last_update: 0,
-            target_now: 0.0,
-            achieved: 0.0,
-        })
+        Ok(Pruner { cfg, members, ranges, masks, movement, updates: 0, last_update: 0, target_now: 0.0 })
     }
 
     /// The mask of tensor `name` (a bool view), if it is prunable.
@@ -272,7 +260,7 @@ impl Pruner {
     fn scores(
         &mut self,
         store: &ParamStore,
-        opt: &crate::optim::Optimizer,
+        opt: Option<&crate::optim::Optimizer>,
         custom: Option<&mut CustomScore>,
     ) -> Result<Vec<Tensor>> {
         let fp16 = self.cfg.score_dtype == "fp16";
@@ -281,7 +269,8 @@ impl Pruner {
         for (ri, &(gi, len)) in self.ranges.iter().enumerate() {
             let g = &store.groups()[gi];
             let w = g.data.f_narrow(0, 0, len).map_err(te)?;
-            let mv = opt.moments(gi).map(|(m, v)| (m.f_narrow(0, 0, len), v.f_narrow(0, 0, len)));
+            let mv =
+                opt.and_then(|o| o.moments(gi)).map(|(m, v)| (m.f_narrow(0, 0, len), v.f_narrow(0, 0, len)));
             let (m, v) = match mv {
                 Some((Ok(m), Ok(v))) => (Some(m), Some(v)),
                 _ => (None, None),
@@ -376,10 +365,22 @@ impl Pruner {
     pub fn update_masks(
         &mut self,
         store: &ParamStore,
-        opt: &crate::optim::Optimizer,
+        opt: Option<&crate::optim::Optimizer>,
         s: f64,
         custom: Option<&mut CustomScore>,
     ) -> Result<()> {
+        // Pruned weights stay pruned unless `regrow`: once as many weights
+        // are pruned as the schedule asks for (from the ramp's end on), an
+        // update would change nothing, so skip the scoring.
+        if !self.cfg.regrow && !self.cfg.layer_adaptive() && self.updates > 0 {
+            let k = (s * self.numel() as f64).floor() as i64;
+            let dead = (self.sparsity()? * self.numel() as f64).round() as i64;
+            if k <= dead {
+                self.updates += 1;
+                self.target_now = s;
+                return Ok(());
+            }
+        }
         let scores = self.scores(store, opt, custom)?;
         if self.cfg.layer_adaptive() {
             let layers = self.members.len().max(1);
@@ -432,7 +433,6 @@ impl Pruner {
         }
         self.updates += 1;
         self.target_now = s;
-        self.achieved = self.sparsity()?;
         Ok(())
     }
 
@@ -445,6 +445,24 @@ impl Pruner {
         let mut part = buf.f_narrow(0, 0, self.ranges[ri].1).map_err(te)?;
         let _ = part.f_mul_(&self.masks[ri]).map_err(te)?;
         Ok(())
+    }
+
+    /// Zero pruned weights, and (with `mask_state`) their moments.
+    pub fn apply_all(&self, store: &ParamStore, opt: Option<&crate::optim::Optimizer>) -> Result<()> {
+        self.apply(store)?;
+        let Some(opt) = opt.filter(|_| self.cfg.mask_state) else { return Ok(()) };
+        tch::no_grad(|| -> Result<()> {
+            for gi in 0..store.groups().len() {
+                if let Some((m, v)) = opt.moments(gi) {
+                    self.mask_range(gi, m)?;
+                    self.mask_range(gi, v)?;
+                }
+                if let Some(mx) = opt.max_moment(gi) {
+                    self.mask_range(gi, mx)?;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Zero pruned weights.
@@ -529,25 +547,11 @@ impl Pruner {
         let ramp = self.cfg.ramp_end_steps(steps_per_epoch);
         let s = sparsity_at(step, self.cfg.warmup, ramp, self.cfg.target, self.cfg.schedule == "cubic");
         if step > self.cfg.warmup && step % self.cfg.frequency == 0 {
-            tch::no_grad(|| self.update_masks(store, opt, s, custom))?;
+            tch::no_grad(|| self.update_masks(store, Some(opt), s, custom))?;
             self.last_update = step;
         }
         if self.updates > 0 {
-            self.apply(store)?;
-            if self.cfg.mask_state {
-                tch::no_grad(|| -> Result<()> {
-                    for gi in 0..store.groups().len() {
-                        if let Some((m, v)) = opt.moments(gi) {
-                            self.mask_range(gi, m)?;
-                            self.mask_range(gi, v)?;
-                        }
-                        if let Some(mx) = opt.max_moment(gi) {
-                            self.mask_range(gi, mx)?;
-                        }
-                    }
-                    Ok(())
-                })?;
-            }
+            self.apply_all(store, Some(opt))?;
         }
         Ok(())
     }
@@ -557,7 +561,7 @@ impl Pruner {
             "updates": self.updates,
             "last_update": self.last_update,
             "target_now": self.target_now,
-            "achieved": self.achieved,
+            "achieved": self.sparsity().unwrap_or(f64::NAN),
             "config": self.cfg,
         })
     }
@@ -578,7 +582,6 @@ impl Pruner {
         self.updates = get("updates")?.as_i64().unwrap_or(0);
         self.last_update = get("last_update")?.as_i64().unwrap_or(0);
         self.target_now = get("target_now")?.as_f64().unwrap_or(0.0);
-        self.achieved = get("achieved")?.as_f64().unwrap_or(0.0);
         let slots = self
             .masks
             .iter_mut()

@@ -120,6 +120,16 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
                 .ok_or_else(|| rerr(format!("'{name}' is not a prunable tensor")))
         },
     );
+    api.f("update", "self, sparsity", "Recompute the masks now for `sparsity` (scores computed once, exact threshold unless sample_fraction) and zero the pruned weights and, with mask_state, their optimizer moments (sparsity() measures the result). For timing and manual schedules; train() updates on its schedule.", |p: &mut RPruner, s: FLOAT| -> RResult<()> {
+        let m = p.model.borrow()?;
+        let opt = match &p.opt {
+            Some(o) => Some(o.opt.try_borrow().map_err(|_| rerr("the optimizer is busy"))?),
+            None => None,
+        };
+        let mut pr = p.borrow_mut()?;
+        tch::no_grad(|| pr.update_masks(m.store(), opt.as_deref(), s, None)).rt()?;
+        pr.apply_all(m.store(), opt.as_deref()).rt()
+    });
     api.f(
         "prunable",
         "self",
@@ -144,6 +154,9 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
             return Err(rerr(format!("schedule must be cubic or linear, got '{sched}'")));
         }
         Ok(sparsity_at(step, int("warmup", 100)?, int("ramp_end", 3000)?, target, sched == "cubic"))
+    });
+    api.f("kth_smallest", "x, k", "The k-th smallest value (1-based) of a tensor, exactly, by two passes of 16-bit radix counting (the pruners' threshold; compare Tensor.kthvalue).", |x: RTensor, k: INT| -> RResult<FLOAT> {
+        crate::prune::select::kth_smallest(&x.0, k).rt()
     });
     api.f("scorers", "", "Names of the built-in element-wise scorers.", || -> Array {
         score::names().into_iter().map(|n| Dynamic::from(n.to_string())).collect()
