@@ -157,8 +157,9 @@ lint: setup
 fmt:
 	$(CARGO) fmt --all
 
+# CPU benchmarks against PyTorch (GPU benchmarks: docs/benchmarks.md).
 bench: build
-	@echo "no benchmarks yet"
+	benchmarks/run-cpu.sh
 
 clean:
 	$(CARGO) clean
