@@ -380,7 +380,7 @@ pub fn check(exp: &Experiment) -> Result<Vec<(String, Result<f64>)>> {
             if let Some(p) = b.pruner.as_mut() {
                 // Exercise scoring and selection on the real shapes.
                 let target = p.cfg.target;
-                p.update_masks(b.model.store(), &b.opt, target, None)?;
+                p.update_masks(b.model.store(), Some(&b.opt), target, None)?;
                 p.apply(b.model.store())?;
             }
             let l = loss.f_double_value(&[]).map_err(|e| anyhow!(crate::tensor::torch_error(&e)))?;

@@ -58,8 +58,8 @@ fn tensor_ops_script_passes() {
 }
 
 #[test]
-fn quickstart_runs() {
-    let o = knlp(&root(), &["run", "scripts/quickstart.rhai", "--steps", "20"]);
+fn tensor_demo_runs() {
+    let o = knlp(&root(), &["run", "scripts/tensors.rhai", "--steps", "20"]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "{err}");
     assert!(out.contains("fitted w"), "{out}");
