@@ -130,6 +130,9 @@ impl Data for Blobs {
         self.served = s["served"].as_i64().unwrap();
         Ok(())
     }
+    fn rewind(&mut self) {
+        (self.pos, self.epoch, self.served) = (0, 0, 0);
+    }
     fn describe(&self) -> Value {
         json!("blobs")
     }

@@ -219,6 +219,11 @@ impl TokenDataset {
         Ok(Batch { x: b.x.f_to_device(device).tch()?, y: b.y.f_to_device(device).tch()? })
     }
 
+    /// Back to the first window of this seed.
+    pub fn rewind(&mut self) {
+        self.rng = Rng::new(self.seed);
+    }
+
     /// Reseed the window generator.
     pub fn set_seed(&mut self, seed: u64) {
         self.seed = seed;

@@ -51,6 +51,10 @@ impl Data for ImageFeed {
         self.train.borrow_mut().restore(&s)
     }
 
+    fn rewind(&mut self) {
+        self.train.borrow_mut().reset();
+    }
+
     fn describe(&self) -> Value {
         let t = self.train.borrow();
         json!({
@@ -119,6 +123,10 @@ impl Data for TextFeed {
         let s: TokenState = serde_json::from_value(state.clone()).context("checkpoint: token data state")?;
         self.data.borrow_mut().restore(&s);
         Ok(())
+    }
+
+    fn rewind(&mut self) {
+        self.data.borrow_mut().rewind();
     }
 
     fn describe(&self) -> Value {

@@ -39,6 +39,8 @@ pub trait Data {
     /// Position and RNG state, to resume exactly.
     fn state(&self) -> Value;
     fn restore(&mut self, state: &Value) -> Result<()>;
+    /// Back to the start of the data's seeded order (first batch, epoch 0).
+    fn rewind(&mut self);
     /// What the data is, for run records.
     fn describe(&self) -> Value;
 }
