@@ -180,3 +180,57 @@ fn a_failing_cell_does_not_stop_the_others() {
     let o = knlp(&dir).args(["continue", "failing"]).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
 }
+
+#[test]
+fn a_baseline_is_reused_and_the_graphs_and_table_follow() {
+    let dir = workdir("graphs");
+    let cfg =
+        CONFIG.replace("CONFIG_TRAIN_STEPS=30", "CONFIG_TRAIN_STEPS=10").replace("CONFIG_AUTO_GRAPHS=n", "");
+    std::fs::write(dir.join(".config"), cfg).unwrap();
+    let o = knlp(&dir).args(train_args("first")).stdout(Stdio::piped()).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    let report = dir.join("runs/first/graphs/report.md");
+    assert!(report.exists(), "AUTO_GRAPHS draws the graphs: {out}");
+    let md = std::fs::read_to_string(&report).unwrap();
+    for cell in CELLS {
+        assert!(md.contains(cell), "report.md lists {cell}");
+    }
+    assert!(dir.join("runs/first/graphs/curve_train_loss.png").exists());
+
+    // The dense cell of `first` is adopted by `second` instead of trained.
+    let mut args = train_args("second");
+    args.extend(["--set".into(), "BASELINE=first/lenet5_adamw_none".into()]);
+    let o = knlp(&dir).args(&args).stdout(Stdio::piped()).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("reused as cell lenet5_adamw_none"), "{out}");
+    let (a, b) = (dir.join("runs/first/lenet5_adamw_none"), dir.join("runs/second/lenet5_adamw_none"));
+    assert_eq!(
+        std::fs::read(a.join("metrics.jsonl")).unwrap(),
+        std::fs::read(b.join("metrics.jsonl")).unwrap()
+    );
+    assert!(out.contains("lenet5_adamw_none") && out.contains("done, skipped"), "{out}");
+
+    // The results table: every cell, and filters that select rows.
+    let o = knlp(&dir).args(["results", "second"]).stdout(Stdio::piped()).output().unwrap();
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{table}");
+    for cell in CELLS {
+        assert!(table.contains(cell), "{cell} in {table}");
+    }
+    let o = knlp(&dir)
+        .args(["results", "second", "--filter", "pruning=state", "--columns", "cell,final_acc"])
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{table}");
+    assert!(
+        table.contains("lenet5_adamwprune_state-bitter7_50") && !table.contains("lenet5_adamw_none"),
+        "{table}"
+    );
+    let o = knlp(&dir).args(["results", "second", "--sort", "nonsense"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nonsense"));
+}

@@ -100,6 +100,40 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Print the table of a project's runs (default: the most recently modified under the runs folder).
+    Results {
+        /// A project name under the runs folder, or a project folder
+        project: Option<String>,
+        /// Sort by COL, `-COL` for descending; repeat (or comma-separate) for more keys
+        #[arg(long, value_name = "COL", allow_hyphen_values = true)]
+        sort: Vec<String>,
+        /// Keep rows where COL=VALUE (also !=, <, <=, >, >=; `70%` is 0.7; `null` is missing); repeatable
+        #[arg(long, value_name = "COL=VALUE")]
+        filter: Vec<String>,
+        /// Show exactly these columns, comma separated
+        #[arg(long, value_name = "A,B,C", value_delimiter = ',')]
+        columns: Option<Vec<String>>,
+        /// Show every column
+        #[arg(long)]
+        all: bool,
+        /// Also write the table (raw values) to this CSV file
+        #[arg(long, value_name = "FILE")]
+        csv: Option<PathBuf>,
+        /// Also write the table (raw values) to this Parquet file
+        #[arg(long, value_name = "FILE")]
+        parquet: Option<PathBuf>,
+        /// Folder of projects
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+    },
+    /// Draw a project's graphs (PNG and SVG) and report.md into <project>/graphs/.
+    Graphs {
+        /// A project name under the runs folder, or a project folder (default: the most recent)
+        project: Option<String>,
+        /// Folder of projects
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+    },
     /// Versions, devices and threads.
     Info,
 }
@@ -259,6 +293,20 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Results { project, sort, filter, columns, all, csv, parquet, runs_dir } => {
+            let args = ::report::ResultsArgs {
+                project,
+                root: runs_dir,
+                table: ::report::TableOptions { sort, filters: filter, columns, all_columns: all },
+                csv,
+                parquet,
+            };
+            report(::report::results(&args, &mut std::io::stdout()).map(|_| 0))
+        }
+        Command::Graphs { project, runs_dir } => report(
+            ::report::graphs(project.as_deref(), &runs_dir, &mut std::io::stdout())
+                .map(|set| i32::from(!set.warnings.is_empty())),
+        ),
         Command::Info => {
             println!("knlp {}", env!("CARGO_PKG_VERSION"));
             println!("libtorch {}", knlp::shim::torch_version());
@@ -391,6 +439,18 @@ fn run_matrix(
             failed += 1;
         }
         println!("  {id:<48} {:<11} {metric} {reason}", format!("{st:?}").to_lowercase());
+    }
+    if m.experiment.auto_graphs {
+        // Graphs are a convenience: a drawing problem is reported, not fatal.
+        match ::report::load_project(dir).and_then(|p| ::report::write_graphs(&p)) {
+            Ok(set) => {
+                println!("\ngraphs: {} files in {}", set.files.len(), dir.join("graphs").display());
+                for w in &set.warnings {
+                    eprintln!("knlp: warning: graphs: {w}");
+                }
+            }
+            Err(e) => eprintln!("knlp: warning: graphs: {e:#}"),
+        }
     }
     Ok(if failed > 0 { 1 } else { 0 })
 }

@@ -32,6 +32,7 @@ pub const GROUPS: &[(&str, &str)] = &[
     ("Pruning", "Magnitude, movement and Adam-state (bitter) pruning, the scorers and the schedule (docs/pruning.md)."),
     ("Training", "The training loop: run directories, metrics, checkpoints and resume (docs/training.md)."),
     ("Device and precision", "CUDA, TF32, autocast and determinism switches, and CUDA memory statistics."),
+    ("Results and graphs", "A project's runs as a data frame (`runs(project)`, the table of `knlp results`) to filter, sort, group and export, and line and bar charts in the style of `knlp graphs` (docs/workflow.md)."),
     ("Script helpers", "Arguments, configuration and utilities for scripts."),
 ];
 

@@ -7,9 +7,11 @@ pub mod data;
 pub mod device;
 pub mod errors;
 pub mod helpers;
+pub mod matrix;
 pub mod models;
 pub mod optim;
 pub mod prune;
+pub mod report;
 pub mod resolver;
 pub mod tensor;
 pub mod train;
@@ -84,6 +86,8 @@ pub fn register_all(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     optim::register(engine, docs);
     prune::register(engine, docs);
     train::register(engine, docs);
+    matrix::register(engine, docs);
+    report::register(engine, docs);
     config::register(engine, docs);
 }
 
@@ -175,6 +179,7 @@ impl Runtime {
         let argv: Array = args.iter().map(|a| Dynamic::from(a.clone())).collect();
         self.scope.push_constant("ARGS", argv);
         self.scope.push_constant("SCRIPT", name.clone());
+        matrix::SCRIPT.with(|s| *s.borrow_mut() = Some((path.to_path_buf(), args.to_vec())));
         match self.run_text(&text, &name) {
             Ok(_) => Ok(0),
             Err(e) if matches!(e.ending, Ending::Exit(_)) => Ok(e.exit_code()),

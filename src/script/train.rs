@@ -101,7 +101,12 @@ fn default_run_dir(arch: &str) -> PathBuf {
 }
 
 fn run_train(ctx: &NativeCallContext, model: RModel, opt: ROpt, data: Dynamic, opts: Map) -> RResult<RRun> {
-    let cfg = train_config(&opts)?;
+    let mut cfg = train_config(&opts)?;
+    // Inside matrix(): the cell's folder, resumed if a run was cut short.
+    let cell = super::matrix::CELL.with(|c| c.borrow().clone());
+    if cell.is_some() && !opts.contains_key("resume") {
+        cfg.resume = true;
+    }
     if !Rc::ptr_eq(&opt.model.0, &model.0) {
         return Err(rerr("train(): the optimizer was built for a different model"));
     }
@@ -122,12 +127,20 @@ fn run_train(ctx: &NativeCallContext, model: RModel, opt: ROpt, data: Dynamic, o
         }
     }
     let mut data = feed(&model, &data, &opts)?;
+    if cell.is_some() {
+        // A cell computes the same whether it runs in this process after
+        // other cells or alone in a child process: its data starts afresh.
+        data.rewind();
+    }
     let arch = model.borrow()?.arch().to_string();
     let dir = match opts.get("run_dir") {
         Some(d) => PathBuf::from(expect_str(d, "run_dir")?),
         None => match opts.get("name") {
             Some(n) => PathBuf::from("runs").join(expect_str(n, "name")?),
-            None => default_run_dir(&arch),
+            None => match &cell {
+                Some((d, _)) => d.clone(),
+                None => default_run_dir(&arch),
+            },
         },
     };
     let run = RunDir::open(&dir).rt()?;
@@ -145,6 +158,7 @@ fn run_train(ctx: &NativeCallContext, model: RModel, opt: ROpt, data: Dynamic, o
         "data": data.describe(),
         "pruning": pruner.as_ref().and_then(|p| p.pruner.try_borrow().ok().map(|x| json!(x.cfg))),
         "extra": match opts.get("record") { Some(r) => to_json(r)?, None => Value::Null },
+        "cell": match &cell { Some((_, c)) => to_json(&Dynamic::from_map(c.clone()))?, None => Value::Null },
     });
     // A script scorer is called once per prunable tensor per mask update.
     let score_fn = pruner.as_ref().and_then(|p| p.score.clone());

@@ -47,6 +47,12 @@ impl<T> OrScript<T> for Result<T, String> {
     }
 }
 
+impl<T> OrScript<T> for std::io::Result<T> {
+    fn rt(self) -> RResult<T> {
+        self.map_err(|e| rerr(e.to_string()))
+    }
+}
+
 impl<T> OrScript<T> for anyhow::Result<T> {
     fn rt(self) -> RResult<T> {
         self.map_err(|e| rerr(format!("{e:#}")))
