@@ -28,6 +28,9 @@ use crate::train::feed::{ImageFeed, TextFeed};
 use crate::train::{Data, Hook, Summary, TrainConfig, Trainer};
 
 pub const MATRIX_FILE: &str = "matrix.json";
+/// CPU threads of a cell when several run at once and `CPU_THREADS` is 0
+/// (auto): the cores divided among the running cells.
+pub const CELL_THREADS_ENV: &str = "KNLP_CELL_THREADS";
 
 /// One run of the matrix.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -318,14 +321,43 @@ fn record(exp: &Experiment, cell: &Cell, b: &Built, train: &TrainConfig, project
     })
 }
 
+/// Give a worker process its share of the machine: with several cells at
+/// once, the CPU cores divided among them (libtorch's OpenMP pools spin, and
+/// processes that each take every core run tens of times slower), and one
+/// GPU per cell when there are several (within `CUDA_VISIBLE_DEVICES`).
+pub fn place_worker(cmd: &mut Command, slot: usize, jobs: usize, gpus: usize) {
+    if jobs <= 1 {
+        return;
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let per = (cores / jobs).max(1).to_string();
+    cmd.env(CELL_THREADS_ENV, &per).env("OMP_NUM_THREADS", &per);
+    if gpus > 1 {
+        let ids: Vec<String> = match std::env::var("CUDA_VISIBLE_DEVICES") {
+            Ok(v) if !v.trim().is_empty() => v.split(',').map(|s| s.trim().to_string()).collect(),
+            _ => (0..gpus).map(|g| g.to_string()).collect(),
+        };
+        cmd.env("CUDA_VISIBLE_DEVICES", &ids[slot % ids.len()]);
+    }
+}
+
+/// libtorch's CPU threads in a worker: `CPU_THREADS` when set, else the
+/// share [`place_worker`] gave it, else libtorch's default.
+pub fn set_cell_threads(configured: i64) {
+    let shared = std::env::var(CELL_THREADS_ENV).ok().and_then(|v| v.parse::<i64>().ok());
+    match (configured, shared) {
+        (n, _) if n > 0 => tch::set_num_threads(n as i32),
+        (_, Some(n)) if n > 0 => tch::set_num_threads(n as i32),
+        _ => {}
+    }
+}
+
 /// Run one cell in this process (what `knlp cell` does).
 pub fn run_cell(project_dir: &Path, cell_id: &str, resume: bool) -> Result<Summary> {
     let m = MatrixFile::read(project_dir)?;
     let exp = &m.experiment;
     let cell = m.cell(cell_id)?.clone();
-    if exp.cpu_threads > 0 {
-        tch::set_num_threads(exp.cpu_threads as i32);
-    }
+    set_cell_threads(exp.cpu_threads);
     if exp.deterministic {
         crate::shim::set_deterministic(true).map_err(|e| anyhow!(e))?;
     }
@@ -475,15 +507,7 @@ impl Runner {
         if self.resume {
             cmd.arg("--resume");
         }
-        if gpus > 1 && self.jobs > 1 {
-            // One GPU per running cell.
-            let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
-            let ids: Vec<String> = match visible {
-                Some(v) if !v.is_empty() => v.split(',').map(String::from).collect(),
-                _ => (0..gpus).map(|g| g.to_string()).collect(),
-            };
-            cmd.env("CUDA_VISIBLE_DEVICES", &ids[slot % ids.len()]);
-        }
+        place_worker(&mut cmd, slot, self.jobs, gpus);
         if quiet {
             let dir = self.project_dir.join(id);
             fs::create_dir_all(&dir)?;

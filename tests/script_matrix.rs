@@ -38,10 +38,14 @@ fn workdir(name: &str) -> PathBuf {
     d
 }
 
-/// Run the script; returns (success, stdout, stderr).
+/// Run the script; returns (success, stdout, stderr). Every run uses the
+/// CPU threads a cell gets when two run at once (the cores halved), since
+/// the thread count changes the order of floating-point sums.
 fn run(dir: &Path, jobs: i64, stop: i64, fail: &str) -> (bool, String, String) {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let o = Command::new(KNLP)
         .current_dir(dir)
+        .env("OMP_NUM_THREADS", (cores / 2).max(1).to_string())
         .env_remove("KNLP_MATRIX_CELL")
         .args(["run", "m.rhai", "tok", &jobs.to_string(), &stop.to_string(), fail])
         .output()

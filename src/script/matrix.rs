@@ -143,6 +143,7 @@ fn run_matrix(ctx: &NativeCallContext, spec: Map, opts: Map, f: FnPtr) -> RResul
     }
     // In a child: run just our cell, then end the script.
     if let Ok(mine) = std::env::var("KNLP_MATRIX_CELL") {
+        crate::matrix::set_cell_threads(0);
         let i = ids
             .iter()
             .position(|id| *id == mine)
@@ -238,9 +239,7 @@ fn run_children(
             let log = std::fs::File::create(dir.join("output.log")).rt()?;
             let mut cmd = Command::new(&exe);
             cmd.arg("run").arg(script).args(args).env("KNLP_MATRIX_CELL", &ids[i]);
-            if gpus > 1 {
-                cmd.env("CUDA_VISIBLE_DEVICES", (slot % gpus).to_string());
-            }
+            crate::matrix::place_worker(&mut cmd, slot, jobs, gpus);
             cmd.stdout(Stdio::from(log.try_clone().rt()?)).stderr(Stdio::from(log));
             println!("started {}", ids[i]);
             running.push((i, slot, cmd.spawn().rt()?));
