@@ -34,6 +34,12 @@ pub struct StatusRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub updated: String,
+    /// The process and host of a running run, so readers can tell a run
+    /// still going from one whose process died.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 pub struct RunDir {
@@ -115,7 +121,14 @@ impl RunDir {
     }
 
     pub fn set_status(&self, status: Status, reason: Option<&str>) -> Result<()> {
-        let rec = StatusRecord { status, reason: reason.map(String::from), updated: now_iso() };
+        let running = status == Status::Running;
+        let rec = StatusRecord {
+            status,
+            reason: reason.map(String::from),
+            updated: now_iso(),
+            pid: running.then(std::process::id),
+            host: running.then(crate::track::sysinfo::hostname),
+        };
         self.write_json(STATUS, &serde_json::to_value(rec)?)
     }
 
@@ -123,7 +136,13 @@ impl RunDir {
     pub fn status(&self) -> Result<StatusRecord> {
         let p = self.file(STATUS);
         if !p.exists() {
-            return Ok(StatusRecord { status: Status::Pending, reason: None, updated: String::new() });
+            return Ok(StatusRecord {
+                status: Status::Pending,
+                reason: None,
+                updated: String::new(),
+                pid: None,
+                host: None,
+            });
         }
         let v = self.read_json(STATUS)?;
         serde_json::from_value(v).with_context(|| format!("{}: not a status record", p.display()))

@@ -109,7 +109,8 @@ fn parse_gpus(out: &str) -> Vec<DeviceInfo> {
         .collect()
 }
 
-fn hostname() -> String {
+/// This machine's name.
+pub fn hostname() -> String {
     ["/proc/sys/kernel/hostname", "/etc/hostname"]
         .iter()
         .find_map(|p| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()))

@@ -346,6 +346,11 @@ fn load_run(dir: &Path, warnings: &mut Vec<String>) -> (RunInfo, History) {
         warnings.push(format!("{}: no \"status\" field", status_path.display()));
         notes.push(format!("{STATUS} malformed"));
     }
+    if info.status == "running" && process_gone(status.as_ref()) {
+        // Killed without a chance to say so (SIGKILL, power loss).
+        info.status = "interrupted".into();
+        notes.push("its process is gone".into());
+    }
     info.reason = get_str(status.as_ref(), "reason").or_else(|| get_str(summary.as_ref(), "reason"));
     info.updated = get_str(status.as_ref(), "updated");
 
@@ -493,4 +498,19 @@ pub fn resolve_project(arg: Option<&str>, root: &Path) -> Result<PathBuf> {
         return Ok(root.to_path_buf());
     }
     bail!("no projects under {} (a project is a directory of run folders)", root.display())
+}
+
+/// A running run whose recorded process (on this host) no longer exists.
+fn process_gone(status: Option<&Value>) -> bool {
+    let Some(st) = status else { return false };
+    let (Some(pid), Some(host)) =
+        (st.get("pid").and_then(|p| p.as_u64()), st.get("host").and_then(|h| h.as_str()))
+    else {
+        return false;
+    };
+    let here = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string());
+    match here {
+        Ok(h) if h == host => !Path::new(&format!("/proc/{pid}")).exists(),
+        _ => false, // another machine's run, or no /proc: cannot tell
+    }
 }

@@ -372,6 +372,15 @@ fn graphs_and_report() {
         assert!(report_md.contains(&format!("| {} |", r.cell)), "{} missing from report.md", r.cell);
     }
     assert!(report_md.contains("summary.json"));
+    // A second pass deletes a graph the data no longer supports, never a
+    // user's own file.
+    let g = dir.join("graphs");
+    fs::write(g.join("curve_gone.png"), b"old").unwrap();
+    fs::write(g.join("my_notes.png"), b"mine").unwrap();
+    let again = report::write_graphs(&p).unwrap();
+    assert_eq!(again.removed, vec![g.join("curve_gone.png")]);
+    assert!(!g.join("curve_gone.png").exists() && g.join("my_notes.png").exists());
+    assert!(g.join("curve_train_loss.png").exists());
     common::cleanup(&root);
 }
 
@@ -450,5 +459,31 @@ fn plot_lines_and_bars() {
     report::plot::save(&log, &root.join("log.png")).unwrap();
     assert_eq!(report::plot::log_ticks(10.0, 1000.0, 8), vec![10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0]);
     assert_eq!(report::plot::log_ticks(3.0, 6.0, 8), vec![3.0, 4.0, 5.0, 6.0]);
+    common::cleanup(&root);
+}
+
+#[test]
+fn a_running_run_whose_process_died_reads_as_interrupted() {
+    let root = common::temp_dir("stale");
+    let proj = root.join("p");
+    let alive =
+        common::write_run(&proj, &common::spec("lenet5", "adamw", "none", None, 0.0, "running", 0.9), 100);
+    let dead =
+        common::write_run(&proj, &common::spec("lenet5", "sgd", "none", None, 0.0, "running", 0.8), 100);
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    // A child that has exited and been reaped: its pid is free.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let gone = child.id();
+    child.wait().unwrap();
+    for (dir, pid) in [(&alive, std::process::id()), (&dead, gone)] {
+        let st = serde_json::json!({"status": "running", "updated": "2026-11-26T10:00:00Z", "pid": pid, "host": host});
+        fs::write(dir.join("status.json"), st.to_string()).unwrap();
+    }
+    let p = load_project(&proj).unwrap();
+    let get = |id: &str| p.runs.iter().find(|r| r.cell == id).unwrap().clone();
+    assert_eq!(get("lenet5_adamw_none").status, "running");
+    let d = get("lenet5_sgd_none");
+    assert_eq!(d.status, "interrupted");
+    assert!(d.notes.iter().any(|n| n.contains("process is gone")), "{:?}", d.notes);
     common::cleanup(&root);
 }
