@@ -27,6 +27,38 @@ pub struct GraphSet {
     pub skipped: Vec<String>,
     /// Graphs that failed to draw.
     pub warnings: Vec<String>,
+    /// Graphs of an earlier pass that this one did not draw (deleted, so
+    /// the folder never shows a graph that disagrees with the data).
+    pub removed: Vec<PathBuf>,
+}
+
+/// Whether a file stem is one of the graphs this module draws.
+fn is_graph_stem(stem: &str) -> bool {
+    stem.starts_with("curve_")
+        || stem.starts_with("final_")
+        || stem.starts_with("throughput_")
+        || stem.ends_with("_vs_sparsity")
+        || stem == "time"
+        || stem == "memory"
+}
+
+/// Delete the PNG and SVG graphs in `dir` that are not in `kept`.
+fn remove_stale(dir: &Path, kept: &[PathBuf]) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut removed = Vec::new();
+    for p in entries.flatten().map(|e| e.path()) {
+        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        if matches!(ext, "png" | "svg")
+            && is_graph_stem(stem)
+            && !kept.contains(&p)
+            && std::fs::remove_file(&p).is_ok()
+        {
+            removed.push(p);
+        }
+    }
+    removed.sort();
+    removed
 }
 
 /// One drawn graph, for report.md.
@@ -433,6 +465,7 @@ pub fn write_graphs(project: &Project) -> Result<GraphSet> {
         w.emit(&plot, "Time, memory and throughput", &format!("throughput_{unit}"), &title, caption);
     }
 
+    w.set.removed = remove_stale(&dir, &w.set.files);
     let report = dir.join("report.md");
     let text = report_markdown(project, &w.drawn, &w.set)?;
     let tmp = dir.join(".report.md.tmp");

@@ -84,6 +84,9 @@ pub fn graphs(project: Option<&str>, root: &Path, out: &mut dyn Write) -> Result
     for s in &set.skipped {
         writeln!(out, "skipped: {s}")?;
     }
+    for f in &set.removed {
+        writeln!(out, "removed {} (no longer supported by the data)", f.display())?;
+    }
     for w in &project.warnings {
         writeln!(out, "warning: {w}")?;
     }
