@@ -111,13 +111,13 @@ OVERRIDE_VARS := TIME EPOCHS STEPS SEED LR BATCH_SIZE PARALLEL_JOBS BASELINE PRO
 OVERRIDES := $(foreach v,$(OVERRIDE_VARS),$(if $(filter command line,$(origin $(v))),--set $(v)=$($(v))))
 
 train: build
-	$(KNLP) train $(OVERRIDES) $(if $(FRESH),--fresh)
+	$(KNLP) train $(strip $(OVERRIDES) $(if $(FRESH),--fresh))
 
 continue: build
 	$(KNLP) continue $(if $(PROJECT),$(PROJECT)) $(if $(RETRY_FAILED),--retry-failed)
 
 check: build
-	$(KNLP) check $(OVERRIDES)
+	$(KNLP) check $(strip $(OVERRIDES))
 
 results: build
 	$(KNLP) results $(if $(PROJECT),$(PROJECT))

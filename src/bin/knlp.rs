@@ -400,6 +400,18 @@ fn knlp_continue(
     run_matrix(&dir, &m, retry_failed, jobs)
 }
 
+/// The headline of a finished cell: its evaluation metric and sparsity
+/// (the whole record is in summary.json and `knlp results`).
+fn outcome(m: &serde_json::Map<String, serde_json::Value>) -> String {
+    type Show = fn(f64) -> String;
+    let show: [(&str, Show); 3] = [
+        ("test_acc", |v| format!("test_acc {:.2}%", v * 100.0)),
+        ("val_ppl", |v| format!("val_ppl {v:.2}")),
+        ("sparsity", |v| format!("sparsity {:.1}%", v * 100.0)),
+    ];
+    show.iter().filter_map(|(k, f)| m.get(*k).and_then(|v| v.as_f64()).map(f)).collect::<Vec<_>>().join("  ")
+}
+
 /// Run the cells of `m` that still need to, then print the outcome.
 fn run_matrix(
     dir: &std::path::Path,
@@ -432,7 +444,8 @@ fn run_matrix(
         let metric = summary
             .as_ref()
             .and_then(|s| s.get("final_metrics"))
-            .map(|f| knlp::train::format_record(f.as_object().unwrap_or(&Default::default())))
+            .and_then(|f| f.as_object())
+            .map(outcome)
             .unwrap_or_default();
         let reason = results.iter().find(|r| &r.id == id).and_then(|r| r.reason.clone()).unwrap_or_default();
         if st != Status::Done {
@@ -440,6 +453,7 @@ fn run_matrix(
         }
         println!("  {id:<48} {:<11} {metric} {reason}", format!("{st:?}").to_lowercase());
     }
+    println!("(`knlp results` for the whole table)");
     if m.experiment.auto_graphs {
         // Graphs are a convenience: a drawing problem is reported, not fatal.
         match ::report::load_project(dir).and_then(|p| ::report::write_graphs(&p)) {
