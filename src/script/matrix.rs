@@ -255,7 +255,7 @@ fn run_children(
                     let _ =
                         run.set_status(Status::Failed, Some(&format!("the cell's process exited with {st}")));
                 }
-                println!("finished {}: {:?}", ids[i], status_of(&dir));
+                println!("finished {}: {}", ids[i], format!("{:?}", status_of(&dir)).to_lowercase());
             } else {
                 k += 1;
             }
