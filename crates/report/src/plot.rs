@@ -452,6 +452,18 @@ fn auto_size(size: Option<(u32, u32)>, legend_of: &dyn Fn(u32) -> Legend) -> (u3
     (920 + legend.width, h)
 }
 
+/// Round values (1, 2 or 5 times a power of ten apart) in `[lo, hi]`:
+/// the most of them up to `max_n`, and at least 3.
+fn even_ticks(lo: f64, hi: f64, max_n: usize) -> Option<Vec<f64>> {
+    let base = 10f64.powf((hi - lo).log10().floor() - 2.0);
+    [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0].iter().map(|m| m * base).find_map(|step| {
+        let first = (lo / step).ceil() as i64;
+        let last = (hi / step).floor() as i64;
+        let n = (last - first + 1).max(0) as usize;
+        (3..=max_n.max(3)).contains(&n).then(|| (first..=last).map(|i| i as f64 * step).collect())
+    })
+}
+
 /// Tick values for a log axis over `[lo, hi]`: 1-2-5 steps, fewer when
 /// crowded, every digit when the range is narrow.
 pub fn log_ticks(lo: f64, hi: f64, max_n: usize) -> Vec<f64> {
@@ -473,7 +485,9 @@ pub fn log_ticks(lo: f64, hi: f64, max_n: usize) -> Vec<f64> {
             return t;
         }
         if t.len() < 3 && mults.len() == 9 {
-            return t;
+            // Too narrow for whole digits (900 to 1900, say): evenly
+            // spaced round values read better than two ticks.
+            return even_ticks(lo, hi, max_n).filter(|e| e.len() > t.len()).unwrap_or(t);
         }
     }
     let mut every = 2;
