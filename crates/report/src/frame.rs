@@ -228,10 +228,13 @@ fn is_numeric(dt: &DataType) -> bool {
     dt.is_primitive_numeric()
 }
 
-fn filter_expr(df: &DataFrame, f: &Filter) -> Result<Expr> {
+/// Whether each row passes `f`. Rows are few (one per run, or per logged
+/// record), so this is plain Rust over the values rather than polars' lazy
+/// engine, which would double the dependency tree and the build time.
+fn filter_rows(df: &DataFrame, f: &Filter) -> Result<Vec<bool>> {
     check_columns(df, &[&f.column])?;
     let dt = df.column(&f.column).map_err(|e| anyhow!("{e}"))?.dtype().clone();
-    let c = col(f.column.as_str());
+    let cells = column_cells(df, &f.column)?;
     let null = match &f.value {
         Cell::Null => true,
         Cell::Str(s) => s.is_empty() || s == "null",
@@ -239,18 +242,22 @@ fn filter_expr(df: &DataFrame, f: &Filter) -> Result<Expr> {
     };
     if null {
         return match f.op {
-            Op::Eq => Ok(c.is_null()),
-            Op::Ne => Ok(c.is_not_null()),
+            Op::Eq => Ok(cells.iter().map(|c| *c == Cell::Null).collect()),
+            Op::Ne => Ok(cells.iter().map(|c| *c != Cell::Null).collect()),
             _ => bail!("filter {}: only == and != compare with null", f.column),
         };
     }
-    let cmp = |c: Expr, v: Expr| match f.op {
-        Op::Eq => c.eq(v),
-        Op::Ne => c.clone().neq(v).or(c.is_null()),
-        Op::Lt => c.lt(v),
-        Op::Le => c.lt_eq(v),
-        Op::Gt => c.gt(v),
-        Op::Ge => c.gt_eq(v),
+    // A missing value passes only `!=`.
+    let test = |o: Option<std::cmp::Ordering>| match o {
+        None => f.op == Op::Ne,
+        Some(o) => match f.op {
+            Op::Eq => o.is_eq(),
+            Op::Ne => o.is_ne(),
+            Op::Lt => o.is_lt(),
+            Op::Le => o.is_le(),
+            Op::Gt => o.is_gt(),
+            Op::Ge => o.is_ge(),
+        },
     };
     if is_numeric(&dt) {
         let v = match &f.value {
@@ -261,14 +268,16 @@ fn filter_expr(df: &DataFrame, f: &Filter) -> Result<Expr> {
             })?,
             Cell::Bool(_) | Cell::Null => bail!("filter {}: the column holds numbers", f.column),
         };
-        let c = c.cast(DataType::Float64);
-        // Equality within a relative tolerance, so 0.7 matches 0.7000000001.
+        // Equal within a relative tolerance, so 0.7 matches 0.7000000001.
         let eps = 1e-9 * v.abs().max(1.0);
-        return Ok(match f.op {
-            Op::Eq => c.clone().gt_eq(lit(v - eps)).and(c.lt_eq(lit(v + eps))),
-            Op::Ne => c.clone().lt(lit(v - eps)).or(c.clone().gt(lit(v + eps))).or(c.is_null()),
-            _ => cmp(c, lit(v)),
-        });
+        let ord = |x: f64| {
+            if (x - v).abs() <= eps {
+                Some(std::cmp::Ordering::Equal)
+            } else {
+                x.partial_cmp(&v)
+            }
+        };
+        return Ok(cells.iter().map(|c| test(c.as_f64().and_then(ord))).collect());
     }
     if dt == DataType::Boolean {
         let b = match &f.value {
@@ -277,13 +286,19 @@ fn filter_expr(df: &DataFrame, f: &Filter) -> Result<Expr> {
             Cell::Str(s) if s.eq_ignore_ascii_case("false") => false,
             other => bail!("filter {}: '{other}' is not true or false (the column holds bools)", f.column),
         };
-        return Ok(cmp(c, lit(b)));
+        return Ok(cells
+            .iter()
+            .map(|c| test(if let Cell::Bool(x) = c { Some(x.cmp(&b)) } else { None }))
+            .collect());
     }
-    let s = match &f.value {
+    let v = match &f.value {
         Cell::Str(s) => s.clone(),
         other => other.to_string(),
     };
-    Ok(cmp(c.cast(DataType::String), lit(s)))
+    Ok(cells
+        .iter()
+        .map(|c| test(if *c == Cell::Null { None } else { Some(c.to_string().as_str().cmp(v.as_str())) }))
+        .collect())
 }
 
 /// Rows that pass every filter.
@@ -291,16 +306,13 @@ pub fn filter(df: &DataFrame, filters: &[Filter]) -> Result<DataFrame> {
     if filters.is_empty() {
         return Ok(df.clone());
     }
-    let mut pred: Option<Expr> = None;
+    let mut keep = vec![true; df.height()];
     for f in filters {
-        let e = filter_expr(df, f)?;
-        pred = Some(match pred {
-            None => e,
-            Some(p) => p.and(e),
-        });
+        for (k, pass) in keep.iter_mut().zip(filter_rows(df, f)?) {
+            *k &= pass;
+        }
     }
-    let pred = pred.unwrap_or_else(|| lit(true));
-    df.clone().lazy().filter(pred).collect().map_err(|e| anyhow!("filter: {e}"))
+    filter_mask(df, &keep)
 }
 
 /// Rows where `mask` is true (one entry per row).
@@ -377,7 +389,8 @@ impl Agg {
 
 /// Group rows by `keys` (in order of first appearance) and compute
 /// `(output column, aggregation, input column)` for each group. No keys:
-/// one row over the whole frame. `count` counts non-null values.
+/// one row over the whole frame. Missing values are skipped except by
+/// `first` and `last`; `count` counts the values present.
 pub fn group_agg(df: &DataFrame, keys: &[String], aggs: &[(String, Agg, String)]) -> Result<DataFrame> {
     check_columns(df, keys)?;
     let inputs: Vec<&str> = aggs.iter().map(|(_, _, c)| c.as_str()).collect();
@@ -385,7 +398,6 @@ pub fn group_agg(df: &DataFrame, keys: &[String], aggs: &[(String, Agg, String)]
     if aggs.is_empty() {
         bail!("group_by: no aggregations given");
     }
-    let mut exprs = Vec::new();
     for (out, agg, input) in aggs {
         let dt = df.column(input).map_err(|e| anyhow!("{e}"))?.dtype().clone();
         let numeric = is_numeric(&dt) || dt == DataType::Boolean;
@@ -395,25 +407,89 @@ pub fn group_agg(df: &DataFrame, keys: &[String], aggs: &[(String, Agg, String)]
                 agg = format!("{agg:?}").to_lowercase()
             );
         }
-        let c = col(input.as_str());
-        let e = match agg {
-            Agg::Mean => c.cast(DataType::Float64).mean(),
-            Agg::Median => c.cast(DataType::Float64).median(),
-            Agg::Min => c.min(),
-            Agg::Max => c.max(),
-            Agg::Sum => c.sum(),
-            Agg::Count => c.count().cast(DataType::Int64),
-            Agg::First => c.first(),
-            Agg::Last => c.last(),
-        };
-        exprs.push(e.alias(out.as_str()));
     }
-    let lf = df.clone().lazy();
-    let out = if keys.is_empty() {
-        lf.select(exprs).collect()
-    } else {
-        let by: Vec<Expr> = keys.iter().map(|k| col(k.as_str())).collect();
-        lf.group_by_stable(by).agg(exprs).collect()
+    let key_cols: Vec<Vec<Cell>> = keys.iter().map(|k| column_cells(df, k)).collect::<Result<_>>()?;
+    let in_cols: Vec<Vec<Cell>> = inputs.iter().map(|c| column_cells(df, c)).collect::<Result<_>>()?;
+    // Groups in order of first appearance; a key compares by type and text.
+    let mut groups: Vec<(Vec<Cell>, Vec<usize>)> = Vec::new();
+    let mut index: std::collections::HashMap<Vec<String>, usize> = std::collections::HashMap::new();
+    for row in 0..df.height() {
+        let key: Vec<Cell> = key_cols.iter().map(|c| c[row].clone()).collect();
+        let text: Vec<String> = key.iter().map(|c| format!("{c:?}")).collect();
+        let g = *index.entry(text).or_insert_with(|| {
+            groups.push((key, Vec::new()));
+            groups.len() - 1
+        });
+        groups[g].1.push(row);
+    }
+    if keys.is_empty() && groups.is_empty() {
+        groups.push((Vec::new(), Vec::new()));
+    }
+    let rows: Vec<Vec<(String, Cell)>> = groups
+        .iter()
+        .map(|(key, members)| {
+            let mut row: Vec<(String, Cell)> = keys.iter().cloned().zip(key.iter().cloned()).collect();
+            for ((out, agg, _), col) in aggs.iter().zip(&in_cols) {
+                let vals: Vec<&Cell> = members.iter().map(|&r| &col[r]).collect();
+                row.push((out.clone(), aggregate(*agg, &vals)));
+            }
+            row
+        })
+        .collect();
+    let out = from_rows(&rows)?;
+    // An empty frame still has its columns.
+    if out.width() == 0 {
+        let mut names: Vec<String> = keys.to_vec();
+        names.extend(aggs.iter().map(|(o, _, _)| o.clone()));
+        let cols = names.iter().map(|n| column_of(n, &[])).collect();
+        return DataFrame::new(0, cols).map_err(|e| anyhow!("group_by: {e}"));
+    }
+    Ok(out)
+}
+
+/// One aggregation over one group's values.
+fn aggregate(agg: Agg, vals: &[&Cell]) -> Cell {
+    let present: Vec<&Cell> = vals.iter().copied().filter(|c| **c != Cell::Null).collect();
+    let num = |c: &Cell| match c {
+        Cell::Bool(b) => Some(*b as i64 as f64),
+        other => other.as_f64(),
     };
-    out.map_err(|e| anyhow!("group_by: {e}"))
+    let nums: Vec<f64> = present.iter().filter_map(|c| num(c)).collect();
+    let ints = present.iter().all(|c| matches!(c, Cell::Int(_) | Cell::Bool(_)));
+    let pick = |want: std::cmp::Ordering| {
+        present
+            .iter()
+            .copied()
+            .reduce(|a, b| {
+                let o = match (num(a), num(b)) {
+                    (Some(x), Some(y)) => y.partial_cmp(&x).unwrap_or(std::cmp::Ordering::Equal),
+                    _ => b.to_string().cmp(&a.to_string()),
+                };
+                if o == want {
+                    b
+                } else {
+                    a
+                }
+            })
+            .cloned()
+            .unwrap_or(Cell::Null)
+    };
+    match agg {
+        Agg::Mean if nums.is_empty() => Cell::Null,
+        Agg::Mean => Cell::Float(nums.iter().sum::<f64>() / nums.len() as f64),
+        Agg::Median if nums.is_empty() => Cell::Null,
+        Agg::Median => {
+            let mut v = nums.clone();
+            v.sort_by(|a, b| a.total_cmp(b));
+            let n = v.len();
+            Cell::Float(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+        }
+        Agg::Sum if ints => Cell::Int(nums.iter().sum::<f64>() as i64),
+        Agg::Sum => Cell::Float(nums.iter().sum()),
+        Agg::Min => pick(std::cmp::Ordering::Less),
+        Agg::Max => pick(std::cmp::Ordering::Greater),
+        Agg::Count => Cell::Int(present.len() as i64),
+        Agg::First => vals.first().map(|c| (*c).clone()).unwrap_or(Cell::Null),
+        Agg::Last => vals.last().map(|c| (*c).clone()).unwrap_or(Cell::Null),
+    }
 }

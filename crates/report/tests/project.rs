@@ -459,6 +459,8 @@ fn plot_lines_and_bars() {
     report::plot::save(&log, &root.join("log.png")).unwrap();
     assert_eq!(report::plot::log_ticks(10.0, 1000.0, 8), vec![10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0]);
     assert_eq!(report::plot::log_ticks(3.0, 6.0, 8), vec![3.0, 4.0, 5.0, 6.0]);
+    // Within one decade and too narrow for digits: round, evenly spaced.
+    assert_eq!(report::plot::log_ticks(870.0, 1950.0, 9), vec![1000.0, 1200.0, 1400.0, 1600.0, 1800.0]);
     common::cleanup(&root);
 }
 
@@ -486,4 +488,49 @@ fn a_running_run_whose_process_died_reads_as_interrupted() {
     assert_eq!(d.status, "interrupted");
     assert!(d.notes.iter().any(|n| n.contains("process is gone")), "{:?}", d.notes);
     common::cleanup(&root);
+}
+
+#[test]
+fn aggregations_skip_missing_values() {
+    let row = |g: &str, x: Cell, s: Cell| {
+        vec![("g".to_string(), Cell::Str(g.into())), ("x".to_string(), x), ("s".to_string(), s)]
+    };
+    let df = frame::from_rows(&[
+        row("a", Cell::Int(3), Cell::Str("pear".into())),
+        row("b", Cell::Null, Cell::Null),
+        row("a", Cell::Int(1), Cell::Null),
+        row("a", Cell::Int(8), Cell::Str("apple".into())),
+        row("b", Cell::Int(5), Cell::Str("fig".into())),
+    ])
+    .unwrap();
+    let aggs: Vec<(String, Agg, String)> = [
+        ("median", Agg::Median, "x"),
+        ("sum", Agg::Sum, "x"),
+        ("n", Agg::Count, "x"),
+        ("lo", Agg::Min, "s"),
+        ("hi", Agg::Max, "x"),
+        ("first", Agg::First, "x"),
+        ("last", Agg::Last, "s"),
+    ]
+    .iter()
+    .map(|(o, a, c)| (o.to_string(), *a, c.to_string()))
+    .collect();
+    let g = frame::group_agg(&df, &["g".into()], &aggs).unwrap();
+    let rows = frame::to_rows(&g);
+    let get = |r: usize, c: &str| rows[r].iter().find(|(k, _)| k == c).unwrap().1.clone();
+    // Groups in order of first appearance.
+    assert_eq!(get(0, "g"), Cell::Str("a".into()));
+    assert_eq!(get(0, "median"), Cell::Float(3.0));
+    assert_eq!(get(0, "sum"), Cell::Int(12));
+    assert_eq!(get(0, "n"), Cell::Int(3));
+    assert_eq!(get(0, "lo"), Cell::Str("apple".into()));
+    assert_eq!(get(0, "hi"), Cell::Int(8));
+    assert_eq!(get(0, "last"), Cell::Str("apple".into()));
+    // A missing value is skipped, except by first/last.
+    assert_eq!(get(1, "median"), Cell::Float(5.0));
+    assert_eq!(get(1, "n"), Cell::Int(1));
+    assert_eq!(get(1, "first"), Cell::Null);
+    // Filters: a missing value passes only !=.
+    let f = |s: &str| frame::filter(&df, &[frame::Filter::parse(s).unwrap()]).unwrap().height();
+    assert_eq!((f("x>=3"), f("x<3"), f("x!=3"), f("x=null"), f("s>fig")), (3, 1, 4, 1, 1));
 }
