@@ -481,7 +481,7 @@ impl Runner {
                     let res = self.finished(&r, st);
                     if table && !tty {
                         println!(
-                            "{} {}: {:?}{}",
+                            "{} {}: {}{}",
                             if res.status == Status::Done { "finished" } else { "stopped" },
                             res.id,
                             res.status,

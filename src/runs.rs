@@ -28,6 +28,19 @@ pub enum Status {
     Interrupted,
 }
 
+impl std::fmt::Display for Status {
+    /// The name status.json uses.
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.pad(match self {
+            Status::Pending => "pending",
+            Status::Running => "running",
+            Status::Done => "done",
+            Status::Failed => "failed",
+            Status::Interrupted => "interrupted",
+        })
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StatusRecord {
     pub status: Status,

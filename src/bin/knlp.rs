@@ -284,7 +284,7 @@ fn main() -> ExitCode {
             match knlp::matrix::run_cell(&project_dir, &cell, resume) {
                 Ok(s) if s.status == knlp::runs::Status::Done => 0,
                 Ok(s) => {
-                    eprintln!("cell {cell}: {:?}: {}", s.status, s.reason.unwrap_or_default());
+                    eprintln!("cell {cell}: {}: {}", s.status, s.reason.unwrap_or_default());
                     1
                 }
                 Err(e) => {
@@ -451,7 +451,7 @@ fn run_matrix(
         if st != Status::Done {
             failed += 1;
         }
-        println!("  {id:<48} {:<11} {metric} {reason}", format!("{st:?}").to_lowercase());
+        println!("  {id:<48} {:<11} {metric} {reason}", st.to_string());
     }
     println!("(`knlp results` for the whole table)");
     if m.experiment.auto_graphs {

@@ -97,8 +97,7 @@ fn result_of(id: &str, dir: &Path) -> Dynamic {
     let run = RunDir { path: dir.to_path_buf() };
     let st = run.status().ok();
     let summary = run.read_json(crate::runs::SUMMARY).ok().and_then(|v| rhai::serde::to_dynamic(v).ok());
-    let status =
-        st.as_ref().map(|s| format!("{:?}", s.status).to_lowercase()).unwrap_or_else(|| "pending".into());
+    let status = st.as_ref().map(|s| s.status.to_string()).unwrap_or_else(|| "pending".into());
     Dynamic::from_map(map_of(vec![
         ("id", Dynamic::from(id.to_string())),
         ("status", Dynamic::from(status)),
@@ -255,7 +254,7 @@ fn run_children(
                     let _ =
                         run.set_status(Status::Failed, Some(&format!("the cell's process exited with {st}")));
                 }
-                println!("finished {}: {}", ids[i], format!("{:?}", status_of(&dir)).to_lowercase());
+                println!("finished {}: {}", ids[i], status_of(&dir));
             } else {
                 k += 1;
             }
