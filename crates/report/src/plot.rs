@@ -10,6 +10,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context, Result};
+use plotters::chart::MeshStyle;
 use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -464,6 +465,16 @@ fn even_ticks(lo: f64, hi: f64, max_n: usize) -> Option<Vec<f64>> {
     })
 }
 
+/// The house style of every chart's axes, ticks and grid.
+fn house_mesh<X: Ranged, Y: Ranged, DB: DrawingBackend>(m: &mut MeshStyle<'_, '_, X, Y, DB>) {
+    m.label_style((FONT, TICK_SIZE))
+        .axis_desc_style((FONT, DESC_SIZE))
+        .bold_line_style(RGBColor(215, 215, 215))
+        .light_line_style(RGBColor(245, 245, 245))
+        .max_light_lines(1)
+        .axis_style(RGBColor(90, 90, 90));
+}
+
 /// Tick values for a log axis over `[lo, hi]`: 1-2-5 steps, fewer when
 /// crowded, every digit when the range is narrow.
 pub fn log_ticks(lo: f64, hi: f64, max_n: usize) -> Vec<f64> {
@@ -561,13 +572,8 @@ impl Plot for LinePlot {
             mesh.x_desc(self.x_label.as_str())
                 .y_desc(self.y_label.as_str())
                 .x_labels(n_x)
-                .x_label_formatter(&x_fmt)
-                .label_style((FONT, TICK_SIZE))
-                .axis_desc_style((FONT, DESC_SIZE))
-                .bold_line_style(RGBColor(218, 218, 218))
-                .light_line_style(RGBColor(245, 245, 245))
-                .max_light_lines(1)
-                .axis_style(RGBColor(90, 90, 90));
+                .x_label_formatter(&x_fmt);
+            house_mesh(&mut mesh);
             if self.log_y {
                 mesh.disable_y_mesh().y_labels(0);
             } else {
@@ -744,22 +750,16 @@ impl Plot for BarPlot {
             .y_label_area_size(ylab)
             .build_cartesian_2d(0f64..n as f64, y0..y1)
             .map_err(de)?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
+        let fmt = |v: &f64| tick(*v, y_step);
+        let mut mesh = chart.configure_mesh();
+        mesh.disable_x_mesh()
             .x_labels(0)
             .x_desc(self.x_label.as_str())
             .y_desc(self.y_label.as_str())
             .y_labels(n_y)
-            .y_label_formatter(&|v| tick(*v, y_step))
-            .label_style((FONT, TICK_SIZE))
-            .axis_desc_style((FONT, DESC_SIZE))
-            .bold_line_style(RGBColor(215, 215, 215))
-            .light_line_style(RGBColor(245, 245, 245))
-            .max_light_lines(1)
-            .axis_style(RGBColor(90, 90, 90))
-            .draw()
-            .map_err(de)?;
+            .y_label_formatter(&fmt);
+        house_mesh(&mut mesh);
+        mesh.draw().map_err(de)?;
         let max_k = (0..n)
             .map(|g| self.bars.iter().filter(|b| b.values.get(g).copied().flatten().is_some()).count())
             .max()
@@ -894,21 +894,11 @@ impl Plot for HBarPlot {
             .y_label_area_size(label_w + 20)
             .build_cartesian_2d(0f64..x1, 0f64..n as f64)
             .map_err(de)?;
-        chart
-            .configure_mesh()
-            .disable_y_mesh()
-            .y_labels(0)
-            .x_labels(n_x)
-            .x_desc(self.x_label.as_str())
-            .x_label_formatter(&|v| tick(*v, x_step))
-            .label_style((FONT, TICK_SIZE))
-            .axis_desc_style((FONT, DESC_SIZE))
-            .bold_line_style(RGBColor(215, 215, 215))
-            .light_line_style(RGBColor(245, 245, 245))
-            .max_light_lines(1)
-            .axis_style(RGBColor(90, 90, 90))
-            .draw()
-            .map_err(de)?;
+        let fmt = |v: &f64| tick(*v, x_step);
+        let mut mesh = chart.configure_mesh();
+        mesh.disable_y_mesh().y_labels(0).x_labels(n_x).x_desc(self.x_label.as_str()).x_label_formatter(&fmt);
+        house_mesh(&mut mesh);
+        mesh.draw().map_err(de)?;
         let label_style =
             (FONT, TICK_SIZE).into_font().color(&BLACK).pos(Pos::new(HPos::Right, VPos::Center));
         let value_style =
