@@ -86,24 +86,8 @@ pub fn write_atomic(path: &Path, text: &[u8]) -> Result<()> {
     Ok(())
 }
 
-pub fn now_iso() -> String {
-    // UTC timestamp without pulling in a date crate.
-    let secs =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let days = (secs / 86_400) as i64;
-    let (h, m, s) = ((secs % 86_400) / 3600, (secs % 3600) / 60, secs % 60);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let mo = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(mo <= 2);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
-}
+/// UTC timestamp `YYYY-MM-DDTHH:MM:SSZ` (one implementation, in the report crate).
+pub use report::util::now_iso;
 
 impl RunDir {
     /// Open (creating if needed) the run directory at `path`.
