@@ -193,8 +193,8 @@ fn cell_seed(cell: &Map, id: &str) -> i64 {
     if let Some(s) = cell.get("seed").and_then(|s| s.as_int().ok()) {
         return s;
     }
-    // FNV-1a: stable across builds and platforms.
-    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    // The project's checksum (FNV-1a): stable across builds and platforms.
+    let h = u64::from_str_radix(&crate::config::checksum(&[id]), 16).unwrap_or(0);
     (h >> 1) as i64
 }
 
