@@ -2,9 +2,11 @@
 //!
 //! The library is usable from Rust without Rhai; [`script`] is the Rhai
 //! layer on top and the binaries in `src/bin/` are thin.
+pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod decode;
 pub mod interrupt;
 pub mod layers;
 pub mod matrix;

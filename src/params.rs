@@ -24,6 +24,9 @@ pub enum Role {
     Bias,
     /// LayerNorm / BatchNorm gain or shift.
     Norm,
+    /// A learned gate or mixing logit (attention direction, SBA alpha,
+    /// router): never decayed, never pruned.
+    Gate,
 }
 
 impl Role {
@@ -111,13 +114,20 @@ impl ParamStore {
 
     /// Create a float32 parameter on the CPU. Names must be unique.
     pub fn param(&mut self, name: &str, shape: &[i64], init: Init, role: Role) -> Result<Tensor> {
+        let t = tch::no_grad(|| init_tensor(shape, init))?;
+        self.param_value(name, t, role)
+    }
+
+    /// Register a parameter whose initial value the model computed itself
+    /// (a float32 CPU tensor), e.g. a weight tied to another's transpose at init.
+    pub fn param_value(&mut self, name: &str, value: Tensor, role: Role) -> Result<Tensor> {
         if !self.groups.is_empty() {
             bail!("parameter '{name}' added after the store was finalized");
         }
         if self.params.iter().any(|p| p.name == name) {
             bail!("duplicate parameter name '{name}'");
         }
-        let t = tch::no_grad(|| init_tensor(shape, init))?;
+        let t = value.f_detach().and_then(|t| t.f_contiguous()).map_err(te)?;
         let t = t.f_set_requires_grad(true).map_err(te)?;
         self.params.push(Param { name: name.to_string(), tensor: t.shallow_clone(), role });
         Ok(t)

@@ -99,6 +99,19 @@ pub fn with_autocast<T>(dtype: AutocastDtype, f: impl FnOnce() -> T) -> Result<T
     Ok(out)
 }
 
+/// Run `f` with CUDA autocast off (float32 where the math needs it),
+/// restoring the previous state after.
+pub fn without_autocast<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    let (was, prev) = autocast()?;
+    if !was {
+        return Ok(f());
+    }
+    set_autocast(false, prev)?;
+    let out = f();
+    set_autocast(was, prev)?;
+    Ok(out)
+}
+
 /// `torch.use_deterministic_algorithms(on)` plus deterministic cuDNN.
 pub fn set_deterministic(on: bool) -> Result<(), String> {
     check(unsafe { knlp_set_deterministic(on as c_int, 0) })

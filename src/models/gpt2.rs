@@ -13,13 +13,18 @@
 //! Init (nanoGPT): Linear and Embedding weights N(0, 0.02), biases 0,
 //! LayerNorm 1 and 0, then every `*.c_proj.weight` N(0, 0.02/√(2·n_layer)).
 //! The 124M preset (bias, vocab padded to 50304) has 124,475,904 parameters.
+use std::cell::RefCell;
+
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use tch::{Kind, TchError, Tensor};
 
 use super::{Model, Task};
+use crate::attention::cache::LayerCache;
+use crate::attention::{Attention, Cache, Ctx, Dims, Direction, Mixer, Probe, Spec};
 use crate::layers::{Embedding, LayerNorm, Linear, Path};
-use crate::params::{Init, ParamStore};
+use crate::params::{Init, ParamStore, Role};
 use crate::tensor::{kind_name, SizeChecked};
 
 /// Standard deviation of every Linear and Embedding weight at init.
@@ -37,7 +42,8 @@ pub const PRESETS: &[(&[&str], i64, i64, i64)] = &[
 
 /// GPT-2 hyperparameters. Sizes come from `preset` or from `n_layer`,
 /// `n_head` and `n_embd` (missing ones default to the 124M model's); a size
-/// given together with a preset must agree with it.
+/// given together with a preset must agree with it. The attention fields
+/// pick a variant (`docs/attention.md`); the defaults build nanoGPT's GPT-2.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -59,6 +65,43 @@ pub struct Config {
     pub bias: bool,
     /// Share `lm_head.weight` with `transformer.wte.weight`.
     pub tie_weights: bool,
+    /// Attention preset: mha, ra, mla, ra_mla, mla_kvsplice, ra_mla_kvsplice,
+    /// sba, ra_route, kv_tying, kv_tying_t.
+    pub attention: String,
+    /// Override the preset's direction: standard, reciprocal, alternate, learned.
+    pub direction: Option<String>,
+    /// Override the preset's K/V source: proj, latent, splice, tied, tied_t.
+    pub kv: Option<String>,
+    /// Override the preset's Q source: proj, latent.
+    pub q: Option<String>,
+    /// Override whether RoPE rotates Q and K.
+    pub rope: Option<bool>,
+    pub rope_theta: f64,
+    /// Width of the attention latent (MLA family).
+    pub d_latent: i64,
+    /// KVSplice keeps floor(d_latent · ratio) dimensions.
+    pub splice_ratio: f64,
+    /// Weight of the RA balance loss (Σ_l p_l − L/2)² (learned direction).
+    pub ra_balance_weight: f64,
+    /// Share of heads in the cheap RA group (ra_route).
+    pub route_head_frac: f64,
+    /// Weight of the routing compute penalty.
+    pub route_penalty: f64,
+    /// Routing switches on once the eval loss fell this fraction below the first eval's.
+    pub route_warmup_drop: f64,
+    /// Start routing at once (no warm-up phase).
+    pub route_skip_warmup: bool,
+    /// MLP: `gelu` (GPT-2's) or `splice` (a latent MLP, spec 5.6).
+    pub mlp: String,
+    /// Latent width of the `splice` MLP.
+    pub mlp_latent: i64,
+    /// Token embeddings of this width, projected to n_embd (spec 5.6); none by default.
+    pub embed_latent: Option<i64>,
+    /// RATIO shape: MLP hidden width chosen so MLP:attention parameters are
+    /// 2.5:1, rounded to a multiple of 64.
+    pub golden_ratio: bool,
+    /// Log Fisher metrics of layers 0, L/2 and L−1 at each evaluation.
+    pub fisher_metrics: bool,
 }
 
 impl Default for Config {
@@ -74,6 +117,24 @@ impl Default for Config {
             dropout: 0.0,
             bias: true,
             tie_weights: true,
+            attention: "mha".into(),
+            direction: None,
+            kv: None,
+            q: None,
+            rope: None,
+            rope_theta: 10000.0,
+            d_latent: 256,
+            splice_ratio: 0.5,
+            ra_balance_weight: 0.01,
+            route_head_frac: 0.25,
+            route_penalty: 0.01,
+            route_warmup_drop: 0.05,
+            route_skip_warmup: false,
+            mlp: "gelu".into(),
+            mlp_latent: 256,
+            embed_latent: None,
+            golden_ratio: false,
+            fisher_metrics: false,
         }
     }
 }
@@ -142,14 +203,86 @@ impl Config {
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("gpt2: dropout must be in [0, 1), got {}", self.dropout);
         }
-        Ok(Config {
+        let resolved = Config {
             preset,
             n_layer: Some(l),
             n_head: Some(h),
             n_embd: Some(d),
             padded_vocab_size: Some(padded),
+            attention: self.attention.trim().to_ascii_lowercase(),
             ..self.clone()
-        })
+        };
+        let spec = resolved.spec()?;
+        if spec.rope && (d / h) % 2 != 0 {
+            bail!("gpt2: RoPE needs an even head size, got {}", d / h);
+        }
+        if spec.latent() && resolved.d_latent < 1 {
+            bail!("gpt2: d_latent must be at least 1, got {}", resolved.d_latent);
+        }
+        if !(resolved.splice_ratio > 0.0 && resolved.splice_ratio <= 1.0) {
+            bail!("gpt2: splice_ratio must be in (0, 1], got {}", resolved.splice_ratio);
+        }
+        if !(resolved.rope_theta > 1.0) {
+            bail!("gpt2: rope_theta must be above 1, got {}", resolved.rope_theta);
+        }
+        if spec.mixer == Mixer::Route && h < 2 {
+            bail!("gpt2: ra_route needs at least 2 heads");
+        }
+        if !(0.0..1.0).contains(&resolved.route_head_frac) || resolved.route_head_frac == 0.0 {
+            bail!("gpt2: route_head_frac must be in (0, 1), got {}", resolved.route_head_frac);
+        }
+        for (k, v) in [
+            ("ra_balance_weight", resolved.ra_balance_weight),
+            ("route_penalty", resolved.route_penalty),
+            ("route_warmup_drop", resolved.route_warmup_drop),
+        ] {
+            if !(v >= 0.0 && v.is_finite()) {
+                bail!("gpt2: {k} must be a finite number >= 0, got {v}");
+            }
+        }
+        if !MLPS.contains(&resolved.mlp.as_str()) {
+            bail!("gpt2: unknown mlp '{}' (valid: {})", resolved.mlp, MLPS.join(", "));
+        }
+        if resolved.mlp_latent < 1 || resolved.embed_latent.is_some_and(|e| e < 1) {
+            bail!("gpt2: mlp_latent and embed_latent must be at least 1");
+        }
+        Ok(resolved)
+    }
+
+    /// The attention layers' axes.
+    pub fn spec(&self) -> Result<Spec> {
+        Spec::resolve(
+            &self.attention,
+            self.direction.as_deref(),
+            self.kv.as_deref(),
+            self.q.as_deref(),
+            self.rope,
+        )
+    }
+
+    fn dims(&self) -> Dims {
+        Dims {
+            n_layer: self.n_layer.unwrap_or(12),
+            n_head: self.n_head.unwrap_or(12),
+            n_embd: self.n_embd.unwrap_or(768),
+            d_latent: self.d_latent,
+            splice_ratio: self.splice_ratio,
+            rope_theta: self.rope_theta,
+            route_frac: self.route_head_frac,
+            bias: self.bias,
+        }
+    }
+
+    /// Hidden width of the GELU MLP: 4d, or the RATIO shape.
+    pub fn mlp_hidden(&self) -> Result<i64> {
+        let r = self.resolve()?;
+        let d = r.n_embd.unwrap_or(768);
+        if !r.golden_ratio {
+            return Ok(4 * d);
+        }
+        let attn = Attention::num_params(&r.spec()?, &r.dims()) as f64;
+        let h = (2.5 * attn / (2.0 * d as f64) / 64.0).round() as i64 * 64;
+        Ok(h.max(64))
     }
 
     /// Trainable parameters of the model this configuration builds, tied
@@ -159,26 +292,56 @@ impl Config {
         let r = self.resolve()?;
         let (l, d, v) = (r.n_layer.unwrap_or(0), r.n_embd.unwrap_or(0), r.padded_vocab_size.unwrap_or(0));
         let b = r.bias as i64;
+        let lin = |i: i64, o: i64, bias: i64| i * o + bias * o;
         let ln = d + b * d;
-        let block = 2 * ln
-            + (3 * d * d + b * 3 * d)
-            + (d * d + b * d)
-            + (4 * d * d + b * 4 * d)
-            + (4 * d * d + b * d);
+        let spec = r.spec()?;
+        let mlp = match r.mlp.as_str() {
+            "splice" => {
+                let m = r.mlp_latent;
+                d * m + lin(m, 4 * m, b) + lin(4 * m, m, b)
+            }
+            _ => {
+                let h = r.mlp_hidden()?;
+                lin(d, h, b) + lin(h, d, b)
+            }
+        };
+        let block = 2 * ln + Attention::num_params(&spec, &r.dims()) + mlp;
+        let gate = if spec.direction == Direction::Learned { l } else { 0 };
         let wpe = if non_embedding { 0 } else { r.block_size * d };
-        let head = if r.tie_weights { 0 } else { v * d };
-        Ok(v * d + wpe + l * block + ln + head)
+        let e = r.embed_latent.unwrap_or(d);
+        let emb = v * e + if r.embed_latent.is_some() { 2 * e * d } else { 0 };
+        let head = if r.tie_weights { 0 } else { v * e };
+        Ok(emb + wpe + l * block + gate + ln + head)
     }
 }
 
-struct Attention {
-    c_attn: Linear,
-    c_proj: Linear,
+pub const MLPS: &[&str] = &["gelu", "splice"];
+
+enum Mlp {
+    Gelu {
+        c_fc: Linear,
+        c_proj: Linear,
+    },
+    /// `proj_in` (d→m, no bias) → fc1 (m→4m) → GELU → fc2 (4m→m) → back to d
+    /// through `proj_in`'s transpose.
+    Splice {
+        proj_in: Linear,
+        fc1: Linear,
+        fc2: Linear,
+    },
 }
 
-struct Mlp {
-    c_fc: Linear,
-    c_proj: Linear,
+impl Mlp {
+    fn forward(&self, x: &Tensor, p: f64) -> Result<Tensor, TchError> {
+        let y = match self {
+            Mlp::Gelu { c_fc, c_proj } => c_proj.forward(&c_fc.forward(x)?.f_gelu("none")?)?,
+            Mlp::Splice { proj_in, fc1, fc2 } => {
+                let h = fc2.forward(&fc1.forward(&proj_in.forward(x)?)?.f_gelu("none")?)?;
+                h.f_linear::<Tensor>(&proj_in.weight.f_transpose(0, 1)?, None)?
+            }
+        };
+        dropout(y, p)
+    }
 }
 
 struct Block {
@@ -186,17 +349,6 @@ struct Block {
     attn: Attention,
     ln_2: LayerNorm,
     mlp: Mlp,
-}
-
-/// What a forward pass needs besides the weights.
-#[derive(Clone, Copy)]
-struct Step {
-    b: i64,
-    t: i64,
-    n_head: i64,
-    n_embd: i64,
-    /// Dropout probability in effect (0 in eval mode).
-    p: f64,
 }
 
 fn dropout(x: Tensor, p: f64) -> Result<Tensor, TchError> {
@@ -207,93 +359,142 @@ fn dropout(x: Tensor, p: f64) -> Result<Tensor, TchError> {
     }
 }
 
-impl Attention {
-    fn forward(&self, x: &Tensor, s: Step) -> Result<Tensor, TchError> {
-        let hs = s.n_embd / s.n_head;
-        let qkv = self.c_attn.forward(x)?.f_split(s.n_embd, 2)?;
-        // Views only: [B, T, C] slices → [B, n_head, T, hs].
-        let heads = |t: &Tensor| t.f_view([s.b, s.t, s.n_head, hs])?.f_transpose(1, 2);
-        let (q, k, v) = (heads(&qkv[0])?, heads(&qkv[1])?, heads(&qkv[2])?);
-        let y = Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, s.p, true, None, false)?;
-        // The one copy: heads back side by side for the output projection.
-        let y = y.f_transpose(1, 2)?.f_contiguous()?.f_view([s.b, s.t, s.n_embd])?;
-        dropout(self.c_proj.forward(&y)?, s.p)
-    }
-}
-
-impl Mlp {
-    fn forward(&self, x: &Tensor, s: Step) -> Result<Tensor, TchError> {
-        let h = self.c_fc.forward(x)?.f_gelu("none")?;
-        dropout(self.c_proj.forward(&h)?, s.p)
-    }
-}
-
 impl Block {
-    fn forward(&self, x: &Tensor, s: Step) -> Result<Tensor, TchError> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        pos0: i64,
+        cache: Option<(&mut LayerCache, i64)>,
+        ctx: &Ctx,
+    ) -> Result<Tensor, TchError> {
         // Out of place: `x` is saved by the layer norm for backward, and the
         // branch output may be a view (`linear` folds [B, T] into one dim),
         // which in-place autograd would make copy in backward.
-        let x = x.f_add(&self.attn.forward(&self.ln_1.forward(x)?, s)?)?;
-        x.f_add(&self.mlp.forward(&self.ln_2.forward(&x)?, s)?)
+        let x = x.f_add(&self.attn.forward(&self.ln_1.forward(x)?, pos0, cache, ctx)?)?;
+        x.f_add(&self.mlp.forward(&self.ln_2.forward(&x)?, ctx.p)?)
     }
 }
 
 pub struct Gpt2 {
     cfg: Config,
+    spec: Spec,
     n_layer: i64,
-    n_head: i64,
-    n_embd: i64,
     vocab: i64,
     store: ParamStore,
     wte: Embedding,
     wpe: Embedding,
+    /// Latent embeddings: `emb_proj` (e→d) in, `out_proj` (d→e) out.
+    emb_proj: Option<Linear>,
+    out_proj: Option<Linear>,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     /// `wte.weight` itself when tied.
     lm_head: Tensor,
+    /// `transformer.alternation_logits` [n_layer] (learned direction).
+    gate: Option<Tensor>,
+    /// `transformer.route_state` [3]: phase (1 = routing), first eval loss, evals seen.
+    route_state: Option<Tensor>,
+    aux: RefCell<Vec<Tensor>>,
+    probe: RefCell<Probe>,
 }
 
 impl Gpt2 {
     /// Build the parameters on the CPU; the caller finalizes the store.
     pub fn new(cfg: Config) -> Result<Self> {
         let cfg = cfg.resolve()?;
-        let (l, h, d) = (cfg.n_layer.unwrap_or(0), cfg.n_head.unwrap_or(0), cfg.n_embd.unwrap_or(0));
+        let spec = cfg.spec()?;
+        let dims = cfg.dims();
+        let (l, d) = (dims.n_layer, dims.n_embd);
         let vocab = cfg.padded_vocab_size.unwrap_or(0);
         let mut s = ParamStore::new();
         let tr = Path::root("transformer");
-        let wte = Embedding::new(&mut s, &tr.sub("wte"), vocab, d, INIT_STD)?;
+        let e = cfg.embed_latent.unwrap_or(d);
+        let wte = Embedding::new(&mut s, &tr.sub("wte"), vocab, e, INIT_STD)?;
         let wpe = Embedding::new(&mut s, &tr.sub("wpe"), cfg.block_size, d, INIT_STD)?;
         let normal = Some(Init::Normal { std: INIT_STD });
         let proj = Some(Init::Normal { std: INIT_STD / (2.0 * l as f64).sqrt() });
+        let emb_proj = match cfg.embed_latent {
+            Some(e) => Some(Linear::new(&mut s, &tr.sub("emb_proj"), e, d, false, normal)?),
+            None => None,
+        };
+        let gate = if spec.direction == Direction::Learned {
+            // The seed's RA+MLA start: odd layers lean reciprocal (p = 0.73),
+            // even ones standard (p = 0.27), so Σp = L/2 when L is even.
+            let init: Vec<f32> = (0..l).map(|i| if i % 2 == 1 { 1.0 } else { -1.0 }).collect();
+            Some(s.param_value(&tr.name("alternation_logits"), Tensor::from_slice(&init), Role::Gate)?)
+        } else {
+            None
+        };
+        let hidden = cfg.mlp_hidden()?;
         let mut blocks = Vec::with_capacity(l as usize);
         for i in 0..l {
             let p = tr.sub("h").sub(i);
-            let (pa, pm) = (p.sub("attn"), p.sub("mlp"));
-            blocks.push(Block {
-                ln_1: LayerNorm::new(&mut s, &p.sub("ln_1"), d, cfg.bias)?,
-                attn: Attention {
-                    c_attn: Linear::new(&mut s, &pa.sub("c_attn"), d, 3 * d, cfg.bias, normal)?,
-                    c_proj: Linear::new(&mut s, &pa.sub("c_proj"), d, d, cfg.bias, proj)?,
+            let pm = p.sub("mlp");
+            // Creation order is nanoGPT's (ln_1, attn, ln_2, mlp): the seeded
+            // initial values depend on it.
+            let ln_1 = LayerNorm::new(&mut s, &p.sub("ln_1"), d, cfg.bias)?;
+            let gate_i = gate.as_ref().map(|g| g.shallow_clone());
+            let attn = Attention::new(&mut s, &p.sub("attn"), i, spec, dims, gate_i, normal, proj)?;
+            let ln_2 = LayerNorm::new(&mut s, &p.sub("ln_2"), d, cfg.bias)?;
+            let mlp = match cfg.mlp.as_str() {
+                "splice" => {
+                    let m = cfg.mlp_latent;
+                    Mlp::Splice {
+                        proj_in: Linear::new(&mut s, &pm.sub("proj_in"), d, m, false, normal)?,
+                        fc1: Linear::new(&mut s, &pm.sub("fc1"), m, 4 * m, cfg.bias, normal)?,
+                        fc2: Linear::new(&mut s, &pm.sub("fc2"), 4 * m, m, cfg.bias, proj)?,
+                    }
+                }
+                _ => Mlp::Gelu {
+                    c_fc: Linear::new(&mut s, &pm.sub("c_fc"), d, hidden, cfg.bias, normal)?,
+                    c_proj: Linear::new(&mut s, &pm.sub("c_proj"), hidden, d, cfg.bias, proj)?,
                 },
-                ln_2: LayerNorm::new(&mut s, &p.sub("ln_2"), d, cfg.bias)?,
-                mlp: Mlp {
-                    c_fc: Linear::new(&mut s, &pm.sub("c_fc"), d, 4 * d, cfg.bias, normal)?,
-                    c_proj: Linear::new(&mut s, &pm.sub("c_proj"), 4 * d, d, cfg.bias, proj)?,
-                },
-            });
+            };
+            blocks.push(Block { ln_1, attn, ln_2, mlp });
         }
         let ln_f = LayerNorm::new(&mut s, &tr.sub("ln_f"), d, cfg.bias)?;
+        let out_proj = match cfg.embed_latent {
+            Some(e) => Some(Linear::new(&mut s, &tr.sub("out_proj"), d, e, false, normal)?),
+            None => None,
+        };
         let lm_head = if cfg.tie_weights {
             wte.weight.shallow_clone()
         } else {
-            Linear::new(&mut s, &Path::root("lm_head"), d, vocab, false, normal)?.weight
+            Linear::new(&mut s, &Path::root("lm_head"), e, vocab, false, normal)?.weight
         };
-        Ok(Gpt2 { cfg, n_layer: l, n_head: h, n_embd: d, vocab, store: s, wte, wpe, blocks, ln_f, lm_head })
+        let route_state = if spec.mixer == Mixer::Route {
+            let phase = if cfg.route_skip_warmup { 1.0 } else { 0.0 };
+            Some(s.buffer(&tr.name("route_state"), Tensor::from_slice(&[phase, 0.0f64, 0.0]))?)
+        } else {
+            None
+        };
+        Ok(Gpt2 {
+            cfg,
+            spec,
+            n_layer: l,
+            vocab,
+            store: s,
+            wte,
+            wpe,
+            emb_proj,
+            out_proj,
+            blocks,
+            ln_f,
+            lm_head,
+            gate,
+            route_state,
+            aux: RefCell::new(Vec::new()),
+            probe: RefCell::new(Probe::default()),
+        })
     }
 
     /// The resolved configuration.
     pub fn cfg(&self) -> &Config {
         &self.cfg
+    }
+
+    pub fn spec(&self) -> &Spec {
+        &self.spec
     }
 
     pub fn n_layer(&self) -> i64 {
@@ -317,7 +518,7 @@ impl Gpt2 {
         self.store.numel() - wpe
     }
 
-    fn check_input(&self, idx: &Tensor) -> Result<(i64, i64), TchError> {
+    fn check_input(&self, idx: &Tensor, pos0: i64) -> Result<(i64, i64), TchError> {
         let shape = idx.f_size_checked()?;
         let kind = idx.f_kind()?;
         let block = self.cfg.block_size;
@@ -328,14 +529,165 @@ impl Gpt2 {
             )));
         }
         match shape[..] {
-            [b, t] if b >= 1 && (1..=block).contains(&t) => Ok((b, t)),
-            [_, t] if t > block => Err(TchError::Shape(format!(
-                "gpt2: sequence length {t} exceeds block_size {block} (tokens {shape:?})"
+            [b, t] if b >= 1 && t >= 1 && pos0 + t <= block => Ok((b, t)),
+            [_, t] if pos0 + t > block => Err(TchError::Shape(format!(
+                "gpt2: sequence length {} exceeds block_size {block} (tokens {shape:?})",
+                pos0 + t
             ))),
             _ => Err(TchError::Shape(format!(
                 "gpt2 expects tokens [B, T] with B >= 1 and 1 <= T <= {block}, got {shape:?}"
             ))),
         }
+    }
+
+    fn route_on(&self) -> Result<bool, TchError> {
+        match &self.route_state {
+            Some(s) => Ok(s.f_double_value(&[0])? > 0.5),
+            None => Ok(false),
+        }
+    }
+
+    /// Logits of tokens at positions `pos0..` (only the last position's when
+    /// `last_only`), through the cache when given.
+    fn run(
+        &self,
+        idx: &Tensor,
+        train: bool,
+        mut cache: Option<&mut Cache>,
+        last_only: bool,
+    ) -> Result<Tensor, TchError> {
+        let pos0 = cache.as_ref().map_or(0, |c| c.len);
+        let (_, t) = self.check_input(idx, pos0)?;
+        let p = if train { self.cfg.dropout } else { 0.0 };
+        if train {
+            self.aux.borrow_mut().clear();
+        }
+        let probe = if cache.is_none() && !train { Some(&self.probe) } else { None };
+        let ctx = Ctx {
+            p,
+            train,
+            route_on: self.route_on()?,
+            route_penalty: self.cfg.route_penalty,
+            probe,
+            aux: if train { Some(&self.aux) } else { None },
+        };
+        let pos = self.wpe.weight.f_narrow(0, pos0, t)?;
+        let mut tok = self.wte.forward(idx)?;
+        if let Some(ep) = &self.emb_proj {
+            tok = ep.forward(&tok)?;
+        }
+        let mut x = dropout(tok.f_add(&pos)?, p)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let lc = match cache.as_deref_mut() {
+                Some(c) => {
+                    let cap = c.capacity;
+                    Some((&mut c.layers[i], cap))
+                }
+                None => None,
+            };
+            x = block.forward(&x, pos0, lc, &ctx)?;
+        }
+        if last_only && t > 1 {
+            // Decoding needs the next token's logits only: [B, 1, vocab]
+            // instead of [B, T, vocab] (52 GB at 32 × 16k tokens in bf16).
+            x = x.f_narrow(1, t - 1, 1)?;
+        }
+        let mut h = self.ln_f.forward(&x)?;
+        if let Some(op) = &self.out_proj {
+            h = op.forward(&h)?;
+        }
+        let logits = h.f_linear::<Tensor>(&self.lm_head, None)?;
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        if train {
+            if let (Some(g), Direction::Learned) = (&self.gate, self.spec.direction) {
+                if self.cfg.ra_balance_weight > 0.0 {
+                    let half = self.n_layer as f64 / 2.0;
+                    let bal = g.f_sigmoid()?.f_sum(Kind::Float)?.f_sub_scalar(half)?.f_square()?;
+                    self.aux.borrow_mut().push(bal.f_mul_scalar(self.cfg.ra_balance_weight)?);
+                }
+            }
+        }
+        Ok(logits)
+    }
+
+    /// A cache for `batch` sequences of up to `capacity` tokens; each layer's
+    /// direction is fixed at its value now.
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<Cache, TchError> {
+        if capacity > self.cfg.block_size {
+            return Err(TchError::Shape(format!(
+                "gpt2: a cache of {capacity} tokens exceeds block_size {}",
+                self.cfg.block_size
+            )));
+        }
+        let rec = self.blocks.iter().map(|b| b.attn.reciprocal_now()).collect::<Result<Vec<_>, _>>()?;
+        Ok(Cache::new(rec, batch, capacity))
+    }
+
+    /// Logits [B, T, vocab] of `idx` [B, T] following what `cache` holds,
+    /// which then holds these tokens too.
+    pub fn forward_cached(&self, idx: &Tensor, cache: &mut Cache) -> Result<Tensor, TchError> {
+        self.cached(idx, cache, false)
+    }
+
+    /// [`Self::forward_cached`] returning only the last position's logits [B, 1, vocab].
+    pub fn forward_cached_last(&self, idx: &Tensor, cache: &mut Cache) -> Result<Tensor, TchError> {
+        self.cached(idx, cache, true)
+    }
+
+    fn cached(&self, idx: &Tensor, cache: &mut Cache, last_only: bool) -> Result<Tensor, TchError> {
+        let b = idx.f_size_checked()?.first().copied().unwrap_or(0);
+        if b != cache.batch {
+            return Err(TchError::Shape(format!("gpt2: cache holds {} sequences, got {b}", cache.batch)));
+        }
+        self.run(idx, false, Some(cache), last_only)
+    }
+
+    /// Bytes a cache of `batch` × `seq_len` tokens holds when activations
+    /// have `elem` bytes (4 float32, 2 bf16/fp16); SBA's normaliser and the
+    /// router's context sum are float32.
+    pub fn kv_cache_bytes(&self, batch: i64, seq_len: i64, elem: i64) -> Result<i64, TchError> {
+        let dims = self.cfg.dims();
+        let mut per_token = 0;
+        let mut per_seq = 0;
+        for b in &self.blocks {
+            let (main, f32s) = Attention::cache_elems(&self.spec, &dims, b.attn.reciprocal_now()?);
+            per_token += main * elem + f32s * 4;
+            per_seq += Attention::cache_elems_per_seq(&self.spec, &dims) * 4;
+        }
+        Ok(batch * (seq_len * per_token + per_seq))
+    }
+
+    /// Run an evaluation forward that records attention patterns of
+    /// `layers` and the per-layer statistics; returns the probe's contents.
+    pub fn probe(&self, idx: &Tensor, layers: &[i64]) -> Result<Probe, TchError> {
+        *self.probe.borrow_mut() = Probe { patterns_for: layers.to_vec(), stats: true, ..Default::default() };
+        let r = tch::no_grad(|| self.run(idx, false, None, true));
+        let p = std::mem::take(&mut *self.probe.borrow_mut());
+        r.map(|_| p)
+    }
+
+    /// The learned direction probabilities σ(logit) per layer.
+    pub fn direction_probs(&self) -> Result<Option<Vec<f64>>, TchError> {
+        match &self.gate {
+            Some(g) => Ok(Some(Vec::<f64>::try_from(g.f_sigmoid()?.f_to_kind(Kind::Double)?)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Attention metrics the seed logged (RA balance, SBA alpha, KVSplice
+    /// reconstruction, router statistics, Fisher when `fisher`), on `sample`.
+    pub fn attention_metrics(&self, sample: Option<&Tensor>, fisher: bool) -> Result<Map<String, Value>> {
+        super::gpt2_metrics::collect(self, sample, fisher)
+    }
+
+    pub(crate) fn blocks_attn(&self) -> impl Iterator<Item = &Attention> {
+        self.blocks.iter().map(|b| &b.attn)
+    }
+
+    pub(crate) fn route_state(&self) -> Option<&Tensor> {
+        self.route_state.as_ref()
     }
 }
 
@@ -352,16 +704,22 @@ impl Model for Gpt2 {
     /// [0, padded vocab): the CPU reports others as an error, CUDA as a
     /// device-side assert.
     fn forward(&self, idx: &Tensor, train: bool) -> Result<Tensor, TchError> {
-        let (b, t) = self.check_input(idx)?;
-        let p = if train { self.cfg.dropout } else { 0.0 };
-        let s = Step { b, t, n_head: self.n_head, n_embd: self.n_embd, p };
-        // Position embeddings of 0..T are the first T rows of wpe.
-        let pos = self.wpe.weight.f_narrow(0, 0, t)?;
-        let mut x = dropout(self.wte.forward(idx)?.f_add(&pos)?, p)?;
-        for block in &self.blocks {
-            x = block.forward(&x, s)?;
-        }
-        self.ln_f.forward(&x)?.f_linear::<Tensor>(&self.lm_head, None)
+        self.run(idx, train, None, false)
+    }
+
+    fn take_aux_loss(&self) -> Option<Tensor> {
+        let terms = std::mem::take(&mut *self.aux.borrow_mut());
+        let mut it = terms.into_iter();
+        let first = it.next()?;
+        it.try_fold(first, |a, t| a.f_add(&t)).ok()
+    }
+
+    fn on_eval(&mut self, eval: &Map<String, Value>, sample: Option<&Tensor>) -> Result<Map<String, Value>> {
+        super::gpt2_metrics::on_eval(self, eval, sample)
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
     }
 
     fn store(&self) -> &ParamStore {

@@ -10,6 +10,7 @@ use tch::{Device, TchError, Tensor};
 use crate::params::ParamStore;
 
 pub mod gpt2;
+pub mod gpt2_metrics;
 pub mod lenet5;
 pub mod resnet;
 
@@ -36,6 +37,24 @@ pub trait Model {
     /// is `transformer.wte.weight`): (alias, owner).
     fn tied(&self) -> Vec<(String, String)> {
         Vec::new()
+    }
+    /// Auxiliary losses of the last training forward (RA balance, routing
+    /// compute penalty), taken once; the training loop adds them to the loss.
+    fn take_aux_loss(&self) -> Option<Tensor> {
+        None
+    }
+    /// Called after each evaluation with its metrics and a sample of the
+    /// evaluation inputs; returns extra metrics to log (attention analysis).
+    fn on_eval(
+        &mut self,
+        _eval: &serde_json::Map<String, serde_json::Value>,
+        _sample: Option<&Tensor>,
+    ) -> Result<serde_json::Map<String, serde_json::Value>> {
+        Ok(serde_json::Map::new())
+    }
+    /// The concrete model, for bindings that need one architecture's methods.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
     }
 }
 

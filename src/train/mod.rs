@@ -235,6 +235,17 @@ pub fn evaluate(
     data: &mut dyn Data,
     amp: Option<crate::shim::AutocastDtype>,
 ) -> Result<Map<String, Value>> {
+    evaluate_sampled(model, data, amp, &mut None)
+}
+
+/// [`evaluate`], keeping the first evaluation batch's inputs in `sample`
+/// (the model's per-evaluation analysis runs on them).
+pub fn evaluate_sampled(
+    model: &dyn Model,
+    data: &mut dyn Data,
+    amp: Option<crate::shim::AutocastDtype>,
+    sample: &mut Option<Tensor>,
+) -> Result<Map<String, Value>> {
     let device = model.store().device();
     let (mut loss_sum, mut correct, mut count, mut batches) = (0.0f64, 0i64, 0i64, 0i64);
     let task = model.task();
@@ -242,6 +253,9 @@ pub fn evaluate(
     data.for_each_eval(&mut |x, y| {
         let x = x.f_to_device(device).map_err(te)?;
         let y = y.f_to_device(device).map_err(te)?;
+        if sample.is_none() {
+            *sample = Some(x.shallow_clone());
+        }
         let logits = match amp {
             Some(d) => crate::shim::with_autocast(d, || model.forward(&x, false)).map_err(|e| anyhow!(e))?,
             None => model.forward(&x, false),
@@ -331,9 +345,22 @@ impl Trainer<'_> {
         }
     }
 
+    /// Evaluate, then let the model add its own analysis of a sample batch.
     fn evaluate(&mut self) -> Result<Map<String, Value>> {
         let amp = amp_dtype(&self.cfg, self.device());
-        evaluate(&*self.model, &mut *self.data, amp)
+        let mut sample = None;
+        let mut m = evaluate_sampled(&*self.model, &mut *self.data, amp, &mut sample)?;
+        let extra = {
+            let _g = tch::no_grad_guard();
+            let model = &mut *self.model;
+            match amp {
+                Some(d) => crate::shim::with_autocast(d, || model.on_eval(&m, sample.as_ref()))
+                    .map_err(|e| anyhow!(e))??,
+                None => model.on_eval(&m, sample.as_ref())?,
+            }
+        };
+        m.extend(extra);
+        Ok(m)
     }
 
     /// Is `new` better than `best` (accuracy up, loss down)?
@@ -546,7 +573,15 @@ impl Trainer<'_> {
                 };
                 let loss = cross_entropy(&logits.f_to_kind(Kind::Float).map_err(te)?, &y).map_err(te)?;
                 let scaled = loss.f_div_scalar(self.cfg.grad_accum as f64).map_err(te)?;
-                if let Err(e) = scaled.f_backward() {
+                // Auxiliary terms (RA balance, routing penalty) train the
+                // model; the logged train loss stays the cross-entropy.
+                let objective = match self.model.take_aux_loss() {
+                    Some(aux) => scaled
+                        .f_add(&aux.f_div_scalar(self.cfg.grad_accum as f64).map_err(te)?)
+                        .map_err(te)?,
+                    None => scaled.shallow_clone(),
+                };
+                if let Err(e) = objective.f_backward() {
                     failure = Some(torch_error(&e));
                     break 'outer;
                 }

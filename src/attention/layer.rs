@@ -1,0 +1,521 @@
+//! One attention layer over the axes of [`Spec`]: projections, RoPE,
+//! direction, mixer, cache.
+use std::cell::RefCell;
+
+use anyhow::Result;
+use tch::{Kind, TchError, Tensor};
+
+use super::cache::{self, LayerCache};
+use super::kvsplice::KvSplice;
+use super::spec::{Direction, KvSource, Mixer, QSource, Spec};
+use super::{rope, route, sba};
+use crate::layers::{Linear, Path};
+use crate::params::{Init, ParamStore};
+
+/// Sizes and knobs shared by every layer.
+#[derive(Clone, Copy, Debug)]
+pub struct Dims {
+    pub n_layer: i64,
+    pub n_head: i64,
+    pub n_embd: i64,
+    pub d_latent: i64,
+    pub splice_ratio: f64,
+    pub rope_theta: f64,
+    pub route_frac: f64,
+    pub bias: bool,
+}
+
+impl Dims {
+    pub fn head_size(&self) -> i64 {
+        self.n_embd / self.n_head
+    }
+}
+
+/// What one forward records for analysis (attention patterns, KVSplice
+/// reconstruction, router statistics) when asked to.
+#[derive(Default)]
+pub struct Probe {
+    /// Layers whose attention pattern [B, H, T, T] to keep.
+    pub patterns_for: Vec<i64>,
+    pub patterns: Vec<(i64, Tensor)>,
+    /// Record per-layer statistics below.
+    pub stats: bool,
+    /// (layer, mean squared error of the KVSplice round trip).
+    pub recon: Vec<(i64, Tensor)>,
+    /// (layer, mean p_ra, fraction of tokens routed to the RA group).
+    pub route: Vec<(i64, Tensor, Tensor)>,
+}
+
+/// Per-forward settings.
+#[derive(Clone, Copy)]
+pub struct Ctx<'a> {
+    /// Dropout probability in effect (0 in eval mode).
+    pub p: f64,
+    /// Training forward (learned gates mix both directions).
+    pub train: bool,
+    /// RA routing past its warm-up.
+    pub route_on: bool,
+    pub route_penalty: f64,
+    pub probe: Option<&'a RefCell<Probe>>,
+    /// Auxiliary losses of this forward (routing compute penalty).
+    pub aux: Option<&'a RefCell<Vec<Tensor>>>,
+}
+
+enum Proj {
+    /// x → Q, K, V (`c_attn`, d → 3d).
+    Fused(Linear),
+    /// x → Q, V (`c_attn`, d → 2d); K = V.
+    Tied(Linear),
+    /// x → Q, V (`c_attn`, d → 2d); K = x·W_v (W_v the value rows of `c_attn`).
+    TiedT(Linear),
+    /// Q = `q_proj` x; c = `to_kv_latent` x; K, V = `from_kv_latent` c.
+    Mla { q_proj: Linear, down: Linear, up: Linear },
+    /// c = `to_latent` x; Q, K, V = `from_latent` c.
+    TokenLatent { down: Linear, up: Linear },
+}
+
+pub struct Attention {
+    pub layer: i64,
+    spec: Spec,
+    dims: Dims,
+    proj: Proj,
+    splice: Option<KvSplice>,
+    c_proj: Linear,
+    sba_alpha: Option<Tensor>,
+    router: Option<route::Router>,
+    /// The model's `alternation_logits` [n_layer] (learned direction).
+    gate: Option<Tensor>,
+}
+
+fn te(msg: String) -> TchError {
+    TchError::Shape(msg)
+}
+
+/// Rows `[from, from + n)` of a linear layer.
+fn linear_rows(l: &Linear, x: &Tensor, from: i64, n: i64) -> Result<Tensor, TchError> {
+    let w = l.weight.f_narrow(0, from, n)?;
+    let b = match &l.bias {
+        Some(b) => Some(b.f_narrow(0, from, n)?),
+        None => None,
+    };
+    x.f_linear(&w, b.as_ref())
+}
+
+/// [B, T, n·hs] → [B, n, T, hs] (a view).
+fn heads(y: &Tensor, n: i64, hs: i64) -> Result<Tensor, TchError> {
+    let s = y.size();
+    y.f_view([s[0], s[1], n, hs])?.f_transpose(1, 2)
+}
+
+/// Causal softmax attention of new queries (at `pos0..`) over `S` keys.
+pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, pos0: i64, p: f64) -> Result<Tensor, TchError> {
+    let (t, s) = (q.size()[2], k.size()[2]);
+    if t == s && pos0 == 0 {
+        Tensor::f_scaled_dot_product_attention::<Tensor>(q, k, v, None, p, true, None, false)
+    } else if t == 1 {
+        Tensor::f_scaled_dot_product_attention::<Tensor>(q, k, v, None, p, false, None, false)
+    } else {
+        let mask = causal_allowed(t, s, pos0, q.device())?;
+        Tensor::f_scaled_dot_product_attention(q, k, v, Some(mask), p, false, None, false)
+    }
+}
+
+/// [T, S] booleans: query i (at position pos0 + i) may read key j.
+pub fn causal_allowed(t: i64, s: i64, pos0: i64, dev: tch::Device) -> Result<Tensor, TchError> {
+    let j = Tensor::f_arange(s, (Kind::Int64, dev))?.f_unsqueeze(0)?;
+    let i = Tensor::f_arange_start(pos0, pos0 + t, (Kind::Int64, dev))?.f_unsqueeze(1)?;
+    j.f_le_tensor(&i)
+}
+
+/// The explicit causal softmax pattern [B, H, T, S] (what SDPA computes inside).
+pub fn pattern(q: &Tensor, k: &Tensor, pos0: i64) -> Result<Tensor, TchError> {
+    let (t, s, hs) = (q.size()[2], k.size()[2], q.size()[3]);
+    let scores = q.f_to_kind(Kind::Float)?.f_matmul(&k.f_to_kind(Kind::Float)?.f_transpose(-2, -1)?)?;
+    let scores = scores.f_mul_scalar(1.0 / (hs as f64).sqrt())?;
+    let allowed = causal_allowed(t, s, pos0, q.device())?;
+    scores.f_masked_fill(&allowed.f_logical_not()?, f64::NEG_INFINITY)?.f_softmax(-1, Kind::Float)
+}
+
+/// New-token projections before direction and mixing.
+struct Fresh {
+    q: Option<Tensor>,
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    /// The latent every Q/K/V of these tokens comes from (after KVSplice).
+    c: Option<Tensor>,
+    /// The compressed latent (what a splice cache stores).
+    z: Option<Tensor>,
+}
+
+impl Attention {
+    pub fn new(
+        s: &mut ParamStore,
+        p: &Path,
+        layer: i64,
+        spec: Spec,
+        dims: Dims,
+        gate: Option<Tensor>,
+        normal: Option<Init>,
+        proj_init: Option<Init>,
+    ) -> Result<Self> {
+        let (d, r, b) = (dims.n_embd, dims.d_latent, dims.bias);
+        let lin = |s: &mut ParamStore, name: &str, i: i64, o: i64, bias: bool| {
+            Linear::new(s, &p.sub(name), i, o, bias, normal)
+        };
+        let proj = match (spec.kv, spec.q) {
+            (KvSource::Proj, _) => Proj::Fused(lin(s, "c_attn", d, 3 * d, b)?),
+            (KvSource::Tied, _) => Proj::Tied(lin(s, "c_attn", d, 2 * d, b)?),
+            (KvSource::TiedT, _) => Proj::TiedT(lin(s, "c_attn", d, 2 * d, b)?),
+            (_, QSource::Proj) => Proj::Mla {
+                q_proj: lin(s, "q_proj", d, d, b)?,
+                down: lin(s, "to_kv_latent", d, r, b)?,
+                up: lin(s, "from_kv_latent", r, 2 * d, b)?,
+            },
+            (_, QSource::Latent) => Proj::TokenLatent {
+                down: lin(s, "to_latent", d, r, b)?,
+                up: lin(s, "from_latent", r, 3 * d, b)?,
+            },
+        };
+        let splice = if spec.kv == KvSource::Splice {
+            Some(KvSplice::new(s, &p.sub("kvsplice"), r, dims.splice_ratio)?)
+        } else {
+            None
+        };
+        let (c_proj, router) = if spec.mixer == Mixer::Route {
+            let n_ra = route::ra_heads(dims.n_head, dims.route_frac);
+            let hs = dims.head_size();
+            let full = Linear::new(s, &p.sub("c_proj"), (dims.n_head - n_ra) * hs, d, b, proj_init)?;
+            (full, Some(route::Router::new(s, p, dims, proj_init)?))
+        } else {
+            (Linear::new(s, &p.sub("c_proj"), d, d, b, proj_init)?, None)
+        };
+        let sba_alpha = if spec.mixer == Mixer::Sba {
+            Some(s.param(&p.name("alpha_logit"), &[1], Init::Zeros, crate::params::Role::Gate)?)
+        } else {
+            None
+        };
+        Ok(Attention { layer, spec, dims, proj, splice, c_proj, sba_alpha, router, gate })
+    }
+
+    /// Trainable parameters of one layer (excluding the model-level gate).
+    pub fn num_params(spec: &Spec, dims: &Dims) -> i64 {
+        let (d, r, b) = (dims.n_embd, dims.d_latent, dims.bias as i64);
+        let lin = |i: i64, o: i64| i * o + b * o;
+        let proj = match (spec.kv, spec.q) {
+            (KvSource::Proj, _) => lin(d, 3 * d),
+            (KvSource::Tied | KvSource::TiedT, _) => lin(d, 2 * d),
+            (_, QSource::Proj) => lin(d, d) + lin(d, r) + lin(r, 2 * d),
+            (_, QSource::Latent) => lin(d, r) + lin(r, 3 * d),
+        };
+        let splice = if spec.kv == KvSource::Splice { KvSplice::params(r, dims.splice_ratio) } else { 0 };
+        let out = match spec.mixer {
+            Mixer::Route => route::Router::num_params(dims),
+            Mixer::Sba => lin(d, d) + 1,
+            Mixer::Softmax => lin(d, d),
+        };
+        proj + splice + out
+    }
+
+    /// Cache elements per token in the activation dtype, and float32 ones.
+    pub fn cache_elems(spec: &Spec, dims: &Dims, reciprocal: bool) -> (i64, i64) {
+        let (h, d) = (dims.n_head, dims.n_embd);
+        let main = match spec.kv {
+            KvSource::Proj | KvSource::TiedT => 2 * d,
+            KvSource::Tied => {
+                if reciprocal {
+                    2 * d
+                } else {
+                    d
+                }
+            }
+            KvSource::Latent => dims.d_latent,
+            KvSource::Splice => super::kvsplice::compressed_dim(dims.d_latent, dims.splice_ratio),
+        };
+        let f32s = if spec.mixer == Mixer::Sba { h } else { 0 };
+        (main, f32s)
+    }
+
+    /// Per-sequence float32 elements (the router's running context sum).
+    pub fn cache_elems_per_seq(spec: &Spec, dims: &Dims) -> i64 {
+        if spec.mixer == Mixer::Route {
+            dims.n_embd
+        } else {
+            0
+        }
+    }
+
+    /// Is this layer reciprocal at inference (learned: σ(logit) > 0.5)?
+    pub fn reciprocal_now(&self) -> Result<bool, TchError> {
+        Ok(match self.spec.direction {
+            Direction::Standard => false,
+            Direction::Reciprocal => true,
+            Direction::Alternate => self.layer % 2 == 1,
+            Direction::Learned => match &self.gate {
+                Some(g) => g.f_select(0, self.layer)?.f_double_value(&[])? > 0.0,
+                None => false,
+            },
+        })
+    }
+
+    /// σ(logit) of the learned direction gate (as a 0-d tensor).
+    fn gate_p(&self) -> Result<Option<Tensor>, TchError> {
+        match (&self.gate, self.spec.direction) {
+            (Some(g), Direction::Learned) => Ok(Some(g.f_select(0, self.layer)?.f_sigmoid()?)),
+            _ => Ok(None),
+        }
+    }
+
+    fn fresh(&self, x: &Tensor, ctx: &Ctx) -> Result<Fresh, TchError> {
+        let (d, h, hs) = (self.dims.n_embd, self.dims.n_head, self.dims.head_size());
+        let none = Fresh { q: None, k: None, v: None, c: None, z: None };
+        Ok(match &self.proj {
+            Proj::Fused(l) => {
+                let qkv = l.forward(x)?.f_split(d, 2)?;
+                Fresh {
+                    q: Some(heads(&qkv[0], h, hs)?),
+                    k: Some(heads(&qkv[1], h, hs)?),
+                    v: Some(heads(&qkv[2], h, hs)?),
+                    ..none
+                }
+            }
+            Proj::Tied(l) => {
+                let qv = l.forward(x)?.f_split(d, 2)?;
+                let v = heads(&qv[1], h, hs)?;
+                Fresh { q: Some(heads(&qv[0], h, hs)?), k: Some(v.shallow_clone()), v: Some(v), ..none }
+            }
+            Proj::TiedT(l) => {
+                let qv = l.forward(x)?.f_split(d, 2)?;
+                // K = x·W_v: the value map's weight used transposed (no bias).
+                let wv = l.weight.f_narrow(0, d, d)?;
+                let k = x.f_linear::<Tensor>(&wv.f_transpose(0, 1)?, None)?;
+                Fresh {
+                    q: Some(heads(&qv[0], h, hs)?),
+                    k: Some(heads(&k, h, hs)?),
+                    v: Some(heads(&qv[1], h, hs)?),
+                    ..none
+                }
+            }
+            Proj::Mla { q_proj, down, .. } => {
+                let (c, z) = self.latent(&down.forward(x)?, ctx)?;
+                Fresh { q: Some(heads(&q_proj.forward(x)?, h, hs)?), c: Some(c), z, ..none }
+            }
+            Proj::TokenLatent { down, .. } => {
+                let (c, z) = self.latent(&down.forward(x)?, ctx)?;
+                Fresh { c: Some(c), z, ..none }
+            }
+        })
+    }
+
+    /// The latent the layer uses (through KVSplice when present) and its
+    /// compressed form.
+    fn latent(&self, c: &Tensor, ctx: &Ctx) -> Result<(Tensor, Option<Tensor>), TchError> {
+        let Some(sp) = &self.splice else { return Ok((c.shallow_clone(), None)) };
+        let z = sp.compress(c)?;
+        let back = sp.decompress(&z)?;
+        if let Some(pr) = ctx.probe {
+            if let Ok(mut pr) = pr.try_borrow_mut() {
+                if pr.stats {
+                    let err = tch::no_grad(|| {
+                        back.f_sub(c)?.f_to_kind(Kind::Float)?.f_square()?.f_mean(Kind::Float)
+                    })?;
+                    pr.recon.push((self.layer, err));
+                }
+            }
+        }
+        Ok((back, Some(z)))
+    }
+
+    /// K, V (and Q when asked) of every position from latents `c_all`.
+    fn from_latent(
+        &self,
+        c_all: &Tensor,
+        want_q: bool,
+    ) -> Result<(Option<Tensor>, Tensor, Tensor), TchError> {
+        let (d, h, hs) = (self.dims.n_embd, self.dims.n_head, self.dims.head_size());
+        let (up, q_rows) = match &self.proj {
+            Proj::Mla { up, .. } => (up, false),
+            Proj::TokenLatent { up, .. } => (up, true),
+            _ => return Err(te("from_latent on a projection layer".into())),
+        };
+        let off = if q_rows { d } else { 0 };
+        let kv = linear_rows(up, c_all, off, 2 * d)?.f_split(d, 2)?;
+        let q = if want_q && q_rows { Some(heads(&linear_rows(up, c_all, 0, d)?, h, hs)?) } else { None };
+        Ok((q, heads(&kv[0], h, hs)?, heads(&kv[1], h, hs)?))
+    }
+
+    fn rope(&self, x: Tensor, start: i64) -> Result<Tensor, TchError> {
+        if self.spec.rope {
+            rope::apply(&x, start, self.dims.rope_theta)
+        } else {
+            Ok(x)
+        }
+    }
+
+    /// Attention output for `x` [B, T, d] at positions `pos0..`; with a
+    /// cache, past tokens come from it and the new ones are written to it.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        pos0: i64,
+        cache: Option<(&mut LayerCache, i64)>,
+        ctx: &Ctx,
+    ) -> Result<Tensor, TchError> {
+        let size = x.size();
+        let (b, t, d) = (size[0], size[1], size[2]);
+        let f = self.fresh(x, ctx)?;
+        let (y, ctx_sum) = match cache {
+            None => (self.attend_full(f, ctx)?, None),
+            Some((lc, cap)) => {
+                let y = self.attend_cached(f, pos0, lc, cap, ctx)?;
+                (y, Some(&mut lc.ctx_sum))
+            }
+        };
+        let y = match &self.router {
+            Some(r) => r.combine(x, &y, pos0, ctx_sum, &self.c_proj, ctx, self.layer)?,
+            None => {
+                let y = y.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, d])?;
+                self.c_proj.forward(&y)?
+            }
+        };
+        y.f_dropout(ctx.p, ctx.p > 0.0)
+    }
+
+    /// Whole-sequence attention (training and evaluation without a cache).
+    fn attend_full(&self, f: Fresh, ctx: &Ctx) -> Result<Tensor, TchError> {
+        let recip =
+            self.spec.reciprocal_possible() && !(self.spec.direction == Direction::Learned && ctx.train);
+        let recip_now = if recip { self.reciprocal_now()? } else { false };
+        let mixed = self.spec.direction == Direction::Learned && ctx.train;
+        let (q, k, v) = match (&f.c, f.q) {
+            (Some(c), q) => {
+                let (ql, k, v) = self.from_latent(c, q.is_none())?;
+                let q = q.or(ql).ok_or_else(|| te("no query".into()))?;
+                (q, k, v)
+            }
+            (None, q) => (
+                q.ok_or_else(|| te("no query".into()))?,
+                f.k.ok_or_else(|| te("no key".into()))?,
+                f.v.ok_or_else(|| te("no value".into()))?,
+            ),
+        };
+        let q = self.rope(q, 0)?;
+        let k = self.rope(k, 0)?;
+        if self.spec.mixer == Mixer::Sba {
+            let alpha = self.sba_alpha.as_ref().ok_or_else(|| te("sba without alpha".into()))?.f_sigmoid()?;
+            let (y, a) = sba::full(&q, &k, &v, &alpha, ctx.p)?;
+            self.keep_pattern(ctx, || Ok(a.shallow_clone()))?;
+            return Ok(y);
+        }
+        if mixed {
+            // Straight-through: the value is the hard choice, the gradient
+            // reaches the logit through p.
+            let p = self.gate_p()?.ok_or_else(|| te("learned direction without a gate".into()))?;
+            let hard = p.f_gt(0.5)?.f_to_kind(p.f_kind()?)?;
+            let st = hard.f_add(&p)?.f_sub(&p.f_detach()?)?;
+            let ys = sdpa(&q, &k, &v, 0, ctx.p)?;
+            let yr = sdpa(&k, &q, &v, 0, ctx.p)?;
+            let st = st.f_to_kind(ys.f_kind()?)?;
+            self.keep_pattern(ctx, || {
+                let ps = pattern(&q, &k, 0)?;
+                let pr = pattern(&k, &q, 0)?;
+                ps.f_add(&hard.f_to_kind(Kind::Float)?.f_mul(&pr.f_sub(&ps)?)?)
+            })?;
+            return ys.f_add(&st.f_mul(&yr.f_sub(&ys)?)?);
+        }
+        let (q, k) = if recip_now { (k, q) } else { (q, k) };
+        self.keep_pattern(ctx, || pattern(&q, &k, 0))?;
+        sdpa(&q, &k, &v, 0, ctx.p)
+    }
+
+    fn keep_pattern(&self, ctx: &Ctx, f: impl FnOnce() -> Result<Tensor, TchError>) -> Result<(), TchError> {
+        if let Some(pr) = ctx.probe {
+            if let Ok(mut pr) = pr.try_borrow_mut() {
+                if pr.patterns_for.contains(&self.layer) {
+                    let a = tch::no_grad(f)?;
+                    pr.patterns.push((self.layer, a));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Attention of new tokens over the cache (decoding, chunked prefill).
+    fn attend_cached(
+        &self,
+        f: Fresh,
+        pos0: i64,
+        lc: &mut LayerCache,
+        cap: i64,
+        ctx: &Ctx,
+    ) -> Result<Tensor, TchError> {
+        let (h, hs) = (self.dims.n_head, self.dims.head_size());
+        let b = match (&f.q, &f.c) {
+            (Some(q), _) => q.size()[0],
+            (_, Some(c)) => c.size()[0],
+            _ => return Err(te("nothing projected".into())),
+        };
+        let recip = lc.reciprocal;
+        let (query, key, value) = if let Some(c_new) = &f.c {
+            let t = c_new.size()[1];
+            let c_all = match (&self.splice, &f.z) {
+                (Some(sp), Some(z)) => {
+                    let zs = z.size();
+                    let all = cache::write(&mut lc.latent, &[b, cap, zs[2]], 1, pos0, z)?;
+                    sp.decompress(&all)?
+                }
+                _ => cache::write(&mut lc.latent, &[b, cap, c_new.size()[2]], 1, pos0, c_new)?,
+            };
+            let (q_all, k_all, v_all) = self.from_latent(&c_all, recip)?;
+            let k_all = self.rope(k_all, 0)?;
+            if recip {
+                let q_all = self.rope(q_all.ok_or_else(|| te("reciprocal needs queries".into()))?, 0)?;
+                let k_new = k_all.f_narrow(2, pos0, t)?;
+                (k_new, q_all, v_all)
+            } else {
+                let q_new = match f.q {
+                    Some(q) => q,
+                    None => self.from_latent_q(c_new)?,
+                };
+                (self.rope(q_new, pos0)?, k_all, v_all)
+            }
+        } else {
+            let q = self.rope(f.q.ok_or_else(|| te("no query".into()))?, pos0)?;
+            let v = f.v.ok_or_else(|| te("no value".into()))?;
+            let shape = [b, h, cap, hs];
+            if self.spec.kv == KvSource::Tied && !recip {
+                // K = V: keep the values once; keys are the (rotated) values.
+                let v_all = cache::write(&mut lc.value, &shape, 2, pos0, &v)?;
+                let k_all = self.rope(v_all.shallow_clone(), 0)?;
+                (q, k_all, v_all)
+            } else {
+                let k = self.rope(f.k.ok_or_else(|| te("no key".into()))?, pos0)?;
+                let (query, key_new) = if recip { (k, q) } else { (q, k) };
+                let key_all = cache::write(&mut lc.key, &shape, 2, pos0, &key_new)?;
+                let v_all = cache::write(&mut lc.value, &shape, 2, pos0, &v)?;
+                (query, key_all, v_all)
+            }
+        };
+        if self.spec.mixer == Mixer::Sba {
+            let alpha = self.sba_alpha.as_ref().ok_or_else(|| te("sba without alpha".into()))?.f_sigmoid()?;
+            return sba::cached(&query, &key, &value, &alpha, pos0, &mut lc.col_norm, cap);
+        }
+        self.keep_pattern(ctx, || pattern(&query, &key, pos0))?;
+        sdpa(&query, &key, &value, pos0, 0.0)
+    }
+
+    fn from_latent_q(&self, c: &Tensor) -> Result<Tensor, TchError> {
+        let (d, h, hs) = (self.dims.n_embd, self.dims.n_head, self.dims.head_size());
+        match &self.proj {
+            Proj::TokenLatent { up, .. } => heads(&linear_rows(up, c, 0, d)?, h, hs),
+            _ => Err(te("query from latent on a layer without one".into())),
+        }
+    }
+
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    pub fn sba_alpha(&self) -> Option<&Tensor> {
+        self.sba_alpha.as_ref()
+    }
+}

@@ -1,0 +1,193 @@
+//! Autoregressive generation for GPT-2 and its attention variants:
+//! prefill the prompt into a preallocated cache, then one token per step
+//! (or, without a cache, a full forward over the cropped window per step).
+//!
+//! Sampling: temperature 0 is greedy (argmax); otherwise logits / T, keep
+//! the `top_k` largest, softmax, one multinomial draw. Only the tokenizer's
+//! `vocab_size` ids are candidates (the padded rows never are).
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Result};
+use tch::{Device, Kind, Tensor};
+
+use crate::models::gpt2::Gpt2;
+use crate::models::Model;
+use crate::shim::AutocastDtype;
+use crate::tensor::torch_error;
+
+fn te(e: tch::TchError) -> anyhow::Error {
+    anyhow!(torch_error(&e))
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub max_new_tokens: i64,
+    pub temperature: f64,
+    pub top_k: Option<i64>,
+    pub seed: Option<i64>,
+    /// Decode through the KV cache (else recompute the window per token).
+    pub cache: bool,
+    /// Keep each step's logits [B, vocab] (tests, analysis).
+    pub keep_logits: bool,
+    /// Autocast dtype on CUDA (None: float32 throughout).
+    pub amp: Option<AutocastDtype>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_new_tokens: 32,
+            temperature: 0.0,
+            top_k: None,
+            seed: None,
+            cache: true,
+            keep_logits: false,
+            amp: None,
+        }
+    }
+}
+
+pub struct Generated {
+    /// Prompt and new tokens [B, T0 + max_new_tokens].
+    pub tokens: Tensor,
+    /// Per step, the logits the new token was drawn from [B, vocab_size].
+    pub logits: Vec<Tensor>,
+    /// Bytes of the cache generation allocated (0 without a cache).
+    pub cache_bytes: i64,
+    /// Tokens the cache was allocated for.
+    pub cache_tokens: i64,
+    /// Element size of the cache's activations (4 float32, 2 bf16).
+    pub cache_elem: i64,
+    /// Seconds: prompt forward (first token's logits), then the remaining steps.
+    pub prefill_s: f64,
+    pub decode_s: f64,
+}
+
+fn sync(d: Device) {
+    if let Device::Cuda(i) = d {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+fn with_amp<T>(amp: Option<AutocastDtype>, f: impl FnOnce() -> Result<T, tch::TchError>) -> Result<T> {
+    match amp {
+        Some(d) => crate::shim::with_autocast(d, f).map_err(|e| anyhow!(e))?.map_err(te),
+        None => f().map_err(te),
+    }
+}
+
+/// Next tokens [B, 1] from last-position logits [B, vocab].
+fn pick(logits: &Tensor, o: &Options) -> Result<Tensor> {
+    if o.temperature <= 0.0 {
+        return logits.f_argmax(-1, true).map_err(te);
+    }
+    let mut l = logits.f_to_kind(Kind::Float).and_then(|l| l.f_div_scalar(o.temperature)).map_err(te)?;
+    if let Some(k) = o.top_k {
+        let k = k.min(l.size()[1]);
+        let (top, _) = l.f_topk(k, -1, true, true).map_err(te)?;
+        let kth = top.f_narrow(1, k - 1, 1).map_err(te)?;
+        let below = l.f_lt_tensor(&kth).map_err(te)?;
+        l = l.f_masked_fill(&below, f64::NEG_INFINITY).map_err(te)?;
+    }
+    l.f_softmax(-1, Kind::Float).and_then(|p| p.f_multinomial(1, true)).map_err(te)
+}
+
+/// Generate `o.max_new_tokens` tokens after `prompt` [B, T0] (int64 ids).
+pub fn generate(model: &Gpt2, prompt: &Tensor, o: &Options) -> Result<Generated> {
+    let shape = prompt.size();
+    let [b, t0] = shape[..] else { bail!("generate: tokens must be [B, T], got {shape:?}") };
+    if b < 1 || t0 < 1 {
+        bail!("generate: the prompt needs at least one token per sequence, got {shape:?}");
+    }
+    if o.max_new_tokens < 1 {
+        bail!("generate: max_new_tokens must be at least 1, got {}", o.max_new_tokens);
+    }
+    if !(o.temperature >= 0.0 && o.temperature.is_finite()) {
+        bail!("generate: temperature must be a finite number >= 0, got {}", o.temperature);
+    }
+    if o.top_k.is_some_and(|k| k < 1) {
+        bail!("generate: top_k must be at least 1");
+    }
+    let block = model.cfg().block_size;
+    let total = t0 + o.max_new_tokens;
+    if o.cache && total > block {
+        bail!(
+            "generate: prompt ({t0}) + max_new_tokens ({}) = {total} exceeds block_size {block}; \
+             shorten them, or pass cache: false to slide a {block}-token window",
+            o.max_new_tokens
+        );
+    }
+    if let Some(s) = o.seed {
+        tch::manual_seed(s);
+    }
+    let dev = model.store().device();
+    let vocab = model.cfg().vocab_size;
+    let amp = if dev.is_cuda() { o.amp } else { None };
+    let _guard = tch::no_grad_guard();
+    let prompt = prompt.f_to_device(dev).and_then(|p| p.f_to_kind(Kind::Int64)).map_err(te)?;
+    let mut out = vec![prompt.shallow_clone()];
+    let mut kept = Vec::new();
+    let last = |l: &Tensor| -> Result<Tensor> {
+        let t = l.size()[1];
+        l.f_select(1, t - 1).and_then(|x| x.f_narrow(-1, 0, vocab)).map_err(te)
+    };
+    sync(dev);
+    let start = Instant::now();
+    let (cache_bytes, cache_tokens, cache_elem, prefill_s);
+    if o.cache {
+        // The last generated token is never fed back: the cache needs total − 1.
+        let mut cache = model.new_cache(b, total - 1).map_err(te)?;
+        let logits = with_amp(amp, || model.forward_cached_last(&prompt, &mut cache))?;
+        let mut cur = last(&logits)?;
+        sync(dev);
+        prefill_s = start.elapsed().as_secs_f64();
+        for step in 0..o.max_new_tokens {
+            let next = pick(&cur, o)?;
+            if o.keep_logits {
+                kept.push(cur.f_to_kind(Kind::Float).map_err(te)?);
+            }
+            out.push(next.shallow_clone());
+            if step + 1 == o.max_new_tokens {
+                break;
+            }
+            let logits = with_amp(amp, || model.forward_cached_last(&next, &mut cache))?;
+            cur = last(&logits)?;
+        }
+        cache_bytes = cache.bytes();
+        cache_tokens = cache.capacity;
+        cache_elem = cache
+            .layers
+            .iter()
+            .find_map(|l| l.key.as_ref().or(l.value.as_ref()).or(l.latent.as_ref()))
+            .map_or(4, |t| crate::attention::cache::elem_size(t.kind()));
+    } else {
+        let mut seq = prompt.shallow_clone();
+        let mut first = true;
+        let mut pre = 0.0;
+        for _ in 0..o.max_new_tokens {
+            let t = seq.size()[1];
+            let window = seq.f_narrow(1, (t - block).max(0), t.min(block)).map_err(te)?;
+            let logits = with_amp(amp, || model.forward(&window, false))?;
+            let cur = last(&logits)?;
+            let next = pick(&cur, o)?;
+            if first {
+                sync(dev);
+                pre = start.elapsed().as_secs_f64();
+                first = false;
+            }
+            if o.keep_logits {
+                kept.push(cur.f_to_kind(Kind::Float).map_err(te)?);
+            }
+            seq = Tensor::f_cat(&[&seq, &next], 1).map_err(te)?;
+            out.push(next);
+        }
+        prefill_s = pre;
+        cache_bytes = 0;
+        cache_tokens = 0;
+        cache_elem = 0;
+    }
+    sync(dev);
+    let decode_s = start.elapsed().as_secs_f64() - prefill_s;
+    let tokens = Tensor::f_cat(&out, 1).map_err(te)?;
+    Ok(Generated { tokens, logits: kept, cache_bytes, cache_tokens, cache_elem, prefill_s, decode_s })
+}
