@@ -110,6 +110,30 @@ pub const GPT2_SIZES: &[(&str, Option<&str>)] = &[
     ("1558M", Some("1558M")),
 ];
 
+/// The attention presets of the matrix axis: (Kconfig suffix, preset).
+pub const ATTENTIONS: &[(&str, &str)] = &[
+    ("MHA", "mha"),
+    ("RA", "ra"),
+    ("MLA", "mla"),
+    ("RA_MLA", "ra_mla"),
+    ("MLA_KVSPLICE", "mla_kvsplice"),
+    ("RA_MLA_KVSPLICE", "ra_mla_kvsplice"),
+    ("SBA", "sba"),
+    ("RA_ROUTE", "ra_route"),
+    ("KV_TYING", "kv_tying"),
+    ("KV_TYING_T", "kv_tying_t"),
+];
+
+/// One value of the GPT-2 attention axis: its id in cell names, the GPT-2
+/// options it sets over the shared ones, and its learning rate when the
+/// ablation step fixes one.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AttentionAxis {
+    pub id: String,
+    pub gpt2: Value,
+    pub lr: Option<f64>,
+}
+
 /// Data settings shared by the cells.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct DataSpec {
@@ -128,6 +152,9 @@ pub struct Experiment {
     pub models: Vec<String>,
     /// Model options by architecture (GPT-2's size, block, dropout, ...).
     pub gpt2: Value,
+    /// GPT-2 attention variants (a matrix axis; ablation steps included).
+    #[serde(default)]
+    pub attentions: Vec<AttentionAxis>,
     pub optimizers: Vec<String>,
     /// Shared optimizer settings (lr, betas, weight decay, SPAM, ...).
     pub opt: OptConfig,
@@ -209,6 +236,55 @@ impl Experiment {
                 }
             }
         }
+
+        // Attention knobs (shared by every variant cell).
+        for (k, sym) in [
+            ("splice_ratio", "KVSPLICE_RATIO"),
+            ("rope_theta", "ROPE_THETA"),
+            ("ra_balance_weight", "RA_BALANCE_WEIGHT"),
+            ("route_head_frac", "RA_ROUTE_HEAD_FRAC"),
+            ("route_penalty", "RA_ROUTE_PENALTY"),
+            ("route_warmup_drop", "RA_ROUTE_WARMUP_DROP"),
+        ] {
+            if let Some(v) = r.float_opt(sym)? {
+                gpt2[k] = json!(v);
+            }
+        }
+        if let Some(v) = r.int_opt("MLA_D_LATENT")? {
+            gpt2["d_latent"] = json!(v);
+        }
+        if let Some(e) = r.int_opt("EMBED_LATENT")?.filter(|&e| e > 0) {
+            gpt2["embed_latent"] = json!(e);
+        }
+        for (k, sym) in [
+            ("route_skip_warmup", "RA_ROUTE_SKIP_WARMUP"),
+            ("golden_ratio", "GOLDEN_RATIO"),
+            ("fisher_metrics", "FISHER_METRICS"),
+        ] {
+            if r.bool(sym)? {
+                gpt2[k] = json!(true);
+            }
+        }
+        if r.bool("ATTN_MLP_SPLICE")? {
+            gpt2["mlp"] = json!("splice");
+        }
+        let steps = r.string("RA_ABLATION_STEPS")?;
+        let attentions: Vec<AttentionAxis> = if steps.trim().is_empty() {
+            enabled(r, "ATTENTION_", ATTENTIONS)?
+                .into_iter()
+                .map(|a| AttentionAxis {
+                    id: a.to_string(),
+                    gpt2: crate::attention::steps::preset_options(a),
+                    lr: None,
+                })
+                .collect()
+        } else {
+            crate::attention::steps::parse_list(&steps)
+                .map_err(|e| anyhow!("CONFIG_RA_ABLATION_STEPS: {e}"))?
+                .into_iter()
+                .map(|(id, gpt2, lr)| AttentionAxis { id, gpt2, lr: Some(lr) })
+                .collect()
+        };
 
         let sd = SpamConfig::default();
         let spam = SpamConfig {
@@ -294,6 +370,7 @@ impl Experiment {
         Ok(Experiment {
             models,
             gpt2,
+            attentions,
             optimizers,
             opt,
             adamwprune_base,

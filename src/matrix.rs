@@ -41,6 +41,9 @@ pub struct Cell {
     pub pruning: String,
     pub variant: Option<String>,
     pub sparsity: f64,
+    /// GPT-2 attention variant or ablation step (the attention axis).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention: Option<String>,
 }
 
 /// The stable id of a cell: `<model>_<optimizer>_<pruning>[-<variant>][_<pct>]`.
@@ -62,41 +65,57 @@ pub fn cells(exp: &Experiment) -> Result<Vec<Cell>> {
     let mut out = Vec::new();
     let mut skipped = Vec::new();
     for model in &exp.models {
-        for opt in &exp.optimizers {
-            for pr in &exp.pruning {
-                let prune_opt = opt == "adamwprune";
-                if prune_opt != (pr == "state") {
-                    skipped.push(format!("{opt}+{pr}"));
-                    continue;
-                }
-                if pr == "none" {
-                    out.push(Cell {
-                        id: cell_id(model, opt, pr, None, 0.0),
+        // GPT-2 cells multiply by the attention axis; a lone `mha` keeps the plain ids.
+        let atts: Vec<Option<String>> = match exp.attentions.as_slice() {
+            a if model != "gpt2"
+                || a.is_empty()
+                || (a.len() == 1 && a[0].id == "mha" && a[0].lr.is_none()) =>
+            {
+                vec![None]
+            }
+            a => a.iter().map(|x| Some(x.id.clone())).collect(),
+        };
+        for att in &atts {
+            let shown = match att {
+                Some(a) => format!("{model}-{a}"),
+                None => model.clone(),
+            };
+            for opt in &exp.optimizers {
+                for pr in &exp.pruning {
+                    let prune_opt = opt == "adamwprune";
+                    if prune_opt != (pr == "state") {
+                        skipped.push(format!("{opt}+{pr}"));
+                        continue;
+                    }
+                    let cell = |variant: Option<String>, sparsity: f64| Cell {
+                        id: cell_id(&shown, opt, pr, variant.as_deref(), sparsity),
                         model: model.clone(),
                         optimizer: opt.clone(),
                         pruning: pr.clone(),
-                        variant: None,
-                        sparsity: 0.0,
-                    });
-                    continue;
-                }
-                let variants: Vec<Option<String>> =
-                    if pr == "state" { exp.variants.iter().cloned().map(Some).collect() } else { vec![None] };
-                for &s in &exp.sparsities {
-                    for v in &variants {
-                        out.push(Cell {
-                            id: cell_id(model, opt, pr, v.as_deref(), s),
-                            model: model.clone(),
-                            optimizer: opt.clone(),
-                            pruning: pr.clone(),
-                            variant: v.clone(),
-                            sparsity: s,
-                        });
+                        variant,
+                        sparsity,
+                        attention: att.clone(),
+                    };
+                    if pr == "none" {
+                        out.push(cell(None, 0.0));
+                        continue;
+                    }
+                    let variants: Vec<Option<String>> = if pr == "state" {
+                        exp.variants.iter().cloned().map(Some).collect()
+                    } else {
+                        vec![None]
+                    };
+                    for &s in &exp.sparsities {
+                        for v in &variants {
+                            out.push(cell(v.clone(), s));
+                        }
                     }
                 }
             }
         }
     }
+    skipped.sort();
+    skipped.dedup();
     if out.is_empty() {
         let mut why = vec!["the configuration gives no cells".to_string()];
         if exp.models.is_empty() {
@@ -219,21 +238,45 @@ fn image_feed(exp: &Experiment, seed: u64, batch: usize) -> Result<(ImageFeed, i
 /// Build the model of `cell` (on the CPU, not finalized).
 pub fn build_model(exp: &Experiment, cell: &Cell, classes: i64, channels: i64) -> Result<Box<dyn Model>> {
     let opts = match cell.model.as_str() {
-        "gpt2" => exp.gpt2.clone(),
+        "gpt2" => {
+            let mut o = exp.gpt2.clone();
+            if let Some(axis) = attention_axis(exp, cell)? {
+                if let (Some(o), Some(extra)) = (o.as_object_mut(), axis.gpt2.as_object()) {
+                    o.extend(extra.clone());
+                }
+            }
+            o
+        }
         _ => json!({ "classes": classes, "in_channels": channels }),
     };
     models::build(&cell.model, opts)
 }
 
+/// The attention axis value of a GPT-2 cell (None for plain cells).
+pub fn attention_axis<'a>(
+    exp: &'a Experiment,
+    cell: &Cell,
+) -> Result<Option<&'a crate::config::AttentionAxis>> {
+    match &cell.attention {
+        None => Ok(None),
+        Some(id) => {
+            exp.attentions.iter().find(|a| &a.id == id).map(Some).ok_or_else(|| {
+                anyhow::anyhow!("cell {}: attention '{id}' is not in the configuration", cell.id)
+            })
+        }
+    }
+}
+
 /// The optimizer configuration of a cell: the kind's defaults, then the
-/// experiment's shared settings.
+/// experiment's shared settings (an ablation step fixes its own learning rate).
 pub fn opt_config(exp: &Experiment, cell: &Cell) -> Result<OptConfig> {
     let kind =
         if cell.optimizer == "adamwprune" { exp.adamwprune_base } else { OptKind::parse(&cell.optimizer)? };
     let base = OptConfig::for_kind(kind);
     let e = &exp.opt;
+    let lr = attention_axis(exp, cell)?.and_then(|a| a.lr).unwrap_or(e.lr);
     let cfg = OptConfig {
-        lr: e.lr,
+        lr,
         weight_decay: e.weight_decay,
         beta1: e.beta1,
         beta2: e.beta2,
