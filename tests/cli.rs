@@ -58,6 +58,14 @@ fn tensor_ops_script_passes() {
 }
 
 #[test]
+fn attention_bindings_script_passes() {
+    let o = knlp(&root(), &["run", "tests/scripts/attention.rhai"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("attention bindings ok"));
+}
+
+#[test]
 fn tensor_demo_runs() {
     let o = knlp(&root(), &["run", "scripts/tensors.rhai", "--steps", "20"]);
     let (out, err) = text(&o);

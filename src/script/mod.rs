@@ -2,6 +2,7 @@
 //! rendering. The library modules know nothing of Rhai; everything
 //! script-facing lives below this module.
 pub mod api;
+pub mod attention;
 pub mod config;
 pub mod data;
 pub mod device;
@@ -83,6 +84,7 @@ pub fn register_all(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     helpers::register(engine, docs);
     data::register(engine, docs);
     models::register(engine, docs);
+    attention::register(engine, docs);
     optim::register(engine, docs);
     prune::register(engine, docs);
     train::register(engine, docs);

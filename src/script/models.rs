@@ -97,7 +97,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
         let (c, d): (resnet::Config, _) = model_opts(&o, "resnet")?;
         finish(Box::new(resnet::ResNet::new(c).rt()?), d)
     });
-    api.f("gpt2", "options: map", "GPT-2 (nanoGPT): `#{ preset: \"124M\"|\"350M\"|\"774M\"|\"1558M\", n_layer, n_head, n_embd, block_size: 1024, vocab_size: 50257, dropout: 0.0, bias: true, tie_weights: true, device, seed }`.", |o: Map| -> RResult<RModel> {
+    api.f("gpt2", "options: map", "GPT-2 (nanoGPT): `#{ preset: \"124M\"|\"350M\"|\"774M\"|\"1558M\", n_layer, n_head, n_embd, block_size: 1024, vocab_size: 50257, padded_vocab_size, dropout: 0.0, bias: true, tie_weights: true, device, seed }`; attention variants: `attention: \"mha\"|\"ra\"|\"mla\"|\"ra_mla\"|\"mla_kvsplice\"|\"ra_mla_kvsplice\"|\"sba\"|\"ra_route\"|\"kv_tying\"|\"kv_tying_t\"`, axis overrides `direction`, `kv`, `q`, `rope`, and `d_latent: 256, splice_ratio: 0.5, rope_theta, ra_balance_weight: 0.01, route_head_frac, route_penalty, route_warmup_drop, route_skip_warmup, mlp: \"gelu\"|\"splice\", mlp_latent, embed_latent, golden_ratio, fisher_metrics` (docs/attention.md).", |o: Map| -> RResult<RModel> {
         let (c, d): (gpt2::Config, _) = model_opts(&o, "gpt2")?;
         finish(Box::new(gpt2::Gpt2::new(c).rt()?), d)
     });
