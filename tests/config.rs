@@ -115,3 +115,49 @@ fn project_names_follow_the_config_and_folder() {
     assert_ne!(a, b);
     assert_eq!(a, config::project_name(&exp, "# comment\nCONFIG_A=y\n"), "comments do not matter");
 }
+
+#[test]
+fn attention_presets_and_ablation_steps_are_matrix_axes() {
+    let load = |name: &str| {
+        let (kc, _) =
+            config::load(&root().join("Kconfig"), &root().join("defconfigs").join(name), &[]).unwrap();
+        Experiment::read(&Reader::new(&kc)).unwrap()
+    };
+    let exp = load("gpt2-ra-mla-ablation");
+    let cells = knlp::matrix::cells(&exp).unwrap();
+    let ids: Vec<&str> = cells.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "gpt2-B0_adamw_none",
+            "gpt2-MLA0_adamw_none",
+            "gpt2-MLAKV0_adamw_none",
+            "gpt2-RAMLA0_adamw_none",
+            "gpt2-RAMLAKV0_adamw_none"
+        ]
+    );
+    for (c, att) in cells.iter().zip(["mha", "mla", "mla_kvsplice", "ra_mla", "ra_mla_kvsplice"]) {
+        let m = knlp::matrix::build_model(&exp, c, 0, 0).unwrap();
+        assert_eq!(m.config()["attention"], att, "{}", c.id);
+        assert_eq!(m.config()["fisher_metrics"], true);
+        // One optimizer setting for every step; the digit 0 is lr 6e-4.
+        let o = knlp::matrix::opt_config(&exp, c).unwrap();
+        assert_eq!((o.lr, o.beta2, o.weight_decay), (6e-4, 0.95, 0.1), "{}", c.id);
+    }
+    let exp = load("gpt2-attention-small");
+    let cells = knlp::matrix::cells(&exp).unwrap();
+    assert_eq!(cells.len(), 6);
+    assert_eq!(cells[2].id, "gpt2-mla_adamw_none");
+    let m = knlp::matrix::build_model(&exp, &cells[2], 0, 0).unwrap();
+    assert_eq!(m.config()["d_latent"], 64);
+    // A lone mha keeps the plain cell ids of earlier runs.
+    let exp = load("gpt2-brown-small");
+    assert_eq!(knlp::matrix::cells(&exp).unwrap()[0].id, "gpt2_adamw_none");
+    // A bad step names the symbol.
+    let d = std::env::temp_dir().join(format!("knlp-steps-{}.config", std::process::id()));
+    std::fs::write(&d, "CONFIG_MODEL_GPT2=y\nCONFIG_RA_ABLATION_STEPS=\"B0,MLA7\"\n").unwrap();
+    let (kc, _) = config::load(&root().join("Kconfig"), &d, &[]).unwrap();
+    let e = Experiment::read(&Reader::new(&kc)).unwrap_err().to_string();
+    assert!(e.contains("CONFIG_RA_ABLATION_STEPS") && e.contains("MLA7"), "{e}");
+    let _ = std::fs::remove_file(&d);
+}
