@@ -148,6 +148,7 @@ struct Fresh {
 }
 
 impl Attention {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         s: &mut ParamStore,
         p: &Path,
@@ -326,7 +327,7 @@ impl Attention {
     }
 
     /// K, V (and Q when asked) of every position from latents `c_all`.
-    fn from_latent(
+    fn qkv_of_latent(
         &self,
         c_all: &Tensor,
         want_q: bool,
@@ -388,7 +389,7 @@ impl Attention {
         let mixed = self.spec.direction == Direction::Learned && ctx.train;
         let (q, k, v) = match (&f.c, f.q) {
             (Some(c), q) => {
-                let (ql, k, v) = self.from_latent(c, q.is_none())?;
+                let (ql, k, v) = self.qkv_of_latent(c, q.is_none())?;
                 let q = q.or(ql).ok_or_else(|| te("no query".into()))?;
                 (q, k, v)
             }
@@ -465,7 +466,7 @@ impl Attention {
                 }
                 _ => cache::write(&mut lc.latent, &[b, cap, c_new.size()[2]], 1, pos0, c_new)?,
             };
-            let (q_all, k_all, v_all) = self.from_latent(&c_all, recip)?;
+            let (q_all, k_all, v_all) = self.qkv_of_latent(&c_all, recip)?;
             let k_all = self.rope(k_all, 0)?;
             if recip {
                 let q_all = self.rope(q_all.ok_or_else(|| te("reciprocal needs queries".into()))?, 0)?;
@@ -474,7 +475,7 @@ impl Attention {
             } else {
                 let q_new = match f.q {
                     Some(q) => q,
-                    None => self.from_latent_q(c_new)?,
+                    None => self.q_of_latent(c_new)?,
                 };
                 (self.rope(q_new, pos0)?, k_all, v_all)
             }
@@ -503,7 +504,7 @@ impl Attention {
         sdpa(&query, &key, &value, pos0, 0.0)
     }
 
-    fn from_latent_q(&self, c: &Tensor) -> Result<Tensor, TchError> {
+    fn q_of_latent(&self, c: &Tensor) -> Result<Tensor, TchError> {
         let (d, h, hs) = (self.dims.n_embd, self.dims.n_head, self.dims.head_size());
         match &self.proj {
             Proj::TokenLatent { up, .. } => heads(&linear_rows(up, c, 0, d)?, h, hs),

@@ -222,7 +222,7 @@ impl Config {
         if !(resolved.splice_ratio > 0.0 && resolved.splice_ratio <= 1.0) {
             bail!("gpt2: splice_ratio must be in (0, 1], got {}", resolved.splice_ratio);
         }
-        if !(resolved.rope_theta > 1.0) {
+        if resolved.rope_theta.is_nan() || resolved.rope_theta <= 1.0 {
             bail!("gpt2: rope_theta must be above 1, got {}", resolved.rope_theta);
         }
         if spec.mixer == Mixer::Route && h < 2 {
