@@ -152,8 +152,9 @@ pub struct Experiment {
     pub models: Vec<String>,
     /// Model options by architecture (GPT-2's size, block, dropout, ...).
     pub gpt2: Value,
-    /// GPT-2 attention variants (a matrix axis; ablation steps included).
-    #[serde(default)]
+    /// GPT-2 attention variants (a matrix axis; ablation steps included);
+    /// empty for GPT-2's own attention alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attentions: Vec<AttentionAxis>,
     pub optimizers: Vec<String>,
     /// Shared optimizer settings (lr, betas, weight decay, SPAM, ...).
@@ -237,20 +238,24 @@ impl Experiment {
             }
         }
 
-        // Attention knobs (shared by every variant cell).
-        for (k, sym) in [
-            ("splice_ratio", "KVSPLICE_RATIO"),
-            ("rope_theta", "ROPE_THETA"),
-            ("ra_balance_weight", "RA_BALANCE_WEIGHT"),
-            ("route_head_frac", "RA_ROUTE_HEAD_FRAC"),
-            ("route_penalty", "RA_ROUTE_PENALTY"),
-            ("route_warmup_drop", "RA_ROUTE_WARMUP_DROP"),
+        // Attention knobs (shared by every variant cell). Only values that
+        // differ from the model's defaults are recorded, so a configuration
+        // from before these knobs existed reads back unchanged (and its
+        // projects continue).
+        let gd = crate::models::gpt2::Config::default();
+        for (k, sym, default) in [
+            ("splice_ratio", "KVSPLICE_RATIO", gd.splice_ratio),
+            ("rope_theta", "ROPE_THETA", gd.rope_theta),
+            ("ra_balance_weight", "RA_BALANCE_WEIGHT", gd.ra_balance_weight),
+            ("route_head_frac", "RA_ROUTE_HEAD_FRAC", gd.route_head_frac),
+            ("route_penalty", "RA_ROUTE_PENALTY", gd.route_penalty),
+            ("route_warmup_drop", "RA_ROUTE_WARMUP_DROP", gd.route_warmup_drop),
         ] {
-            if let Some(v) = r.float_opt(sym)? {
+            if let Some(v) = r.float_opt(sym)?.filter(|&v| v != default) {
                 gpt2[k] = json!(v);
             }
         }
-        if let Some(v) = r.int_opt("MLA_D_LATENT")? {
+        if let Some(v) = r.int_opt("MLA_D_LATENT")?.filter(|&v| v != gd.d_latent) {
             gpt2["d_latent"] = json!(v);
         }
         if let Some(e) = r.int_opt("EMBED_LATENT")?.filter(|&e| e > 0) {
@@ -270,14 +275,19 @@ impl Experiment {
         }
         let steps = r.string("RA_ABLATION_STEPS")?;
         let attentions: Vec<AttentionAxis> = if steps.trim().is_empty() {
-            enabled(r, "ATTENTION_", ATTENTIONS)?
-                .into_iter()
-                .map(|a| AttentionAxis {
-                    id: a.to_string(),
-                    gpt2: crate::attention::steps::preset_options(a),
-                    lr: None,
-                })
-                .collect()
+            let on = enabled(r, "ATTENTION_", ATTENTIONS)?;
+            if on == ["mha"] {
+                // GPT-2's own attention alone: no axis (plain cell ids, as before).
+                Vec::new()
+            } else {
+                on.into_iter()
+                    .map(|a| AttentionAxis {
+                        id: a.to_string(),
+                        gpt2: crate::attention::steps::preset_options(a),
+                        lr: None,
+                    })
+                    .collect()
+            }
         } else {
             crate::attention::steps::parse_list(&steps)
                 .map_err(|e| anyhow!("CONFIG_RA_ABLATION_STEPS: {e}"))?

@@ -19,6 +19,10 @@ fn te(e: tch::TchError) -> anyhow::Error {
     anyhow!(torch_error(&e))
 }
 
+/// The most tokens one call generates (a sliding window allows more than
+/// `block_size`; this bounds a mistyped count).
+pub const MAX_NEW_TOKENS: i64 = 1 << 20;
+
 #[derive(Clone, Debug)]
 pub struct Options {
     pub max_new_tokens: i64,
@@ -99,8 +103,21 @@ pub fn generate(model: &Gpt2, prompt: &Tensor, o: &Options) -> Result<Generated>
     if b < 1 || t0 < 1 {
         bail!("generate: the prompt needs at least one token per sequence, got {shape:?}");
     }
-    if o.max_new_tokens < 1 {
-        bail!("generate: max_new_tokens must be at least 1, got {}", o.max_new_tokens);
+    if !(1..=MAX_NEW_TOKENS).contains(&o.max_new_tokens) {
+        bail!("generate: max_new_tokens must be in 1..={MAX_NEW_TOKENS}, got {}", o.max_new_tokens);
+    }
+    let kind = prompt.f_kind().map_err(te)?;
+    if !matches!(kind, Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8) {
+        bail!("generate: tokens must be integer ids, got {}", crate::tensor::kind_name(kind));
+    }
+    let vocab = model.cfg().vocab_size;
+    let (lo, hi) = tch::no_grad(|| -> Result<(i64, i64), tch::TchError> {
+        let p = prompt.f_to_kind(Kind::Int64)?;
+        Ok((p.f_min()?.f_int64_value(&[])?, p.f_max()?.f_int64_value(&[])?))
+    })
+    .map_err(te)?;
+    if lo < 0 || hi >= vocab {
+        bail!("generate: token ids must lie in [0, {vocab}), got ids from {lo} to {hi}");
     }
     if !(o.temperature >= 0.0 && o.temperature.is_finite()) {
         bail!("generate: temperature must be a finite number >= 0, got {}", o.temperature);
@@ -110,7 +127,8 @@ pub fn generate(model: &Gpt2, prompt: &Tensor, o: &Options) -> Result<Generated>
     }
     let block = model.cfg().block_size;
     let total = t0 + o.max_new_tokens;
-    if o.cache && total > block {
+    // The last new token is never fed back, so the cache holds total − 1.
+    if o.cache && total - 1 > block {
         bail!(
             "generate: prompt ({t0}) + max_new_tokens ({}) = {total} exceeds block_size {block}; \
              shorten them, or pass cache: false to slide a {block}-token window",
@@ -121,7 +139,6 @@ pub fn generate(model: &Gpt2, prompt: &Tensor, o: &Options) -> Result<Generated>
         tch::manual_seed(s);
     }
     let dev = model.store().device();
-    let vocab = model.cfg().vocab_size;
     let amp = if dev.is_cuda() { o.amp } else { None };
     let _guard = tch::no_grad_guard();
     let prompt = prompt.f_to_device(dev).and_then(|p| p.f_to_kind(Kind::Int64)).map_err(te)?;

@@ -24,8 +24,8 @@ pub enum Role {
     Bias,
     /// LayerNorm / BatchNorm gain or shift.
     Norm,
-    /// A learned gate or mixing logit (attention direction, SBA alpha,
-    /// router): never decayed, never pruned.
+    /// A learned gate, mixing logit or scale (attention direction, SBA
+    /// alpha, KVSplice scale): never decayed, never pruned.
     Gate,
 }
 

@@ -152,6 +152,46 @@ fn cached_greedy_decoding_matches_full_recomputation() {
 }
 
 #[test]
+fn routing_phase_decodes_through_the_cache_too() {
+    let _rng = rng();
+    tch::manual_seed(6);
+    let m = small("ra_route", |c| c.route_skip_warmup = true);
+    let prompt = tokens(2, 4, 61);
+    let o = Options { max_new_tokens: 10, keep_logits: true, ..Options::default() };
+    let cached = generate(&m, &prompt, &o).unwrap();
+    let full = generate(&m, &prompt, &Options { cache: false, ..o.clone() }).unwrap();
+    assert!(cached.tokens.equal(&full.tokens));
+    for (a, b) in cached.logits.iter().zip(&full.logits) {
+        assert!((a - b).abs().max().double_value(&[]) <= 1e-4);
+    }
+    assert_eq!(cached.cache_bytes, m.kv_cache_bytes(2, cached.cache_tokens, 4).unwrap());
+    // The router's statistics are reported in both phases.
+    let met = m.attention_metrics(Some(&prompt), false).unwrap();
+    assert!(met.contains_key("route/p_ra") && met.contains_key("kv_cache/bytes_per_sequence"));
+    let w = small("ra_route", |c| c.route_skip_warmup = false);
+    assert!(w.attention_metrics(Some(&prompt), false).unwrap().contains_key("route/ra_token_pct"));
+}
+
+#[test]
+fn generate_refuses_bad_prompts_and_counts() {
+    let _rng = rng();
+    let m = small("mha", |_| {});
+    let bad = |p: &Tensor, n: i64| {
+        generate(&m, p, &Options { max_new_tokens: n, ..Options::default() }).err().unwrap().to_string()
+    };
+    assert!(bad(&Tensor::from_slice(&[1.5f32, 2.0]).view([1, 2]), 3).contains("integer ids"));
+    assert!(bad(&Tensor::from_slice(&[1i64, 61]).view([1, 2]), 3).contains("[0, 61)"));
+    assert!(bad(&Tensor::from_slice(&[-1i64, 3]).view([1, 2]), 3).contains("[0, 61)"));
+    assert!(bad(&Tensor::from_slice(&[1i64, 2]), 3).contains("[B, T]"));
+    assert!(bad(&tokens(1, 2, 61), 0).contains("max_new_tokens"));
+    assert!(bad(&tokens(1, 2, 61), i64::MAX).contains("max_new_tokens"));
+    // prompt + new − 1 tokens fill a block exactly.
+    assert!(generate(&m, &tokens(1, 5, 61), &Options { max_new_tokens: 20, ..Options::default() }).is_ok());
+    assert!(m.kv_cache_bytes(-1, 4, 4).is_err());
+    assert!(m.kv_cache_bytes(1 << 40, 1 << 40, 4).unwrap_err().to_string().contains("overflow"));
+}
+
+#[test]
 fn chunked_prefill_through_the_cache_matches_one_forward() {
     let _rng = rng();
     for att in ["mha", "ra_mla", "mla_kvsplice", "sba", "ra_route", "kv_tying"] {

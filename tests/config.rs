@@ -150,9 +150,20 @@ fn attention_presets_and_ablation_steps_are_matrix_axes() {
     assert_eq!(cells[2].id, "gpt2-mla_adamw_none");
     let m = knlp::matrix::build_model(&exp, &cells[2], 0, 0).unwrap();
     assert_eq!(m.config()["d_latent"], 64);
-    // A lone mha keeps the plain cell ids of earlier runs.
+    // A lone mha keeps the plain cell ids and options of earlier runs, so
+    // projects started before the attention menu existed still continue.
     let exp = load("gpt2-brown-small");
     assert_eq!(knlp::matrix::cells(&exp).unwrap()[0].id, "gpt2_adamw_none");
+    assert!(exp.attentions.is_empty());
+    let keys: Vec<&String> = exp.gpt2.as_object().unwrap().keys().collect();
+    for k in &keys {
+        assert!(
+            ["bias", "tie_weights", "block_size", "dropout", "n_layer", "n_head", "n_embd", "preset"]
+                .contains(&k.as_str()),
+            "a default attention knob is recorded: {k}"
+        );
+    }
+    assert!(!serde_json::to_string(&exp).unwrap().contains("attentions"));
     // A bad step names the symbol.
     let d = std::env::temp_dir().join(format!("knlp-steps-{}.config", std::process::id()));
     std::fs::write(&d, "CONFIG_MODEL_GPT2=y\nCONFIG_RA_ABLATION_STEPS=\"B0,MLA7\"\n").unwrap();

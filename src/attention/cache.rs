@@ -39,13 +39,15 @@ pub struct Cache {
     /// Tokens the slots hold.
     pub capacity: i64,
     pub batch: i64,
+    /// A step failed part-way: the slots no longer describe `len` tokens.
+    pub poisoned: bool,
 }
 
 impl Cache {
     pub fn new(reciprocal: Vec<bool>, batch: i64, capacity: i64) -> Cache {
         let layers =
             reciprocal.into_iter().map(|r| LayerCache { reciprocal: r, ..Default::default() }).collect();
-        Cache { layers, len: 0, capacity, batch }
+        Cache { layers, len: 0, capacity, batch, poisoned: false }
     }
 
     /// Bytes of every slot allocated so far.

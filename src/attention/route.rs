@@ -92,7 +92,8 @@ impl Router {
             }
             *slot = Some(cs.f_select(1, t - 1)?.f_contiguous()?);
         }
-        if !ctx.route_on {
+        let stats = ctx.probe.is_some_and(|p| p.try_borrow().is_ok_and(|p| p.stats));
+        if !ctx.route_on && !stats {
             return out_full.f_mul_scalar(0.75)?.f_add(&out_ra.f_mul_scalar(0.25)?);
         }
         let count =
@@ -127,8 +128,13 @@ impl Router {
         let hard = p_ra.f_gt(0.5)?.f_to_kind(Kind::Float)?;
         let st =
             hard.f_add(&p_ra)?.f_sub(&p_ra.f_detach()?)?.f_unsqueeze(-1)?.f_to_kind(out_full.f_kind()?)?;
-        let out = out_full.f_add(&st.f_mul(&out_ra.f_sub(&out_full)?)?)?;
-        if ctx.train {
+        let out = if ctx.route_on {
+            out_full.f_add(&st.f_mul(&out_ra.f_sub(&out_full)?)?)?
+        } else {
+            // Warm-up: the router only reports its statistics; it does not route.
+            out_full.f_mul_scalar(0.75)?.f_add(&out_ra.f_mul_scalar(0.25)?)?
+        };
+        if ctx.train && ctx.route_on {
             if let Some(aux) = ctx.aux {
                 let h = (self.n_full + self.n_ra) as f64;
                 let cost = p_full

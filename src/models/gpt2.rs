@@ -641,13 +641,35 @@ impl Gpt2 {
         if b != cache.batch {
             return Err(TchError::Shape(format!("gpt2: cache holds {} sequences, got {b}", cache.batch)));
         }
-        self.run(idx, false, Some(cache), last_only)
+        if cache.layers.len() != self.blocks.len() {
+            return Err(TchError::Shape(format!(
+                "gpt2: cache has {} layers, the model {}",
+                cache.layers.len(),
+                self.blocks.len()
+            )));
+        }
+        if cache.poisoned {
+            return Err(TchError::Shape(
+                "gpt2: this cache was left half-written by a failed step; start a new one".into(),
+            ));
+        }
+        let out = self.run(idx, false, Some(&mut *cache), last_only);
+        if out.is_err() {
+            // Cumulative slots (SBA normaliser, routing sums) may hold part of the step.
+            cache.poisoned = true;
+        }
+        out
     }
 
     /// Bytes a cache of `batch` × `seq_len` tokens holds when activations
     /// have `elem` bytes (4 float32, 2 bf16/fp16); SBA's normaliser and the
     /// router's context sum are float32.
     pub fn kv_cache_bytes(&self, batch: i64, seq_len: i64, elem: i64) -> Result<i64, TchError> {
+        if batch < 1 || seq_len < 0 || !(1..=8).contains(&elem) {
+            return Err(TchError::Shape(format!(
+                "kv_cache_bytes: batch must be >= 1 and seq_len >= 0, got batch {batch}, seq_len {seq_len}"
+            )));
+        }
         let dims = self.cfg.dims();
         let mut per_token = 0;
         let mut per_seq = 0;
@@ -656,7 +678,13 @@ impl Gpt2 {
             per_token += main * elem + f32s * 4;
             per_seq += Attention::cache_elems_per_seq(&self.spec, &dims) * 4;
         }
-        Ok(batch * (seq_len * per_token + per_seq))
+        seq_len
+            .checked_mul(per_token)
+            .and_then(|n| n.checked_add(per_seq))
+            .and_then(|n| n.checked_mul(batch))
+            .ok_or_else(|| {
+                TchError::Shape(format!("kv_cache_bytes: {batch} x {seq_len} tokens overflow 64 bits"))
+            })
     }
 
     /// Run an evaluation forward that records attention patterns of

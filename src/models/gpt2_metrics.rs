@@ -82,7 +82,11 @@ pub fn collect(m: &Gpt2, sample: Option<&Tensor>, fisher_on: bool) -> Result<Map
     if let Some(s) = m.route_state() {
         out.insert("route/phase".into(), json!(s.f_double_value(&[0]).map_err(te)?));
     }
-    out.insert("kv_cache/bytes_per_token_bf16".into(), json!(m.kv_cache_bytes(1, 1, 2).map_err(te)?));
+    let (one, two) = (m.kv_cache_bytes(1, 1, 2).map_err(te)?, m.kv_cache_bytes(1, 2, 2).map_err(te)?);
+    out.insert("kv_cache/bytes_per_token_bf16".into(), json!(two - one));
+    if 2 * one != two {
+        out.insert("kv_cache/bytes_per_sequence".into(), json!(2 * one - two));
+    }
     let Some(x) = sample else { return Ok(out) };
     let sz = x.size();
     if sz.len() != 2 {

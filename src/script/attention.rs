@@ -240,10 +240,40 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
         },
     );
     api.f(
+        "aux_loss",
+        "model",
+        "The auxiliary loss of the model's last training forward (RA balance loss, routing compute penalty; a 0-d tensor, 0 when none), taken once: add it to the loss in a hand-written training loop (`train()` does this itself).",
+        |m: RModel| -> RResult<RTensor> {
+            let b = m.borrow()?;
+            match b.take_aux_loss() {
+                Some(a) => Ok(RTensor(a)),
+                None => {
+                    let dev = b.store().device();
+                    Ok(RTensor(tch::Tensor::f_zeros([], (tch::Kind::Float, dev)).rt()?))
+                }
+            }
+        },
+    );
+    api.f(
+        "observe_eval",
+        "model, metrics: map",
+        "Tell the model an evaluation's result (`#{ val_loss }`) as `train()` does after each evaluation: advances ra_route's warm-up; returns the metrics the model logs.",
+        |m: RModel, metrics: Map| -> RResult<Dynamic> {
+            let v = rhai::serde::from_dynamic::<serde_json::Value>(&Dynamic::from_map(metrics))
+                .map_err(|e| rerr(e.to_string()))?;
+            let obj = v.as_object().cloned().unwrap_or_default();
+            let out = m.borrow_mut()?.on_eval(&obj, None).rt()?;
+            json_map(out)
+        },
+    );
+    api.f(
         "attention_metrics",
         "model, tokens",
         "What the variant logs at each evaluation, on `tokens`: RA direction probabilities and balance, SBA alphas, KVSplice compression and reconstruction error, routing statistics, cache bytes per token.",
         |m: RModel, tokens: RTensor| -> RResult<Dynamic> {
+            if tokens.0.dim() != 2 {
+                return Err(rerr(format!("attention_metrics: tokens must be [B, T], got {:?}", tokens.0.size())));
+            }
             with_gpt2(&m, "attention_metrics", |g| json_map(g.attention_metrics(Some(&tokens.0), false).rt()?))
         },
     );

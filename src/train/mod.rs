@@ -355,11 +355,16 @@ impl Trainer<'_> {
             let model = &mut *self.model;
             match amp {
                 Some(d) => crate::shim::with_autocast(d, || model.on_eval(&m, sample.as_ref()))
-                    .map_err(|e| anyhow!(e))??,
-                None => model.on_eval(&m, sample.as_ref())?,
+                    .map_err(|e| anyhow!(e))
+                    .and_then(|r| r),
+                None => model.on_eval(&m, sample.as_ref()),
             }
         };
-        m.extend(extra);
+        // The model's own analysis must not end a run: report it and go on.
+        match extra {
+            Ok(extra) => m.extend(extra),
+            Err(e) => eprintln!("warning: the model's evaluation analysis failed: {e:#}"),
+        }
         Ok(m)
     }
 
