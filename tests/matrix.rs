@@ -234,3 +234,59 @@ fn a_baseline_is_reused_and_the_graphs_and_table_follow() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("nonsense"));
 }
+
+/// GPT-2 attention variants as matrix cells: each cell builds its variant,
+/// trains, and logs the variant's analysis at every evaluation.
+#[test]
+fn attention_variants_run_as_cells_and_log_their_metrics() {
+    let d = std::env::temp_dir().join(format!("knlp-matrix-{}-attention", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(
+        d.join(".config"),
+        "# CONFIG_MODEL_LENET5 is not set
+CONFIG_MODEL_GPT2=y
+CONFIG_GPT2_N_LAYER=2
+CONFIG_GPT2_N_HEAD=2
+CONFIG_GPT2_N_EMBD=32
+CONFIG_GPT2_BLOCK_SIZE=32
+# CONFIG_ATTENTION_MHA is not set
+CONFIG_ATTENTION_RA=y
+CONFIG_ATTENTION_MLA_KVSPLICE=y
+CONFIG_MLA_D_LATENT=16
+CONFIG_FISHER_METRICS=y
+CONFIG_BATCH_SIZE=4
+CONFIG_EVAL_BATCHES=1
+CONFIG_TRAIN_STEPS=6
+CONFIG_LOG_EVERY=3
+CONFIG_EVAL_EVERY=3
+CONFIG_DEVICE_CPU=y
+CONFIG_AUTO_GRAPHS=n
+",
+    )
+    .unwrap();
+    let o = knlp(&d).args(train_args("attn")).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let keys = |cell: &str| -> Vec<String> {
+        let run = d.join("runs/attn").join(cell);
+        let status: Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("status.json")).unwrap()).unwrap();
+        assert_eq!(status["status"], "done", "{cell}");
+        metrics(&run)
+            .iter()
+            .flat_map(|r| r.as_object().unwrap().keys().cloned().collect::<Vec<_>>())
+            .collect()
+    };
+    let ra = keys("gpt2-ra_adamw_none");
+    for k in [
+        "ra/p_layer1",
+        "ra/alternation_balance",
+        "fisher/layer0/eigmax_mean",
+        "kv_cache/bytes_per_token_bf16",
+    ] {
+        assert!(ra.iter().any(|x| x == k), "ra cell logs {k}: {ra:?}");
+    }
+    let ks = keys("gpt2-mla_kvsplice_adamw_none");
+    assert!(ks.iter().any(|x| x == "kvsplice/avg_reconstruction_error"), "{ks:?}");
+    let _ = std::fs::remove_dir_all(&d);
+}
