@@ -190,7 +190,7 @@ pub fn load_project(dir: &Path) -> Result<Project> {
             run: id.clone(),
             cell: id.clone(),
             status: "pending".into(),
-            model: get_str(c, "model"),
+            model: cell_model(c),
             optimizer: get_str(c, "optimizer"),
             variant: get_str(c, "variant").filter(|_| pruning != "none"),
             target_sparsity: get_f64(c, "sparsity"),
@@ -300,6 +300,16 @@ pub fn read_metrics(
     out
 }
 
+/// A cell's model, with its GPT-2 attention variant when the matrix has
+/// that axis (`gpt2-mla`), so tables and graphs tell the variants apart.
+fn cell_model(cell: Option<&Value>) -> Option<String> {
+    let model = get_str(cell, "model")?;
+    Some(match get_str(cell, "attention") {
+        Some(a) => format!("{model}-{a}"),
+        None => model,
+    })
+}
+
 fn get_str(v: Option<&Value>, key: &str) -> Option<String> {
     match v?.get(key)? {
         Value::String(s) if !s.is_empty() => Some(s.clone()),
@@ -355,7 +365,7 @@ fn load_run(dir: &Path, warnings: &mut Vec<String>) -> (RunInfo, History) {
     info.updated = get_str(status.as_ref(), "updated");
 
     // What the run is.
-    info.model = get_str(cell, "model").or_else(|| get_str(cfg, "arch"));
+    info.model = cell_model(cell).or_else(|| get_str(cfg, "arch"));
     let opt_cfg = cfg.and_then(|c| c.get("optimizer"));
     info.optimizer = get_str(cell, "optimizer").or_else(|| get_str(opt_cfg, "kind"));
     info.lr = get_f64(opt_cfg, "lr");
