@@ -403,7 +403,7 @@ impl Attention {
         let k = self.rope(k, 0)?;
         if self.spec.mixer == Mixer::Sba {
             let alpha = self.sba_alpha.as_ref().ok_or_else(|| te("sba without alpha".into()))?.f_sigmoid()?;
-            let (y, a) = sba::full(&q, &k, &v, &alpha, ctx.p)?;
+            let (y, a) = sba::f32_only(|| sba::full(&q, &k, &v, &alpha, ctx.p))?;
             self.keep_pattern(ctx, || Ok(a.shallow_clone()))?;
             return Ok(y);
         }
@@ -498,7 +498,7 @@ impl Attention {
         };
         if self.spec.mixer == Mixer::Sba {
             let alpha = self.sba_alpha.as_ref().ok_or_else(|| te("sba without alpha".into()))?.f_sigmoid()?;
-            return sba::cached(&query, &key, &value, &alpha, pos0, &mut lc.col_norm, cap);
+            return sba::f32_only(|| sba::cached(&query, &key, &value, &alpha, pos0, &mut lc.col_norm, cap));
         }
         self.keep_pattern(ctx, || pattern(&query, &key, pos0))?;
         sdpa(&query, &key, &value, pos0, 0.0)

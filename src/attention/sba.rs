@@ -22,23 +22,14 @@ use super::layer::causal_allowed;
 /// entries never produce ∞ − ∞ in the forward or the backward pass.
 const FAR: f64 = -1e30;
 
-fn f32_only<T>(f: impl FnOnce() -> Result<T, TchError>) -> Result<T, TchError> {
+/// Run SBA's math in float32 even inside a CUDA autocast region (the
+/// layer wraps every call in this).
+pub fn f32_only<T>(f: impl FnOnce() -> Result<T, TchError>) -> Result<T, TchError> {
     crate::shim::without_autocast(f).map_err(TchError::Kind)?
 }
 
 /// Whole sequence: (output in `v`'s dtype, pattern A [B,H,T,T], last row of D [B,H,T]).
-/// Float32 even under autocast.
 pub fn full_with_norm(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    alpha: &Tensor,
-    p: f64,
-) -> Result<(Tensor, Tensor, Tensor), TchError> {
-    f32_only(|| full_f32(q, k, v, alpha, p))
-}
-
-fn full_f32(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -75,18 +66,6 @@ pub fn full(
 
 /// New queries at `pos0..` over cached keys/values `[0, pos0 + T)`.
 pub fn cached(
-    query: &Tensor,
-    key: &Tensor,
-    value: &Tensor,
-    alpha: &Tensor,
-    pos0: i64,
-    col_norm: &mut Option<Tensor>,
-    cap: i64,
-) -> Result<Tensor, TchError> {
-    f32_only(|| cached_f32(query, key, value, alpha, pos0, col_norm, cap))
-}
-
-fn cached_f32(
     query: &Tensor,
     key: &Tensor,
     value: &Tensor,
