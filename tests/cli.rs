@@ -66,6 +66,48 @@ fn attention_bindings_script_passes() {
 }
 
 #[test]
+fn attention_ablation_script_runs_small() {
+    // scripts/attention.rhai at a toy size: every variant trains, decodes and plots.
+    let d = scratch("attn-ablation");
+    let out_dir = d.join("out").display().to_string();
+    let args = [
+        "run",
+        "scripts/attention.rhai",
+        "--variants",
+        "mha,ra_mla_kvsplice",
+        "--steps",
+        "4",
+        "--eval_every",
+        "2",
+        "--eval_batches",
+        "1",
+        "--n_layer",
+        "1",
+        "--n_head",
+        "2",
+        "--n_embd",
+        "32",
+        "--block_size",
+        "32",
+        "--d_latent",
+        "16",
+        "--batch_size",
+        "2",
+        "--warmup",
+        "1",
+        "--new_tokens",
+        "4",
+        "--out",
+        &out_dir,
+    ];
+    let o = knlp(&root(), &args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("| ra_mla_kvsplice |"), "{out}");
+    assert!(d.join("out/attention.png").exists() && d.join("out/attention-val-loss.png").exists());
+}
+
+#[test]
 fn tensor_demo_runs() {
     let o = knlp(&root(), &["run", "scripts/tensors.rhai", "--steps", "20"]);
     let (out, err) = text(&o);
