@@ -13,7 +13,7 @@
 //!
 //! In a reciprocal layer the key role is played by the past *queries*, so
 //! the key slot holds queries there.
-use tch::{Device, Kind, TchError, Tensor};
+use tch::{Kind, TchError, Tensor};
 
 /// One layer's slots; each is allocated on its first write.
 #[derive(Default)]
@@ -94,9 +94,4 @@ pub fn write(
     let mut dst = buf.f_narrow(dim, pos, t)?;
     dst.f_copy_(new)?;
     buf.f_narrow(dim, 0, pos + t)
-}
-
-/// Allocation device/dtype helper for tests.
-pub fn opts(t: &Tensor) -> (Kind, Device) {
-    (t.kind(), t.device())
 }

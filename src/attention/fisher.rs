@@ -17,6 +17,25 @@ use tch::{Kind, TchError, Tensor};
 pub const LAYER_MEANS: &[&str] = &["eigmax", "trace", "cond", "energy_r8", "energy_r16", "decay"];
 pub const LAYER_STDS: &[&str] = &["eigmax", "trace", "cond"];
 
+/// The layers analysed when none are named: first, middle and last (spec 5.14).
+pub fn default_layers(n_layer: i64) -> Vec<i64> {
+    let mut v = vec![0, n_layer / 2, n_layer - 1];
+    v.dedup();
+    v
+}
+
+/// Mean and unbiased standard deviation (0 for fewer than two values).
+pub fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let std = if v.len() > 1 {
+        (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
+    (mean, std)
+}
+
 /// A small deterministic generator for the row subsample (keeps the global
 /// torch RNG, and so training, untouched).
 fn pick(n: i64, k: i64, seed: u64) -> Vec<i64> {
@@ -82,18 +101,11 @@ pub fn layer_metrics(
     }
     let col = |k: &str| per.iter().filter_map(|m| m.get(k).and_then(Value::as_f64)).collect::<Vec<_>>();
     for k in LAYER_MEANS {
-        let v = col(k);
-        out.insert(
-            format!("fisher/layer{layer}/{k}_mean"),
-            json!(v.iter().sum::<f64>() / v.len().max(1) as f64),
-        );
+        out.insert(format!("fisher/layer{layer}/{k}_mean"), json!(mean_std(&col(k)).0));
     }
     if h > 1 {
         for k in LAYER_STDS {
-            let v = col(k);
-            let mean = v.iter().sum::<f64>() / v.len() as f64;
-            let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (v.len() as f64 - 1.0);
-            out.insert(format!("fisher/layer{layer}/{k}_std"), json!(var.sqrt()));
+            out.insert(format!("fisher/layer{layer}/{k}_std"), json!(mean_std(&col(k)).1));
         }
     }
     Ok(out)

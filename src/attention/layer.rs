@@ -61,6 +61,21 @@ pub struct Ctx<'a> {
     pub aux: Option<&'a RefCell<Vec<Tensor>>>,
 }
 
+impl Ctx<'_> {
+    /// Run `f` on the probe when this forward records one.
+    pub fn record(&self, f: impl FnOnce(&mut Probe) -> Result<(), TchError>) -> Result<(), TchError> {
+        match self.probe.and_then(|p| p.try_borrow_mut().ok()) {
+            Some(mut pr) => f(&mut pr),
+            None => Ok(()),
+        }
+    }
+
+    /// Does this forward record per-layer statistics?
+    pub fn stats(&self) -> bool {
+        self.probe.is_some_and(|p| p.try_borrow().is_ok_and(|p| p.stats))
+    }
+}
+
 enum Proj {
     /// x → Q, K, V (`c_attn`, d → 3d).
     Fused(Linear),
@@ -313,16 +328,14 @@ impl Attention {
         let Some(sp) = &self.splice else { return Ok((c.shallow_clone(), None)) };
         let z = sp.compress(c)?;
         let back = sp.decompress(&z)?;
-        if let Some(pr) = ctx.probe {
-            if let Ok(mut pr) = pr.try_borrow_mut() {
-                if pr.stats {
-                    let err = tch::no_grad(|| {
-                        back.f_sub(c)?.f_to_kind(Kind::Float)?.f_square()?.f_mean(Kind::Float)
-                    })?;
-                    pr.recon.push((self.layer, err));
-                }
+        ctx.record(|pr| {
+            if pr.stats {
+                let err =
+                    tch::no_grad(|| back.f_sub(c)?.f_to_kind(Kind::Float)?.f_square()?.f_mean(Kind::Float))?;
+                pr.recon.push((self.layer, err));
             }
-        }
+            Ok(())
+        })?;
         Ok((back, Some(z)))
     }
 
@@ -383,10 +396,10 @@ impl Attention {
 
     /// Whole-sequence attention (training and evaluation without a cache).
     fn attend_full(&self, f: Fresh, ctx: &Ctx) -> Result<Tensor, TchError> {
-        let recip =
-            self.spec.reciprocal_possible() && !(self.spec.direction == Direction::Learned && ctx.train);
-        let recip_now = if recip { self.reciprocal_now()? } else { false };
+        // A learned direction in training mixes both (straight-through);
+        // otherwise the layer's direction is fixed now.
         let mixed = self.spec.direction == Direction::Learned && ctx.train;
+        let recip_now = !mixed && self.reciprocal_now()?;
         let (q, k, v) = match (&f.c, f.q) {
             (Some(c), q) => {
                 let (ql, k, v) = self.qkv_of_latent(c, q.is_none())?;
@@ -429,15 +442,13 @@ impl Attention {
     }
 
     fn keep_pattern(&self, ctx: &Ctx, f: impl FnOnce() -> Result<Tensor, TchError>) -> Result<(), TchError> {
-        if let Some(pr) = ctx.probe {
-            if let Ok(mut pr) = pr.try_borrow_mut() {
-                if pr.patterns_for.contains(&self.layer) {
-                    let a = tch::no_grad(f)?;
-                    pr.patterns.push((self.layer, a));
-                }
+        ctx.record(|pr| {
+            if pr.patterns_for.contains(&self.layer) {
+                let a = tch::no_grad(f)?;
+                pr.patterns.push((self.layer, a));
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Attention of new tokens over the cache (decoding, chunked prefill).
@@ -510,10 +521,6 @@ impl Attention {
             Proj::TokenLatent { up, .. } => heads(&linear_rows(up, c, 0, d)?, h, hs),
             _ => Err(te("query from latent on a layer without one".into())),
         }
-    }
-
-    pub fn spec(&self) -> &Spec {
-        &self.spec
     }
 
     pub fn sba_alpha(&self) -> Option<&Tensor> {

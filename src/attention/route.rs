@@ -92,8 +92,7 @@ impl Router {
             }
             *slot = Some(cs.f_select(1, t - 1)?.f_contiguous()?);
         }
-        let stats = ctx.probe.is_some_and(|p| p.try_borrow().is_ok_and(|p| p.stats));
-        if !ctx.route_on && !stats {
+        if !ctx.route_on && !ctx.stats() {
             return out_full.f_mul_scalar(0.75)?.f_add(&out_ra.f_mul_scalar(0.25)?);
         }
         let count =
@@ -147,15 +146,14 @@ impl Router {
                 }
             }
         }
-        if let Some(pr) = ctx.probe {
-            if let Ok(mut pr) = pr.try_borrow_mut() {
-                if pr.stats {
-                    let m = tch::no_grad(|| p_ra.f_mean(Kind::Float))?;
-                    let f = tch::no_grad(|| hard.f_mean(Kind::Float))?;
-                    pr.route.push((layer, m, f));
-                }
+        ctx.record(|pr| {
+            if pr.stats {
+                let m = tch::no_grad(|| p_ra.f_mean(Kind::Float))?;
+                let f = tch::no_grad(|| hard.f_mean(Kind::Float))?;
+                pr.route.push((layer, m, f));
             }
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 }

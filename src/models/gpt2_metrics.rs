@@ -22,13 +22,7 @@ fn stats(prefix: &str, v: &[f64], out: &mut Map<String, Value>) {
     if v.is_empty() {
         return;
     }
-    let n = v.len() as f64;
-    let mean = v.iter().sum::<f64>() / n;
-    let std = if v.len() > 1 {
-        (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
-    } else {
-        0.0
-    };
+    let (mean, std) = fisher::mean_std(v);
     out.insert(format!("{prefix}_mean"), json!(mean));
     out.insert(format!("{prefix}_std"), json!(std));
     out.insert(format!("{prefix}_min"), json!(v.iter().cloned().fold(f64::INFINITY, f64::min)));
@@ -97,13 +91,7 @@ pub fn collect(m: &Gpt2, sample: Option<&Tensor>, fisher_on: bool) -> Result<Map
         .and_then(|x| x.f_narrow(1, 0, sz[1].min(SAMPLE_LEN)))
         .and_then(|x| x.f_to_device(m_device(m)))
         .map_err(te)?;
-    let layers: Vec<i64> = if fisher_on {
-        let mut v = vec![0, l / 2, l - 1];
-        v.dedup();
-        v
-    } else {
-        Vec::new()
-    };
+    let layers: Vec<i64> = if fisher_on { fisher::default_layers(l) } else { Vec::new() };
     let needs = spec.kv == KvSource::Splice || spec.mixer == Mixer::Route || !layers.is_empty();
     if !needs {
         return Ok(out);

@@ -218,11 +218,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
                         &a.clone().into_array().map_err(|t| rerr(format!("layers must be an array, got {t}")))?,
                         l,
                     )?,
-                    None => {
-                        let mut v = vec![0, l / 2, l - 1];
-                        v.dedup();
-                        v
-                    }
+                    None => fisher::default_layers(l),
                 };
                 let rows = o.get("rows").map(|v| v.as_int()).transpose().map_err(|t| rerr(format!("rows must be an int, got {t}")))?.unwrap_or(64);
                 if rows < 1 {
