@@ -143,6 +143,7 @@ pub struct LayerNorm {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub dim: i64,
+    pub eps: f64,
 }
 
 impl LayerNorm {
@@ -151,11 +152,34 @@ impl LayerNorm {
     pub fn new(s: &mut ParamStore, p: &Path, dim: i64, bias: bool) -> Result<Self> {
         let weight = s.param(&p.name("weight"), &[dim], Init::Ones, Role::Norm)?;
         let bias = if bias { Some(s.param(&p.name("bias"), &[dim], Init::Zeros, Role::Norm)?) } else { None };
-        Ok(LayerNorm { weight, bias, dim })
+        Ok(LayerNorm { weight, bias, dim, eps: Self::EPS })
+    }
+
+    pub fn with_eps(mut self, eps: f64) -> Self {
+        self.eps = eps;
+        self
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, TchError> {
-        x.f_layer_norm([self.dim], Some(&self.weight), self.bias.as_ref(), Self::EPS, true)
+        x.f_layer_norm([self.dim], Some(&self.weight), self.bias.as_ref(), self.eps, true)
+    }
+
+    /// The same computation step by step, as TransformerLens writes it, so
+    /// that its intermediate `scale` [.., 1] can be seen and replaced:
+    /// `scale = sqrt(mean((x - mean x)^2) + eps)`, `y = (x - mean x) / scale * w + b`.
+    pub fn forward_parts(
+        &self,
+        x: &Tensor,
+        on_scale: impl FnOnce(Tensor) -> Result<Tensor, TchError>,
+    ) -> Result<Tensor, TchError> {
+        let k = x.f_kind()?;
+        let xc = x.f_sub(&x.f_mean_dim(-1, true, k)?)?;
+        let scale = on_scale(xc.f_square()?.f_mean_dim(-1, true, k)?.f_add_scalar(self.eps)?.f_sqrt()?)?;
+        let y = xc.f_div(&scale)?.f_mul(&self.weight)?;
+        match &self.bias {
+            Some(b) => y.f_add(b),
+            None => Ok(y),
+        }
     }
 }
 

@@ -432,6 +432,7 @@ pub fn run_cell(project_dir: &Path, cell_id: &str, resume: bool) -> Result<Summa
         run,
         record: rec,
         tracker,
+        fwd_hooks: None,
     };
     t.run()
 }

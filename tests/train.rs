@@ -177,6 +177,7 @@ fn train(
         run: RunDir::open(dir).unwrap(),
         record: json!({}),
         tracker: Some("local".into()),
+        fwd_hooks: None,
     }
     .run()
     .unwrap()

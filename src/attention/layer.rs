@@ -9,6 +9,7 @@ use super::cache::{self, LayerCache};
 use super::kvsplice::KvSplice;
 use super::spec::{Direction, KvSource, Mixer, QSource, Spec};
 use super::{rope, route, sba};
+use crate::hooks::{self, Hooks};
 use crate::layers::{Linear, Path};
 use crate::params::{Init, ParamStore};
 
@@ -59,6 +60,8 @@ pub struct Ctx<'a> {
     pub probe: Option<&'a RefCell<Probe>>,
     /// Auxiliary losses of this forward (routing compute penalty).
     pub aux: Option<&'a RefCell<Vec<Tensor>>>,
+    /// Hook points to visit (full-sequence forwards only).
+    pub hooks: Option<&'a dyn Hooks>,
 }
 
 impl Ctx<'_> {
@@ -68,6 +71,32 @@ impl Ctx<'_> {
             Some(mut pr) => f(&mut pr),
             None => Ok(()),
         }
+    }
+
+    /// Visit hook point `name` with `act` [B, T, ...]; a replacement must
+    /// keep the shape.
+    pub fn hook(&self, name: impl FnOnce() -> String, act: Tensor) -> Result<Tensor, TchError> {
+        let Some(h) = self.hooks else { return Ok(act) };
+        let n = name();
+        if !h.wants(&n) {
+            return Ok(act);
+        }
+        match h.call(&n, &act)? {
+            Some(new) => {
+                let (want, got) = (act.size(), new.size());
+                if want != got {
+                    return Err(TchError::Shape(format!(
+                        "hook {n}: the replacement has shape {got:?}, the activation {want:?}"
+                    )));
+                }
+                Ok(new)
+            }
+            None => Ok(act),
+        }
+    }
+
+    pub fn wants(&self, name: impl FnOnce() -> String) -> bool {
+        hooks::wants(self.hooks, name)
     }
 
     /// Does this forward record per-layer statistics?
@@ -357,6 +386,44 @@ impl Attention {
         Ok((q, heads(&kv[0], h, hs)?, heads(&kv[1], h, hs)?))
     }
 
+    /// Visit `blocks.{layer}.attn.{leaf}` with heads [B, H, T, hs] shown as
+    /// [B, T, H, hs] (TransformerLens's layout).
+    fn hook_heads(&self, ctx: &Ctx, leaf: &str, t: Tensor) -> Result<Tensor, TchError> {
+        if ctx.hooks.is_none() {
+            return Ok(t);
+        }
+        let name = || format!("blocks.{}.attn.{leaf}", self.layer);
+        if !ctx.wants(name) {
+            return Ok(t);
+        }
+        ctx.hook(name, t.f_transpose(1, 2)?)?.f_transpose(1, 2)
+    }
+
+    fn hook_attn(&self, ctx: &Ctx, leaf: &str, t: Tensor) -> Result<Tensor, TchError> {
+        ctx.hook(|| format!("blocks.{}.attn.{leaf}", self.layer), t)
+    }
+
+    /// Does a hook read or replace the scores or pattern of this layer?
+    fn explicit_pattern(&self, ctx: &Ctx) -> bool {
+        ctx.hooks.is_some()
+            && ["hook_attn_scores", "hook_pattern"]
+                .iter()
+                .any(|leaf| ctx.wants(|| format!("blocks.{}.attn.{leaf}", self.layer)))
+    }
+
+    /// Softmax attention written out (what fused SDPA computes), so the
+    /// scores and pattern can be hooked.
+    fn attend_explicit(&self, q: &Tensor, k: &Tensor, v: &Tensor, ctx: &Ctx) -> Result<Tensor, TchError> {
+        let (t, hs) = (q.size()[2], q.size()[3]);
+        let scores = q.f_matmul(&k.f_transpose(-2, -1)?)?.f_mul_scalar(1.0 / (hs as f64).sqrt())?;
+        let masked = causal_allowed(t, t, 0, q.device())?.f_logical_not()?;
+        let scores =
+            self.hook_attn(ctx, "hook_attn_scores", scores.f_masked_fill(&masked, f64::NEG_INFINITY)?)?;
+        let pat = scores.f_softmax(-1, scores.f_kind()?)?;
+        let pat = self.hook_attn(ctx, "hook_pattern", pat)?;
+        pat.f_dropout(ctx.p, ctx.p > 0.0)?.f_matmul(&v.f_to_kind(pat.f_kind()?)?)
+    }
+
     fn rope(&self, x: Tensor, start: i64) -> Result<Tensor, TchError> {
         if self.spec.rope {
             rope::apply(&x, start, self.dims.rope_theta)
@@ -378,7 +445,7 @@ impl Attention {
         let (b, t, d) = (size[0], size[1], size[2]);
         let f = self.fresh(x, ctx)?;
         let (y, ctx_sum) = match cache {
-            None => (self.attend_full(f, ctx)?, None),
+            None => (self.hook_heads(ctx, "hook_z", self.attend_full(f, ctx)?)?, None),
             Some((lc, cap)) => {
                 let y = self.attend_cached(f, pos0, lc, cap, ctx)?;
                 (y, Some(&mut lc.ctx_sum))
@@ -412,8 +479,15 @@ impl Attention {
                 f.v.ok_or_else(|| te("no value".into()))?,
             ),
         };
-        let q = self.rope(q, 0)?;
-        let k = self.rope(k, 0)?;
+        let q = self.hook_heads(ctx, "hook_q", q)?;
+        let k = self.hook_heads(ctx, "hook_k", k)?;
+        let v = self.hook_heads(ctx, "hook_v", v)?;
+        let mut q = self.rope(q, 0)?;
+        let mut k = self.rope(k, 0)?;
+        if self.spec.rope {
+            q = self.hook_heads(ctx, "hook_rot_q", q)?;
+            k = self.hook_heads(ctx, "hook_rot_k", k)?;
+        }
         if self.spec.mixer == Mixer::Sba {
             let alpha = self.sba_alpha.as_ref().ok_or_else(|| te("sba without alpha".into()))?.f_sigmoid()?;
             let (y, a) = sba::f32_only(|| sba::full(&q, &k, &v, &alpha, ctx.p))?;
@@ -438,6 +512,9 @@ impl Attention {
         }
         let (q, k) = if recip_now { (k, q) } else { (q, k) };
         self.keep_pattern(ctx, || pattern(&q, &k, 0))?;
+        if self.explicit_pattern(ctx) {
+            return self.attend_explicit(&q, &k, &v, ctx);
+        }
         sdpa(&q, &k, &v, 0, ctx.p)
     }
 

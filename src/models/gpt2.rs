@@ -23,6 +23,7 @@ use tch::{Kind, TchError, Tensor};
 use super::{Model, Task};
 use crate::attention::cache::LayerCache;
 use crate::attention::{Attention, Cache, Ctx, Dims, Direction, Mixer, Probe, Spec};
+use crate::hooks::Hooks;
 use crate::layers::{Embedding, LayerNorm, Linear, Path};
 use crate::params::{Init, ParamStore, Role};
 use crate::tensor::{kind_name, SizeChecked};
@@ -102,6 +103,14 @@ pub struct Config {
     pub golden_ratio: bool,
     /// Log Fisher metrics of layers 0, L/2 and L−1 at each evaluation.
     pub fisher_metrics: bool,
+    /// The MLP's GELU: `gelu` (exact, nanoGPT's), `gelu_new` / `gelu_fast` /
+    /// `gelu_pytorch_tanh` (the tanh approximation, OpenAI GPT-2's), `relu`.
+    pub activation: String,
+    /// Layer-norm epsilon (Hugging Face `layer_norm_epsilon`).
+    pub ln_eps: f64,
+    /// A bias on the output projection (`lm_head.bias`; folding `ln_f` into
+    /// an untied head needs one).
+    pub lm_head_bias: bool,
 }
 
 impl Default for Config {
@@ -135,6 +144,9 @@ impl Default for Config {
             embed_latent: None,
             golden_ratio: false,
             fisher_metrics: false,
+            activation: "gelu".into(),
+            ln_eps: crate::layers::LayerNorm::EPS,
+            lm_head_bias: false,
         }
     }
 }
@@ -243,6 +255,16 @@ impl Config {
         if !MLPS.contains(&resolved.mlp.as_str()) {
             bail!("gpt2: unknown mlp '{}' (valid: {})", resolved.mlp, MLPS.join(", "));
         }
+        if !ACTIVATIONS.iter().any(|(n, _)| *n == resolved.activation) {
+            let valid: Vec<&str> = ACTIVATIONS.iter().map(|(n, _)| *n).collect();
+            bail!("gpt2: unknown activation '{}' (valid: {})", resolved.activation, valid.join(", "));
+        }
+        if !(resolved.ln_eps > 0.0 && resolved.ln_eps < 1.0) {
+            bail!("gpt2: ln_eps must be in (0, 1), got {}", resolved.ln_eps);
+        }
+        if resolved.lm_head_bias && resolved.tie_weights {
+            bail!("gpt2: lm_head_bias needs an untied head (tie_weights: false)");
+        }
         if resolved.mlp_latent < 1 || resolved.embed_latent.is_some_and(|e| e < 1) {
             bail!("gpt2: mlp_latent and embed_latent must be at least 1");
         }
@@ -296,6 +318,7 @@ impl Config {
         let ln = d + b * d;
         let spec = r.spec()?;
         let mlp = match r.mlp.as_str() {
+            "none" => 0,
             "splice" => {
                 let m = r.mlp_latent;
                 d * m + lin(m, 4 * m, b) + lin(4 * m, m, b)
@@ -305,17 +328,33 @@ impl Config {
                 lin(d, h, b) + lin(h, d, b)
             }
         };
-        let block = 2 * ln + Attention::num_params(&spec, &r.dims()) + mlp;
+        let ln2 = if r.mlp == "none" { 0 } else { ln };
+        let block = ln + ln2 + Attention::num_params(&spec, &r.dims()) + mlp;
         let gate = if spec.direction == Direction::Learned { l } else { 0 };
         let wpe = if non_embedding { 0 } else { r.block_size * d };
         let e = r.embed_latent.unwrap_or(d);
         let emb = v * e + if r.embed_latent.is_some() { 2 * e * d } else { 0 };
-        let head = if r.tie_weights { 0 } else { v * e };
+        let head = if r.tie_weights { 0 } else { v * e + r.lm_head_bias as i64 * v };
         Ok(emb + wpe + l * block + gate + ln + head)
     }
 }
 
-pub const MLPS: &[&str] = &["gelu", "splice"];
+/// `none` builds an attention-only transformer (no MLP, no `ln_2`).
+pub const MLPS: &[&str] = &["gelu", "splice", "none"];
+
+/// Activations by Hugging Face name.
+#[allow(clippy::type_complexity)]
+pub const ACTIVATIONS: &[(&str, fn(&Tensor) -> Result<Tensor, TchError>)] = &[
+    ("gelu", |x| x.f_gelu("none")),
+    ("gelu_new", |x| x.f_gelu("tanh")),
+    ("gelu_fast", |x| x.f_gelu("tanh")),
+    ("gelu_pytorch_tanh", |x| x.f_gelu("tanh")),
+    ("relu", |x| x.f_relu()),
+];
+
+fn activation(name: &str) -> fn(&Tensor) -> Result<Tensor, TchError> {
+    ACTIVATIONS.iter().find(|(n, _)| *n == name).map_or(ACTIVATIONS[0].1, |(_, f)| *f)
+}
 
 enum Mlp {
     Gelu {
@@ -332,11 +371,23 @@ enum Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, p: f64) -> Result<Tensor, TchError> {
+    /// `hook(leaf, act)` visits `mlp.hook_pre` (before the activation) and
+    /// `mlp.hook_post` (after it).
+    fn forward(
+        &self,
+        x: &Tensor,
+        p: f64,
+        act: fn(&Tensor) -> Result<Tensor, TchError>,
+        hook: impl Fn(&str, Tensor) -> Result<Tensor, TchError>,
+    ) -> Result<Tensor, TchError> {
         let y = match self {
-            Mlp::Gelu { c_fc, c_proj } => c_proj.forward(&c_fc.forward(x)?.f_gelu("none")?)?,
+            Mlp::Gelu { c_fc, c_proj } => {
+                let pre = hook("hook_pre", c_fc.forward(x)?)?;
+                c_proj.forward(&hook("hook_post", act(&pre)?)?)?
+            }
             Mlp::Splice { proj_in, fc1, fc2 } => {
-                let h = fc2.forward(&fc1.forward(&proj_in.forward(x)?)?.f_gelu("none")?)?;
+                let pre = hook("hook_pre", fc1.forward(&proj_in.forward(x)?)?)?;
+                let h = fc2.forward(&hook("hook_post", act(&pre)?)?)?;
                 h.f_linear::<Tensor>(&proj_in.weight.f_transpose(0, 1)?, None)?
             }
         };
@@ -347,8 +398,23 @@ impl Mlp {
 struct Block {
     ln_1: LayerNorm,
     attn: Attention,
-    ln_2: LayerNorm,
-    mlp: Mlp,
+    /// None in an attention-only model.
+    ln_2: Option<LayerNorm>,
+    mlp: Option<Mlp>,
+}
+
+/// A layer norm visiting `{prefix}.hook_scale` and `{prefix}.hook_normalized`;
+/// written out only when one of them is hooked.
+fn ln_hooked(ln: &LayerNorm, x: &Tensor, ctx: &Ctx, prefix: &dyn Fn() -> String) -> Result<Tensor, TchError> {
+    if ctx.hooks.is_none() {
+        return ln.forward(x);
+    }
+    let y = if ctx.wants(|| format!("{}.hook_scale", prefix())) {
+        ln.forward_parts(x, |scale| ctx.hook(|| format!("{}.hook_scale", prefix()), scale))?
+    } else {
+        ln.forward(x)?
+    };
+    ctx.hook(|| format!("{}.hook_normalized", prefix()), y)
 }
 
 fn dropout(x: Tensor, p: f64) -> Result<Tensor, TchError> {
@@ -362,16 +428,28 @@ fn dropout(x: Tensor, p: f64) -> Result<Tensor, TchError> {
 impl Block {
     fn forward(
         &self,
+        i: usize,
         x: &Tensor,
         pos0: i64,
         cache: Option<(&mut LayerCache, i64)>,
         ctx: &Ctx,
+        act: fn(&Tensor) -> Result<Tensor, TchError>,
     ) -> Result<Tensor, TchError> {
+        let x = ctx.hook(|| format!("blocks.{i}.hook_resid_pre"), x.shallow_clone())?;
+        let h = ln_hooked(&self.ln_1, &x, ctx, &|| format!("blocks.{i}.ln1"))?;
+        let a = ctx.hook(|| format!("blocks.{i}.hook_attn_out"), self.attn.forward(&h, pos0, cache, ctx)?)?;
         // Out of place: `x` is saved by the layer norm for backward, and the
         // branch output may be a view (`linear` folds [B, T] into one dim),
         // which in-place autograd would make copy in backward.
-        let x = x.f_add(&self.attn.forward(&self.ln_1.forward(x)?, pos0, cache, ctx)?)?;
-        x.f_add(&self.mlp.forward(&self.ln_2.forward(&x)?, ctx.p)?)
+        let x = x.f_add(&a)?;
+        let (Some(ln_2), Some(mlp)) = (&self.ln_2, &self.mlp) else {
+            return ctx.hook(|| format!("blocks.{i}.hook_resid_post"), x);
+        };
+        let x = ctx.hook(|| format!("blocks.{i}.hook_resid_mid"), x)?;
+        let h = ln_hooked(ln_2, &x, ctx, &|| format!("blocks.{i}.ln2"))?;
+        let m = mlp.forward(&h, ctx.p, act, |leaf, t| ctx.hook(|| format!("blocks.{i}.mlp.{leaf}"), t))?;
+        let m = ctx.hook(|| format!("blocks.{i}.hook_mlp_out"), m)?;
+        ctx.hook(|| format!("blocks.{i}.hook_resid_post"), x.f_add(&m)?)
     }
 }
 
@@ -390,6 +468,8 @@ pub struct Gpt2 {
     ln_f: LayerNorm,
     /// `wte.weight` itself when tied.
     lm_head: Tensor,
+    lm_head_bias: Option<Tensor>,
+    act: fn(&Tensor) -> Result<Tensor, TchError>,
     /// `transformer.alternation_logits` [n_layer] (learned direction).
     gate: Option<Tensor>,
     /// `transformer.route_state` [3]: phase (1 = routing), first eval loss, evals seen.
@@ -432,36 +512,43 @@ impl Gpt2 {
             let pm = p.sub("mlp");
             // Creation order is nanoGPT's (ln_1, attn, ln_2, mlp): the seeded
             // initial values depend on it.
-            let ln_1 = LayerNorm::new(&mut s, &p.sub("ln_1"), d, cfg.bias)?;
+            let ln_1 = LayerNorm::new(&mut s, &p.sub("ln_1"), d, cfg.bias)?.with_eps(cfg.ln_eps);
             let gate_i = gate.as_ref().map(|g| g.shallow_clone());
             let attn = Attention::new(&mut s, &p.sub("attn"), i, spec, dims, gate_i, normal, proj)?;
-            let ln_2 = LayerNorm::new(&mut s, &p.sub("ln_2"), d, cfg.bias)?;
+            let ln_2 = if cfg.mlp == "none" {
+                None
+            } else {
+                Some(LayerNorm::new(&mut s, &p.sub("ln_2"), d, cfg.bias)?.with_eps(cfg.ln_eps))
+            };
             let mlp = match cfg.mlp.as_str() {
+                "none" => None,
                 "splice" => {
                     let m = cfg.mlp_latent;
-                    Mlp::Splice {
+                    Some(Mlp::Splice {
                         proj_in: Linear::new(&mut s, &pm.sub("proj_in"), d, m, false, normal)?,
                         fc1: Linear::new(&mut s, &pm.sub("fc1"), m, 4 * m, cfg.bias, normal)?,
                         fc2: Linear::new(&mut s, &pm.sub("fc2"), 4 * m, m, cfg.bias, proj)?,
-                    }
+                    })
                 }
-                _ => Mlp::Gelu {
+                _ => Some(Mlp::Gelu {
                     c_fc: Linear::new(&mut s, &pm.sub("c_fc"), d, hidden, cfg.bias, normal)?,
                     c_proj: Linear::new(&mut s, &pm.sub("c_proj"), hidden, d, cfg.bias, proj)?,
-                },
+                }),
             };
             blocks.push(Block { ln_1, attn, ln_2, mlp });
         }
-        let ln_f = LayerNorm::new(&mut s, &tr.sub("ln_f"), d, cfg.bias)?;
+        let ln_f = LayerNorm::new(&mut s, &tr.sub("ln_f"), d, cfg.bias)?.with_eps(cfg.ln_eps);
         let out_proj = match cfg.embed_latent {
             Some(e) => Some(Linear::new(&mut s, &tr.sub("out_proj"), d, e, false, normal)?),
             None => None,
         };
-        let lm_head = if cfg.tie_weights {
-            wte.weight.shallow_clone()
+        let (lm_head, lm_head_bias) = if cfg.tie_weights {
+            (wte.weight.shallow_clone(), None)
         } else {
-            Linear::new(&mut s, &Path::root("lm_head"), e, vocab, false, normal)?.weight
+            let l = Linear::new(&mut s, &Path::root("lm_head"), e, vocab, cfg.lm_head_bias, normal)?;
+            (l.weight, l.bias)
         };
+        let act = activation(&cfg.activation);
         let route_state = if spec.mixer == Mixer::Route {
             let phase = if cfg.route_skip_warmup { 1.0 } else { 0.0 };
             Some(s.buffer(&tr.name("route_state"), Tensor::from_slice(&[phase, 0.0f64, 0.0]))?)
@@ -481,6 +568,8 @@ impl Gpt2 {
             blocks,
             ln_f,
             lm_head,
+            lm_head_bias,
+            act,
             gate,
             route_state,
             aux: RefCell::new(Vec::new()),
@@ -555,6 +644,7 @@ impl Gpt2 {
         train: bool,
         mut cache: Option<&mut Cache>,
         last_only: bool,
+        hooks: Option<&dyn Hooks>,
     ) -> Result<Tensor, TchError> {
         let pos0 = cache.as_ref().map_or(0, |c| c.len);
         let (_, t) = self.check_input(idx, pos0)?;
@@ -570,11 +660,21 @@ impl Gpt2 {
             route_penalty: self.cfg.route_penalty,
             probe,
             aux: if train { Some(&self.aux) } else { None },
+            hooks: if cache.is_none() { hooks } else { None },
         };
-        let pos = self.wpe.weight.f_narrow(0, pos0, t)?;
+        let mut pos = self.wpe.weight.f_narrow(0, pos0, t)?;
         let mut tok = self.wte.forward(idx)?;
         if let Some(ep) = &self.emb_proj {
             tok = ep.forward(&tok)?;
+        }
+        if ctx.hooks.is_some() {
+            tok = ctx.hook(|| "hook_embed".into(), tok)?;
+            if ctx.wants(|| "hook_pos_embed".into()) {
+                let shape = tok.size();
+                // A copy: the rows of `wpe` itself must not reach a hook or a cache.
+                let rows = pos.f_unsqueeze(0)?.f_expand(&shape, false)?.f_contiguous()?;
+                pos = ctx.hook(|| "hook_pos_embed".into(), rows)?;
+            }
         }
         let mut x = dropout(tok.f_add(&pos)?, p)?;
         for (i, block) in self.blocks.iter().enumerate() {
@@ -585,18 +685,18 @@ impl Gpt2 {
                 }
                 None => None,
             };
-            x = block.forward(&x, pos0, lc, &ctx)?;
+            x = block.forward(i, &x, pos0, lc, &ctx, self.act)?;
         }
         if last_only && t > 1 {
             // Decoding needs the next token's logits only: [B, 1, vocab]
             // instead of [B, T, vocab] (52 GB at 32 × 16k tokens in bf16).
             x = x.f_narrow(1, t - 1, 1)?;
         }
-        let mut h = self.ln_f.forward(&x)?;
+        let mut h = ln_hooked(&self.ln_f, &x, &ctx, &|| "ln_final".into())?;
         if let Some(op) = &self.out_proj {
             h = op.forward(&h)?;
         }
-        let logits = h.f_linear::<Tensor>(&self.lm_head, None)?;
+        let logits = h.f_linear(&self.lm_head, self.lm_head_bias.as_ref())?;
         if let Some(c) = cache {
             c.len += t;
         }
@@ -653,7 +753,7 @@ impl Gpt2 {
                 "gpt2: this cache was left half-written by a failed step; start a new one".into(),
             ));
         }
-        let out = self.run(idx, false, Some(&mut *cache), last_only);
+        let out = self.run(idx, false, Some(&mut *cache), last_only, None);
         if out.is_err() {
             // Cumulative slots (SBA normaliser, routing sums) may hold part of the step.
             cache.poisoned = true;
@@ -691,7 +791,7 @@ impl Gpt2 {
     /// `layers` and the per-layer statistics; returns the probe's contents.
     pub fn probe(&self, idx: &Tensor, layers: &[i64]) -> Result<Probe, TchError> {
         *self.probe.borrow_mut() = Probe { patterns_for: layers.to_vec(), stats: true, ..Default::default() };
-        let r = tch::no_grad(|| self.run(idx, false, None, true));
+        let r = tch::no_grad(|| self.run(idx, false, None, true, None));
         let p = std::mem::take(&mut *self.probe.borrow_mut());
         r.map(|_| p)
     }
@@ -732,7 +832,54 @@ impl Model for Gpt2 {
     /// [0, padded vocab): the CPU reports others as an error, CUDA as a
     /// device-side assert.
     fn forward(&self, idx: &Tensor, train: bool) -> Result<Tensor, TchError> {
-        self.run(idx, train, None, false)
+        self.run(idx, train, None, false, None)
+    }
+
+    fn forward_hooked(
+        &self,
+        idx: &Tensor,
+        train: bool,
+        hooks: Option<&dyn Hooks>,
+    ) -> Result<Tensor, TchError> {
+        self.run(idx, train, None, false, hooks)
+    }
+
+    fn hook_names(&self) -> Vec<String> {
+        let mut v = vec!["hook_embed".to_string(), "hook_pos_embed".to_string()];
+        let mut attn = vec!["hook_q", "hook_k", "hook_v"];
+        if self.spec.rope {
+            attn.extend(["hook_rot_q", "hook_rot_k"]);
+        }
+        if self.spec.mixer != Mixer::Sba {
+            attn.extend(["hook_attn_scores", "hook_pattern"]);
+        }
+        attn.push("hook_z");
+        for (i, b) in self.blocks.iter().enumerate() {
+            v.extend(
+                ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized"]
+                    .into_iter()
+                    .map(|n| format!("blocks.{i}.{n}")),
+            );
+            v.extend(attn.iter().map(|n| format!("blocks.{i}.attn.{n}")));
+            v.push(format!("blocks.{i}.hook_attn_out"));
+            if b.mlp.is_some() {
+                v.extend(
+                    [
+                        "hook_resid_mid",
+                        "ln2.hook_scale",
+                        "ln2.hook_normalized",
+                        "mlp.hook_pre",
+                        "mlp.hook_post",
+                        "hook_mlp_out",
+                    ]
+                    .into_iter()
+                    .map(|n| format!("blocks.{i}.{n}")),
+                );
+            }
+            v.push(format!("blocks.{i}.hook_resid_post"));
+        }
+        v.extend(["ln_final.hook_scale".to_string(), "ln_final.hook_normalized".to_string()]);
+        v
     }
 
     fn take_aux_loss(&self) -> Option<Tensor> {

@@ -10,6 +10,7 @@ use tch::{Device, TchError, Tensor};
 use crate::params::ParamStore;
 
 pub mod gpt2;
+pub mod gpt2_hf;
 pub mod gpt2_metrics;
 pub mod lenet5;
 pub mod resnet;
@@ -29,6 +30,23 @@ pub trait Model {
     fn task(&self) -> Task;
     /// Logits for a batch; `train` selects dropout and batch-norm behaviour.
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor, TchError>;
+    /// [`Self::forward`] visiting hook points (`docs/mechint.md`); models
+    /// without hook points refuse hooks.
+    fn forward_hooked(
+        &self,
+        x: &Tensor,
+        train: bool,
+        hooks: Option<&dyn crate::hooks::Hooks>,
+    ) -> Result<Tensor, TchError> {
+        match hooks {
+            None => self.forward(x, train),
+            Some(_) => Err(TchError::Kind(format!("{} has no hook points (GPT-2 has)", self.arch()))),
+        }
+    }
+    /// Every hook point of the model, in forward order.
+    fn hook_names(&self) -> Vec<String> {
+        Vec::new()
+    }
     fn store(&self) -> &ParamStore;
     fn store_mut(&mut self) -> &mut ParamStore;
     /// The configuration the model was built from, for run records.

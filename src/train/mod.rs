@@ -246,6 +246,18 @@ pub fn evaluate_sampled(
     amp: Option<crate::shim::AutocastDtype>,
     sample: &mut Option<Tensor>,
 ) -> Result<Map<String, Value>> {
+    evaluate_hooked(model, data, amp, sample, None)
+}
+
+/// [`evaluate_sampled`] with hook points visited (hooks added to a model
+/// for training act in its evaluations too).
+pub fn evaluate_hooked(
+    model: &dyn Model,
+    data: &mut dyn Data,
+    amp: Option<crate::shim::AutocastDtype>,
+    sample: &mut Option<Tensor>,
+    hooks: Option<&dyn crate::hooks::Hooks>,
+) -> Result<Map<String, Value>> {
     let device = model.store().device();
     let (mut loss_sum, mut correct, mut count, mut batches) = (0.0f64, 0i64, 0i64, 0i64);
     let task = model.task();
@@ -257,8 +269,9 @@ pub fn evaluate_sampled(
             *sample = Some(x.shallow_clone());
         }
         let logits = match amp {
-            Some(d) => crate::shim::with_autocast(d, || model.forward(&x, false)).map_err(|e| anyhow!(e))?,
-            None => model.forward(&x, false),
+            Some(d) => crate::shim::with_autocast(d, || model.forward_hooked(&x, false, hooks))
+                .map_err(|e| anyhow!(e))?,
+            None => model.forward_hooked(&x, false, hooks),
         }
         .map_err(te)?;
         let logits = logits.f_to_kind(Kind::Float).map_err(te)?;
@@ -310,6 +323,8 @@ pub struct Trainer<'a> {
     pub record: Value,
     /// Tracker sinks (`local`, `trackio`); None reads `$TRACKER`.
     pub tracker: Option<String>,
+    /// Hook points visited in every forward (hooks added to the model).
+    pub fwd_hooks: Option<&'a dyn crate::hooks::Hooks>,
 }
 
 fn amp_dtype(cfg: &TrainConfig, device: Device) -> Option<crate::shim::AutocastDtype> {
@@ -349,7 +364,7 @@ impl Trainer<'_> {
     fn evaluate(&mut self) -> Result<Map<String, Value>> {
         let amp = amp_dtype(&self.cfg, self.device());
         let mut sample = None;
-        let mut m = evaluate_sampled(&*self.model, &mut *self.data, amp, &mut sample)?;
+        let mut m = evaluate_hooked(&*self.model, &mut *self.data, amp, &mut sample, self.fwd_hooks)?;
         let extra = {
             let _g = tch::no_grad_guard();
             let model = &mut *self.model;
@@ -565,9 +580,11 @@ impl Trainer<'_> {
                 let x = x.f_to_device(device).map_err(te)?;
                 let y = y.f_to_device(device).map_err(te)?;
                 let logits = match amp {
-                    Some(d) => crate::shim::with_autocast(d, || self.model.forward(&x, true))
-                        .map_err(|e| anyhow!(e))?,
-                    None => self.model.forward(&x, true),
+                    Some(d) => {
+                        crate::shim::with_autocast(d, || self.model.forward_hooked(&x, true, self.fwd_hooks))
+                            .map_err(|e| anyhow!(e))?
+                    }
+                    None => self.model.forward_hooked(&x, true, self.fwd_hooks),
                 };
                 let logits = match logits {
                     Ok(l) => l,
