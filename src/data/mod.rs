@@ -28,7 +28,8 @@ pub use cifar::{cifar10, cifar100, Cifar100Label};
 pub use images::{fashion_mnist, ImageDataset, Split, FASHION_MNIST_DIR};
 pub use loader::{Batch, Loader, LoaderOptions, LoaderState};
 pub use prepare::{
-    prepare_documents, prepare_text, Document, SplitBy, Summary, TokenMeta, DEFAULT_VAL_FRACTION,
+    prepare_documents, prepare_documents_with, prepare_text, Document, SplitBy, Summary, TokenMeta,
+    Tokenizer, DEFAULT_VAL_FRACTION,
 };
 pub use rng::Rng;
 pub use tokens::{TextSplit, TokenDataset, TokenFile, TokenState};
@@ -50,30 +51,43 @@ pub const DEFAULT_CACHE_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.deps/
 
 /// Whether `dir` holds a complete token set that `check` accepts: meta.json
 /// readable and file sizes matching its token counts.
-fn valid_token_dir(dir: &Path, check: impl Fn(&TokenMeta) -> bool) -> bool {
+fn valid_token_dir(dir: &Path, tokenizer: Tokenizer, check: impl Fn(&TokenMeta) -> bool) -> bool {
     let Ok(meta) = prepare::read_meta(dir) else { return false };
     let size = |name: &str| std::fs::metadata(dir.join(name)).map(|m| m.len()).ok();
     check(&meta)
         && size("train.bin") == Some(2 * meta.train_tokens)
         && size("val.bin") == Some(2 * meta.val_tokens)
-        && meta.tokenizer == bpe::TOKENIZER_NAME
+        && meta.tokenizer == tokenizer.name()
 }
 
 /// Prepare the Brown corpus under `brown_dir` into `<cache_dir>/brown`
 /// ({train,val}.bin, meta.json) unless a valid copy with the same val
 /// fraction is already there; returns that folder.
 pub fn brown_dataset(brown_dir: &Path, cache_dir: &Path, val_fraction: f64) -> Result<PathBuf> {
-    let out = cache_dir.join("brown");
+    brown_dataset_with(brown_dir, cache_dir, val_fraction, Tokenizer::Gpt2)
+}
+
+/// [`brown_dataset`] with a choice of tokenizer (bytes go to `<cache_dir>/brown-bytes`).
+pub fn brown_dataset_with(
+    brown_dir: &Path,
+    cache_dir: &Path,
+    val_fraction: f64,
+    tokenizer: Tokenizer,
+) -> Result<PathBuf> {
+    let out = match tokenizer {
+        Tokenizer::Gpt2 => cache_dir.join("brown"),
+        Tokenizer::Bytes => cache_dir.join("brown-bytes"),
+    };
     let fits = |m: &TokenMeta| {
         m.preprocess.as_deref() == Some(brown::PREPROCESS)
             && m.val_fraction == val_fraction
             && m.documents == m.sources.len() as u64
     };
-    if valid_token_dir(&out, fits) {
+    if valid_token_dir(&out, tokenizer, fits) {
         return Ok(out);
     }
     let docs = brown::named_documents(brown_dir)?;
-    prepare_documents(&docs, &out, val_fraction, Some(brown::PREPROCESS))
+    prepare_documents_with(&docs, &out, val_fraction, Some(brown::PREPROCESS), tokenizer)
         .with_context(|| format!("preparing the Brown corpus from {}", brown_dir.display()))?;
     Ok(out)
 }

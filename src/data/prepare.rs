@@ -144,12 +144,61 @@ fn check_fraction(val_fraction: f64) -> Result<()> {
     Ok(())
 }
 
-/// Tokenise `docs` (in parallel) and write the split token files.
+/// How text becomes token ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tokenizer {
+    /// GPT-2's BPE (50257 ids).
+    Gpt2,
+    /// One id per byte, 256 for end of text (257 ids): a small vocabulary
+    /// for small models, e.g. the induction-head experiment.
+    Bytes,
+}
+
+/// The byte tokenizer's end-of-text id and vocabulary.
+pub const BYTES_EOT: u32 = 256;
+pub const BYTES_VOCAB_SIZE: u32 = 257;
+
+impl Tokenizer {
+    pub const NAMES: &'static [(&'static str, Tokenizer)] =
+        &[("gpt2", Tokenizer::Gpt2), ("bytes", Tokenizer::Bytes)];
+
+    pub fn parse(name: &str) -> Result<Tokenizer> {
+        Self::NAMES.iter().find(|(n, _)| *n == name).map(|(_, t)| *t).ok_or_else(|| {
+            let valid: Vec<&str> = Self::NAMES.iter().map(|(n, _)| *n).collect();
+            anyhow::anyhow!("unknown tokenizer '{name}' (valid: {})", valid.join(", "))
+        })
+    }
+
+    /// meta.json's tokenizer, encoding, vocab_size and eot_token.
+    fn meta(self) -> (&'static str, &'static str, u32, u32) {
+        match self {
+            Tokenizer::Gpt2 => (TOKENIZER_NAME, ENCODING_NAME, GPT2_VOCAB_SIZE, GPT2_EOT),
+            Tokenizer::Bytes => ("bytes", "utf-8", BYTES_VOCAB_SIZE, BYTES_EOT),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        self.meta().0
+    }
+}
+
+/// Tokenise `docs` (in parallel) with GPT-2's BPE and write the split token files.
 pub fn prepare_documents(
     docs: &[Document],
     out: &Path,
     val_fraction: f64,
     preprocess: Option<&str>,
+) -> Result<Summary> {
+    prepare_documents_with(docs, out, val_fraction, preprocess, Tokenizer::Gpt2)
+}
+
+/// [`prepare_documents`] with a choice of tokenizer.
+pub fn prepare_documents_with(
+    docs: &[Document],
+    out: &Path,
+    val_fraction: f64,
+    preprocess: Option<&str>,
+    tokenizer: Tokenizer,
 ) -> Result<Summary> {
     let started = Instant::now();
     check_fraction(val_fraction)?;
@@ -159,7 +208,13 @@ pub fn prepare_documents(
     if let Some(d) = docs.iter().find(|d| d.text.trim().is_empty()) {
         bail!("{}: the document has no text", d.source);
     }
-    let tokens = tokenize_all(docs)?;
+    let tokens = match tokenizer {
+        Tokenizer::Gpt2 => tokenize_all(docs)?,
+        Tokenizer::Bytes => {
+            docs.iter().map(|d| d.text.bytes().map(u16::from).chain([BYTES_EOT as u16]).collect()).collect()
+        }
+    };
+    let (tok_name, encoding, vocab_size, eot_token) = tokenizer.meta();
     let n = docs.len();
     let k = (n as f64 * val_fraction).round() as usize;
     let (train, val, split, val_docs) = if k >= 1 && k < n {
@@ -188,10 +243,10 @@ pub fn prepare_documents(
     };
     let meta = TokenMeta {
         dtype: "uint16".into(),
-        tokenizer: TOKENIZER_NAME.into(),
-        encoding: ENCODING_NAME.into(),
-        vocab_size: GPT2_VOCAB_SIZE,
-        eot_token: GPT2_EOT,
+        tokenizer: tok_name.into(),
+        encoding: encoding.into(),
+        vocab_size,
+        eot_token,
         train_tokens: train.len() as u64,
         val_tokens: val.len() as u64,
         documents: n as u64,

@@ -425,7 +425,7 @@ fn loaders(api: &mut Api) {
 // ---- text ---------------------------------------------------------------------
 
 const TEXT_KEYS: &[&str] = &["vocab_size", "seed"];
-const BROWN_KEYS: &[&str] = &["root", "cache", "val_fraction", "seed"];
+const BROWN_KEYS: &[&str] = &["root", "cache", "val_fraction", "seed", "tokenizer"];
 
 fn text_dataset(dir: &str, m: &Map) -> RResult<RTokens> {
     const W: &str = "text_dataset";
@@ -450,7 +450,11 @@ fn brown_dataset(m: &Map) -> RResult<RTokens> {
         None => data::DEFAULT_VAL_FRACTION,
     };
     let seed = opt_int(m, "seed", W)?.unwrap_or(0) as u64;
-    let dir = data::brown_dataset(Path::new(&root), Path::new(&cache), f).rt()?;
+    let tok = match opt_str(m, "tokenizer", W)? {
+        Some(t) => data::Tokenizer::parse(&t).rt()?,
+        None => data::Tokenizer::Gpt2,
+    };
+    let dir = data::brown_dataset_with(Path::new(&root), Path::new(&cache), f, tok).rt()?;
     TokenDataset::open(&dir, None, seed).map(|t| RTokens(Rc::new(RefCell::new(t)))).rt()
 }
 
@@ -545,7 +549,7 @@ fn text(api: &mut Api) {
     api.f(
         "brown",
         "options",
-        "The Brown corpus with `#{ root: corpus folder, cache: cache folder, val_fraction, seed }`.",
+        "The Brown corpus with `#{ root: corpus folder, cache: cache folder, val_fraction, seed, tokenizer: \"gpt2\" | \"bytes\" }` (bytes: one id per byte, 256 = end of text, vocabulary 257, cached in .deps/cache/brown-bytes).",
         |m: Map| brown_dataset(&m),
     );
     api.f(
