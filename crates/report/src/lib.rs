@@ -17,6 +17,7 @@ use polars::prelude::DataFrame;
 
 pub mod frame;
 pub mod graphs;
+pub mod heatmap;
 pub mod load;
 pub mod plot;
 pub mod table;
