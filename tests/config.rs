@@ -20,6 +20,8 @@ fn every_symbol_is_consumed_and_every_read_is_defined() {
     // Reading a symbol Kconfig does not define is an error, so this also
     // proves every key the code reads exists.
     Experiment::read(&r).unwrap();
+    // `knlp mechint` reads the interpretability menu.
+    knlp::mechint::kv_circuit::Settings::read(&r).unwrap();
     let read = r.read();
     let defined: Vec<String> = kc.symbols().map(|s| s.name().to_string()).collect();
     let unread: Vec<&String> = defined.iter().filter(|s| !read.contains(*s)).collect();

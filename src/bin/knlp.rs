@@ -134,8 +134,62 @@ enum Command {
         #[arg(long, default_value = "runs")]
         runs_dir: PathBuf,
     },
+    /// KV circuit discovery on GPT-2 checkpoints (docs/kv-circuits.md): the
+    /// MECHINT settings of .config, overridden by these options; then the
+    /// V0/V1 comparison of any pair of results in the output folder.
+    Mechint(Box<MechintArgs>),
     /// Versions, devices and threads.
     Info,
+}
+
+#[derive(Args)]
+struct MechintArgs {
+    #[command(flatten)]
+    cfg: ConfigArgs,
+    /// A checkpoint file, a glob of them, or a run folder
+    #[arg(long, conflicts_with = "runs")]
+    checkpoint: Option<String>,
+    /// A project folder: every run of it with a checkpoint
+    #[arg(long)]
+    runs: Option<String>,
+    /// Token folder (train.bin, val.bin) or `brown`; empty: the checkpoint's own data
+    #[arg(long)]
+    dataset: Option<String>,
+    /// Results go to <DIR>/<checkpoint's run or name>/
+    #[arg(long, value_name = "DIR")]
+    output_dir: Option<PathBuf>,
+    #[arg(long)]
+    target_sparsity: Option<f64>,
+    #[arg(long)]
+    steps: Option<i64>,
+    #[arg(long)]
+    lr: Option<f64>,
+    /// type:start:end with type constant, linear or exp
+    #[arg(long)]
+    temperature: Option<String>,
+    /// linear, exponential or cosine
+    #[arg(long)]
+    sparsity_schedule: Option<String>,
+    #[arg(long)]
+    init_keep_prob: Option<f64>,
+    #[arg(long)]
+    eval_every: Option<i64>,
+    #[arg(long)]
+    eval_batches: Option<i64>,
+    #[arg(long)]
+    batch_size: Option<i64>,
+    /// Tokens per window (0: the model's block size)
+    #[arg(long)]
+    block_size: Option<i64>,
+    /// auto, cpu, cuda or cuda:N
+    #[arg(long)]
+    device: Option<String>,
+    /// Do not write final_masks.safetensors
+    #[arg(long)]
+    no_save_masks: bool,
+    /// Only compare two result folders (V0 then V1) into --output-dir
+    #[arg(long, num_args = 2, value_names = ["V0_DIR", "V1_DIR"])]
+    compare: Option<Vec<PathBuf>>,
 }
 
 #[derive(Args)]
@@ -307,6 +361,7 @@ fn main() -> ExitCode {
             ::report::graphs(project.as_deref(), &runs_dir, &mut std::io::stdout())
                 .map(|set| i32::from(!set.warnings.is_empty())),
         ),
+        Command::Mechint(args) => report(knlp_mechint(&args)),
         Command::Info => {
             println!("knlp {}", env!("CARGO_PKG_VERSION"));
             println!("libtorch {}", knlp::shim::torch_version());
@@ -514,4 +569,67 @@ fn knlp_check_config(kconfig: &std::path::Path, files: Vec<PathBuf>) -> anyhow::
     }
     println!("{} configuration(s) checked, {bad} with problems", files.len());
     Ok(if bad > 0 { 1 } else { 0 })
+}
+
+/// `knlp mechint`: settings from .config (when it exists) with the
+/// command line over them, then the analyses and comparisons.
+fn knlp_mechint(a: &MechintArgs) -> anyhow::Result<i32> {
+    use knlp::mechint::kv_circuit::{self as kv, Mode, Settings};
+    let mut say = |s: &str| println!("{s}");
+    if let Some(dirs) = &a.compare {
+        let out = a.output_dir.clone().unwrap_or_else(|| PathBuf::from("mechint_comparison"));
+        for f in kv::compare_variants(&dirs[0], &dirs[1], &out)? {
+            println!("wrote {}", f.display());
+        }
+        return Ok(0);
+    }
+    let flag_mode = match (&a.checkpoint, &a.runs) {
+        (Some(c), _) => Some(Mode::Posttrain(c.clone())),
+        (None, Some(r)) => Some(Mode::FromRuns(r.clone())),
+        _ => None,
+    };
+    let dot = a.cfg.dot_config();
+    let mut s = if dot.exists() {
+        let overrides = knlp::config::parse_overrides(&a.cfg.overrides)?;
+        let (kc, warnings) = knlp::config::load(&a.cfg.kconfig, &dot, &overrides)?;
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
+        let s = Settings::read(&knlp::config::Reader::new(&kc))?;
+        if !s.enabled && flag_mode.is_none() {
+            anyhow::bail!(
+                "{}: MECHINT is off; enable it (make menuconfig) or give --checkpoint or --runs",
+                dot.display()
+            );
+        }
+        s
+    } else {
+        let m = flag_mode.clone().ok_or_else(|| {
+            anyhow::anyhow!("{}: no configuration; give --checkpoint or --runs", dot.display())
+        })?;
+        Settings::defaults(m)
+    };
+    if let Some(m) = flag_mode {
+        s.mode = m;
+    }
+    let c = &mut s.circuit;
+    macro_rules! over {
+        ($($field:ident),*) => { $(if let Some(v) = a.$field.clone() { c.$field = v; })* };
+    }
+    over!(target_sparsity, steps, lr, temperature, sparsity_schedule);
+    over!(init_keep_prob, eval_every, eval_batches, batch_size, block_size);
+    c.validate()?;
+    if let Some(d) = &a.dataset {
+        s.dataset = d.clone();
+    }
+    if let Some(o) = &a.output_dir {
+        s.output_dir = o.clone();
+    }
+    if let Some(d) = &a.device {
+        s.device = d.clone();
+    }
+    s.save_masks &= !a.no_save_masks;
+    knlp::interrupt::install();
+    let failed = kv::run_all(&s, &mut say)?;
+    Ok(i32::from(failed > 0))
 }
