@@ -11,7 +11,7 @@ use crate::models::gpt2::Gpt2;
 use crate::shim::AutocastDtype;
 
 /// Run `f` on the GPT-2 behind a script model, or say that it is not one.
-fn with_gpt2<T>(m: &RModel, what: &str, f: impl FnOnce(&Gpt2) -> RResult<T>) -> RResult<T> {
+pub(super) fn with_gpt2<T>(m: &RModel, what: &str, f: impl FnOnce(&Gpt2) -> RResult<T>) -> RResult<T> {
     let b = m.borrow()?;
     let g = b
         .as_any()

@@ -8,7 +8,9 @@ pub mod data;
 pub mod device;
 pub mod errors;
 pub mod helpers;
+pub mod kv_circuit;
 pub mod matrix;
+pub mod mechint;
 pub mod models;
 pub mod optim;
 pub mod prune;
@@ -85,6 +87,8 @@ pub fn register_all(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     data::register(engine, docs);
     models::register(engine, docs);
     attention::register(engine, docs);
+    mechint::register(engine, docs);
+    kv_circuit::register(engine, docs);
     optim::register(engine, docs);
     prune::register(engine, docs);
     train::register(engine, docs);
@@ -265,6 +269,18 @@ impl Runtime {
     }
 
     /// Variables in scope: (name, type, first line of the value).
+    /// Script variables holding models: (name, hook points).
+    pub fn model_hooks(&self) -> Vec<(String, Vec<String>)> {
+        self.scope
+            .iter()
+            .filter_map(|(name, _, value)| {
+                let m = value.read_lock::<models::RModel>()?.clone();
+                let names = m.borrow().ok()?.hook_names();
+                Some((name.to_string(), names))
+            })
+            .collect()
+    }
+
     pub fn variables(&self) -> Vec<(String, String, String)> {
         self.scope
             .iter()

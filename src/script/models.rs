@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::rc::Rc;
 
-use rhai::{Array, Dynamic, Engine, Map, INT};
+use rhai::{Array, Dynamic, Engine, Map, NativeCallContext, INT};
 use serde::de::DeserializeOwned;
 use tch::Device;
 
@@ -125,20 +125,16 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
         "forward",
         "self, x",
         "Logits for a batch in evaluation mode (no dropout, batch-norm running statistics).",
-        |m: &mut RModel, x: RTensor| -> RResult<RTensor> {
-            let m = m.borrow()?;
-            let x = x.0.f_to_device(m.store().device()).rt()?;
-            tensor_result(m.forward(&x, false))
+        |ctx: NativeCallContext, m: &mut RModel, x: RTensor| -> RResult<RTensor> {
+            forward(&ctx, m, &x, false)
         },
     );
     api.f(
         "forward",
         "self, x, train",
         "Logits for a batch; `train` turns on dropout and batch statistics.",
-        |m: &mut RModel, x: RTensor, train: bool| -> RResult<RTensor> {
-            let m = m.borrow()?;
-            let x = x.0.f_to_device(m.store().device()).rt()?;
-            tensor_result(m.forward(&x, train))
+        |ctx: NativeCallContext, m: &mut RModel, x: RTensor, train: bool| -> RResult<RTensor> {
+            forward(&ctx, m, &x, train)
         },
     );
     api.f(
@@ -222,6 +218,16 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
         }
         m.store().load_named(&l.tensors, path).rt()
     });
+}
+
+/// A forward visiting the hooks added to the model (add_hook).
+fn forward(ctx: &NativeCallContext, m: &RModel, x: &RTensor, train: bool) -> RResult<RTensor> {
+    let hooks = super::mechint::ScriptHooks::of_model(ctx, m);
+    let model = m.borrow()?;
+    let x = x.0.f_to_device(model.store().device()).rt()?;
+    let r =
+        tensor_result(model.forward_hooked(&x, train, hooks.as_ref().map(|h| h as &dyn crate::hooks::Hooks)));
+    super::mechint::ScriptHooks::finish(hooks.as_ref(), r)
 }
 
 fn resnet_with(o: Map, depth: i64, what: &str) -> RResult<RModel> {

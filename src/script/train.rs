@@ -190,10 +190,23 @@ fn run_train(ctx: &NativeCallContext, model: RModel, opt: ROpt, data: Dynamic, o
     if let Some(h) = hook.as_mut() {
         hooks.push(h);
     }
-    let summary =
-        Trainer { model: &mut **m, opt: &mut o, data: &mut *data, hooks, cfg, run, record, tracker }
-            .run()
-            .rt()?;
+    // Hooks added with add_hook act in training and evaluation forwards.
+    let script_hooks = super::mechint::ScriptHooks::of_model(ctx, &model);
+    let fwd_hooks = script_hooks.as_ref().map(|h| h as &dyn crate::hooks::Hooks);
+    let summary = Trainer {
+        model: &mut **m,
+        opt: &mut o,
+        data: &mut *data,
+        hooks,
+        cfg,
+        run,
+        record,
+        tracker,
+        fwd_hooks,
+    }
+    .run()
+    .rt();
+    let summary = super::mechint::ScriptHooks::finish(script_hooks.as_ref(), summary)?;
     Ok(RRun { dir, summary: Rc::new(summary) })
 }
 
