@@ -23,6 +23,8 @@ const COMMANDS: &[(&str, &str)] = &[
     (":help", "this list; `:help NAME` documents a function"),
     (":load FILE", "run a script file in this session (its variables and functions stay)"),
     (":vars", "variables in scope with their types"),
+    (":hooks [MODEL]", "hook points of a model variable (all models when none is named)"),
+    (":cache", "names and shapes of the last run_with_cache's activations"),
     (":reset", "forget all variables, functions and imports"),
     (":quit", "leave (also Ctrl-D)"),
 ];
@@ -134,6 +136,28 @@ impl Shell {
                     println!("{a:<16} {:<10}", "module");
                 }
             }
+            "hooks" => {
+                let models = self.rt.borrow().model_hooks();
+                let chosen: Vec<_> = models.iter().filter(|(n, _)| arg.is_empty() || n == arg).collect();
+                if chosen.is_empty() {
+                    self.failed = true;
+                    eprintln!("no model variable {arg} (models in scope: {})", models.len());
+                }
+                for (n, hooks) in chosen {
+                    println!("{n}: {} hook points", hooks.len());
+                    for h in hooks {
+                        println!("  {h}");
+                    }
+                }
+            }
+            "cache" => match crate::script::mechint::LAST_CACHE.with(|c| c.borrow().clone()) {
+                Some(c) => {
+                    for (n, t) in &c.acts {
+                        println!("{n:<40} {:?} {}", t.size(), crate::tensor::kind_name(t.kind()));
+                    }
+                }
+                None => println!("no cache yet (run_with_cache makes one)"),
+            },
             "reset" => {
                 self.rt.borrow_mut().reset();
                 println!("session reset");
@@ -281,6 +305,13 @@ impl Completer for ShellHelper {
             let s = head.len() - head.trim_start().len();
             return Ok((s, pairs(&cands, head.trim_start())));
         }
+        // Inside a string literal: hook names of the models in scope.
+        let quotes = head.char_indices().filter(|&(i, c)| c == '"' && !head[..i].ends_with('\\')).count();
+        if quotes % 2 == 1 {
+            let q = head.rfind('"').map_or(0, |i| i + 1);
+            let names: Vec<String> = rt.model_hooks().into_iter().flat_map(|(_, h)| h).collect();
+            return Ok((q, pairs(&names, &head[q..])));
+        }
         if let Some((alias, _)) = word.split_once("::") {
             if let Some(members) = rt.imports.get(alias) {
                 cands = members.iter().map(|m| format!("{alias}::{m}")).collect();
@@ -303,4 +334,29 @@ fn pairs(cands: &[String], prefix: &str) -> Vec<Pair> {
     v.sort();
     v.dedup();
     v.into_iter().map(|c| Pair { display: c.clone(), replacement: c.clone() }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completes_hook_names_inside_strings() {
+        let rt = Rc::new(RefCell::new(Runtime::new(PathBuf::from("."), Limits::default())));
+        let _ = rt
+            .borrow_mut()
+            .eval_input("let m = gpt2(#{ n_layer: 2, n_head: 2, n_embd: 8, block_size: 8, vocab_size: 16 });")
+            .unwrap();
+        let h = ShellHelper { rt };
+        let hist = rustyline::history::DefaultHistory::new();
+        let ctx = Context::new(&hist);
+        let line = "m.run_with_hooks(x, #{ \"blocks.1.attn.hook_p";
+        let (start, c) = h.complete(line, line.len(), &ctx).unwrap();
+        assert_eq!(start, line.rfind('"').unwrap() + 1);
+        let got: Vec<&str> = c.iter().map(|p| p.replacement.as_str()).collect();
+        assert_eq!(got, ["blocks.1.attn.hook_pattern"]);
+        // Outside a string, names complete as before.
+        let (_, c) = h.complete("run_with_ca", 11, &ctx).unwrap();
+        assert!(c.iter().any(|p| p.replacement == "run_with_cache"));
+    }
 }
