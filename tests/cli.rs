@@ -66,6 +66,52 @@ fn attention_bindings_script_passes() {
 }
 
 #[test]
+fn mechint_bindings_script_passes() {
+    let d = scratch("mechint-bindings");
+    let o = knlp(&root(), &["run", "tests/scripts/mechint.rhai", &d.display().to_string()]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("mechint bindings ok"));
+    assert!(d.join("eff.png").exists() && d.join("pat.svg").exists());
+}
+
+#[test]
+fn induction_heads_script_runs_small() {
+    // scripts/induction-heads.rhai at a toy size: trains, scores, ablates, plots.
+    let d = scratch("induction");
+    let out_dir = d.join("out").display().to_string();
+    let args = [
+        "run",
+        "scripts/induction-heads.rhai",
+        "--steps",
+        "4",
+        "--probes",
+        "2",
+        "--n-embd",
+        "16",
+        "--n-head",
+        "2",
+        "--block-size",
+        "64",
+        "--batch-size",
+        "2",
+        "--n",
+        "8",
+        "--out",
+        &out_dir,
+    ];
+    let o = knlp(&root(), &args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("| repeated text | trained |"), "{out}");
+    for f in
+        ["induction-head.png", "induction-scores.svg", "previous-token-scores.png", "induction-curve.png"]
+    {
+        assert!(d.join("out").join(f).exists(), "{f} missing");
+    }
+}
+
+#[test]
 fn attention_ablation_script_runs_small() {
     // scripts/attention.rhai at a toy size: every variant trains, decodes and plots.
     let d = scratch("attn-ablation");
@@ -325,4 +371,16 @@ fn cuda_smoke_or_skip() {
     } else {
         assert!(out.contains("cuda ok"));
     }
+}
+
+#[test]
+fn shell_lists_hooks_and_the_last_cache() {
+    let o = shell(
+        "let m = gpt2(#{ n_layer: 1, n_head: 2, n_embd: 8, block_size: 8, vocab_size: 16 });\n:hooks m\n\
+         let r = m.run_with_cache(randint(0, 16, [1, 4]), #{ names: [\"blocks.0.attn.hook_pattern\"] });\n:cache\n",
+    );
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("m: 21 hook points") && out.contains("  blocks.0.attn.hook_z"), "{out}");
+    assert!(out.contains("blocks.0.attn.hook_pattern") && out.contains("[1, 2, 4, 4] float32"), "{out}");
 }
