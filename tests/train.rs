@@ -231,6 +231,39 @@ fn weights(m: &Mlp) -> Vec<f32> {
     Vec::<f32>::try_from(&m.store().groups()[0].data).unwrap()
 }
 
+/// The defaults of every image preset (no eval or checkpoint interval, an
+/// epoch budget): a run killed mid-epoch resumes from the last epoch end.
+#[test]
+fn epoch_runs_checkpoint_at_epoch_ends_by_default() {
+    let _serial = serial();
+    let defaults = || TrainConfig { epochs: 3, progress: "off".into(), ..Default::default() };
+    assert_eq!((defaults().eval_every, defaults().checkpoint_every, defaults().steps), (0, 0, 0));
+    let dir_a = run_dir("epoch-ck-a");
+    let mut m = Mlp::new(1, 0.0);
+    let mut data = Blobs::new();
+    let mut opt = Optimizer::new(m.store(), adamw()).unwrap();
+    let a = train(&mut m, &mut data, &mut opt, defaults(), &dir_a, None);
+    assert_eq!(a.steps, 48);
+    let wa = weights(&m);
+    // Killed 5 steps into the second epoch (16 steps each).
+    let dir_b = run_dir("epoch-ck-b");
+    let mut m = Mlp::new(1, 0.0);
+    let mut data = Blobs::new();
+    let mut opt = Optimizer::new(m.store(), adamw()).unwrap();
+    let half = train(&mut m, &mut data, &mut opt, TrainConfig { stop_after: 21, ..defaults() }, &dir_b, None);
+    assert_eq!(half.steps, 21);
+    let ck = knlp::checkpoint::load(&dir_b.join("checkpoints/last.safetensors")).expect("an epoch-end checkpoint");
+    assert_eq!((ck.state.step, ck.state.epoch), (16, 1), "the last checkpoint is the end of epoch 1");
+    tch::manual_seed(4321);
+    let mut m = Mlp::new(7, 0.0);
+    let mut data = Blobs::new();
+    let mut opt = Optimizer::new(m.store(), adamw()).unwrap();
+    let b = train(&mut m, &mut data, &mut opt, TrainConfig { resume: true, ..defaults() }, &dir_b, None);
+    assert_eq!(b.status, Status::Done);
+    assert_eq!(b.steps, 48);
+    assert_eq!(weights(&m), wa, "resumed from the epoch end, the run ends where the uninterrupted one did");
+}
+
 #[test]
 fn resume_is_bit_identical_on_cpu() {
     let _serial = serial();

@@ -570,6 +570,12 @@ impl Trainer<'_> {
                     if micro == 0 {
                         // Epoch schedules change at epoch boundaries.
                         self.opt.lr = schedule.lr(self.opt.cfg.lr, step, epoch);
+                        // Without a step interval, every epoch end is a
+                        // checkpoint: a killed epoch-based run resumes there.
+                        if self.cfg.checkpoint_every == 0 && step > 0 {
+                            let p = progress_state(&best, &last_eval, elapsed(&start), items_done, total);
+                            self.save("last", step, epoch, &p)?;
+                        }
                     }
                     continue;
                 };
