@@ -112,6 +112,33 @@ fn induction_heads_script_runs_small() {
 }
 
 #[test]
+fn lenet5_bitter_script_runs_every_method_small() {
+    // Movement pruning used to fail: its default variant was the state pruner's.
+    let d = scratch("lenet5-bitter");
+    let out_dir = d.join("out").display().to_string();
+    let args = [
+        "run",
+        "scripts/lenet5-bitter.rhai",
+        "--methods",
+        "dense,magnitude,movement,bitter7",
+        "--steps",
+        "3",
+        "--prune_warmup",
+        "1",
+        "--frequency",
+        "1",
+        "--out",
+        &out_dir,
+    ];
+    let o = knlp(&root(), &args);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    for m in ["dense", "magnitude", "movement", "bitter7"] {
+        assert!(out.contains(&format!("{m}: test_accuracy=")), "{m} missing:\n{out}");
+    }
+}
+
+#[test]
 fn attention_ablation_script_runs_small() {
     // scripts/attention.rhai at a toy size: every variant trains, decodes and plots.
     let d = scratch("attn-ablation");

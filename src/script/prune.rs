@@ -46,6 +46,12 @@ fn prune_config(opts: &Map) -> RResult<(PruneConfig, Option<FnPtr>)> {
             return Err(rerr(format!("unknown pruning option '{k}' (valid keys: {})", v.join(", "))));
         }
     }
+    // The default variant is the state pruner's (bitter7); movement's is knlp.
+    if rest.get("method").and_then(|m| m.clone().into_string().ok()).as_deref() == Some("movement")
+        && !rest.contains_key("variant")
+    {
+        rest.insert("variant".into(), Dynamic::from("knlp"));
+    }
     let cfg: PruneConfig = rhai::serde::from_dynamic(&Dynamic::from_map(rest))
         .map_err(|e| rerr(format!("pruning options: {e}")))?;
     cfg.validate().rt()?;
