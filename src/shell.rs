@@ -17,7 +17,7 @@ use rustyline::history::DefaultHistory;
 use rustyline::validate::{ValidationContext, ValidationResult, Validator};
 use rustyline::{Context, Editor, Helper};
 
-use crate::script::{api, display_value, Limits, Runtime};
+use crate::script::{api, Limits, Runtime};
 
 const COMMANDS: &[(&str, &str)] = &[
     (":help", "this list; `:help NAME` documents a function"),
@@ -74,7 +74,7 @@ impl Shell {
         let result = self.rt.borrow_mut().eval_input(input);
         match result {
             Ok(v) if v.is_unit() => {}
-            Ok(v) => println!("{}", display_value(&v)),
+            Ok(v) => println!("{}", self.rt.borrow().display(&v)),
             Err(e) => {
                 if e.ending == crate::script::errors::Ending::Exit(0) {
                     return false;

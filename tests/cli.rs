@@ -401,6 +401,16 @@ fn cuda_smoke_or_skip() {
 }
 
 #[test]
+fn shell_shows_knlp_values_as_print_does() {
+    let o =
+        shell("let m = lenet5();\nm\nlet o = optimizer(m, #{ kind: \"sgd\", lr: 0.1 });\no\n[m]\n:vars\n");
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("Model(lenet5, 61750 parameters, cpu)"), "{out}");
+    assert!(!out.contains("knlp::script"), "a Rust type name reached the user:\n{out}");
+}
+
+#[test]
 fn shell_lists_hooks_and_the_last_cache() {
     let o = shell(
         "let m = gpt2(#{ n_layer: 1, n_head: 2, n_embd: 8, block_size: 8, vocab_size: 16 });\n:hooks m\n\

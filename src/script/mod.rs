@@ -269,6 +269,20 @@ impl Runtime {
     }
 
     /// Variables in scope: (name, type, first line of the value).
+    /// A value as `print` shows it: knlp's types through their registered
+    /// `to_string` (`Model(lenet5, 61750 parameters, cpu)`), not their Rust names.
+    pub fn display(&self, v: &Dynamic) -> String {
+        display_with(v, &|x| {
+            // Rhai names registered Rust types by their paths.
+            if !x.type_name().contains("::") {
+                return None;
+            }
+            let mut scope = Scope::new();
+            scope.push_dynamic("__shown", x.clone());
+            self.engine.eval_with_scope::<String>(&mut scope, "to_string(__shown)").ok()
+        })
+    }
+
     /// Script variables holding models: (name, hook points).
     pub fn model_hooks(&self) -> Vec<(String, Vec<String>)> {
         self.scope
@@ -286,7 +300,7 @@ impl Runtime {
             .iter()
             .map(|(name, _, value)| {
                 let ty = errors::script_type_names(self.engine.map_type_name(value.type_name()));
-                let mut text = display_value(&value).lines().next().unwrap_or("").to_string();
+                let mut text = self.display(&value).lines().next().unwrap_or("").to_string();
                 if text.chars().count() > 60 {
                     text = text.chars().take(57).collect::<String>() + "...";
                 }
@@ -317,16 +331,24 @@ impl Runtime {
 /// Text of a value for the shell: tensors print PyTorch-style, also inside
 /// arrays and maps; strings are quoted.
 pub fn display_value(v: &Dynamic) -> String {
+    display_with(v, &|_| None)
+}
+
+/// [`display_value`] with `custom` asked first for values of knlp's types.
+fn display_with(v: &Dynamic, custom: &dyn Fn(&Dynamic) -> Option<String>) -> String {
     if let Some(t) = v.read_lock::<value::RTensor>() {
         return crate::tensor::format_tensor(&t.0);
     }
     if let Some(a) = v.read_lock::<Array>() {
-        let items: Vec<String> = a.iter().map(display_value).collect();
+        let items: Vec<String> = a.iter().map(|x| display_with(x, custom)).collect();
         return format!("[{}]", items.join(", "));
     }
     if let Some(m) = v.read_lock::<rhai::Map>() {
-        let items: Vec<String> = m.iter().map(|(k, v)| format!("{k}: {}", display_value(v))).collect();
+        let items: Vec<String> = m.iter().map(|(k, v)| format!("{k}: {}", display_with(v, custom))).collect();
         return format!("#{{{}}}", items.join(", "));
+    }
+    if let Some(s) = custom(v) {
+        return s;
     }
     if v.is_string() {
         return format!("{:?}", v.to_string());
