@@ -160,6 +160,9 @@ pub struct Experiment {
     /// Shared optimizer settings (lr, betas, weight decay, SPAM, ...).
     pub opt: OptConfig,
     pub adamwprune_base: OptKind,
+    /// GRAD_CLIP_NORM: None is `auto` (see [`crate::matrix::opt_config`]).
+    #[serde(default)]
+    pub clip_norm: Option<f64>,
     pub pruning: Vec<String>,
     pub sparsities: Vec<f64>,
     pub variants: Vec<String>,
@@ -377,12 +380,20 @@ impl Experiment {
             ..TrainConfig::default()
         };
         let devices = [("AUTO", "auto"), ("CPU", "cpu"), ("CUDA", "cuda")];
+        let clip_norm = match r.string("GRAD_CLIP_NORM")?.trim() {
+            "auto" | "" => None,
+            s => match s.parse::<f64>() {
+                Ok(c) if c >= 0.0 && c.is_finite() => Some(c),
+                _ => bail!("GRAD_CLIP_NORM must be auto, 0 or a positive number, got '{s}'"),
+            },
+        };
         Ok(Experiment {
             models,
             gpt2,
             attentions,
             optimizers,
             opt,
+            clip_norm,
             adamwprune_base,
             pruning,
             sparsities,

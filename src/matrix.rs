@@ -275,8 +275,15 @@ pub fn opt_config(exp: &Experiment, cell: &Cell) -> Result<OptConfig> {
     let base = OptConfig::for_kind(kind);
     let e = &exp.opt;
     let lr = attention_axis(exp, cell)?.and_then(|a| a.lr).unwrap_or(e.lr);
+    // The seed clipped GPT-2 at 1.0 under every optimizer but SGD (spec 3.6).
+    let clip_norm = match exp.clip_norm {
+        Some(c) => c,
+        None if cell.model == "gpt2" && kind != OptKind::Sgd => 1.0,
+        None => base.clip_norm,
+    };
     let cfg = OptConfig {
         lr,
+        clip_norm,
         weight_decay: e.weight_decay,
         beta1: e.beta1,
         beta2: e.beta2,

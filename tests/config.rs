@@ -145,6 +145,8 @@ fn attention_presets_and_ablation_steps_are_matrix_axes() {
         // One optimizer setting for every step; the digit 0 is lr 6e-4.
         let o = knlp::matrix::opt_config(&exp, c).unwrap();
         assert_eq!((o.lr, o.beta2, o.weight_decay), (6e-4, 0.95, 0.1), "{}", c.id);
+        // GPT-2 under AdamW clips at 1.0 by default, as the seed did.
+        assert_eq!(o.clip_norm, 1.0, "{}", c.id);
     }
     let exp = load("gpt2-attention-small");
     let cells = knlp::matrix::cells(&exp).unwrap();
@@ -173,4 +175,36 @@ fn attention_presets_and_ablation_steps_are_matrix_axes() {
     let e = Experiment::read(&Reader::new(&kc)).unwrap_err().to_string();
     assert!(e.contains("CONFIG_RA_ABLATION_STEPS") && e.contains("MLA7"), "{e}");
     let _ = std::fs::remove_file(&d);
+}
+
+#[test]
+fn gradient_clipping_follows_the_seed_unless_set() {
+    let (kc, _) =
+        config::load(&root().join("Kconfig"), &root().join("defconfigs/gpt2-brown-small"), &[]).unwrap();
+    let mut exp = Experiment::read(&Reader::new(&kc)).unwrap();
+    assert_eq!(exp.clip_norm, None, "GRAD_CLIP_NORM defaults to auto");
+    let gpt2 = knlp::matrix::cells(&exp).unwrap().remove(0);
+    let with = |model: &str, opt: &str| knlp::matrix::Cell {
+        model: model.into(),
+        optimizer: opt.into(),
+        ..gpt2.clone()
+    };
+    let clip = |e: &Experiment, c: &knlp::matrix::Cell| knlp::matrix::opt_config(e, c).unwrap().clip_norm;
+    // auto: GPT-2 clips at 1.0 under every optimizer but SGD (spec 3.6) ...
+    for opt in ["adamw", "adam", "adamwadv", "adamwspam", "adamwprune"] {
+        assert_eq!(clip(&exp, &with("gpt2", opt)), 1.0, "gpt2 {opt}");
+    }
+    assert_eq!(clip(&exp, &with("gpt2", "sgd")), 0.0);
+    // ... and other models keep their optimizer's default.
+    assert_eq!(clip(&exp, &with("lenet5", "adamw")), 0.0);
+    assert_eq!(clip(&exp, &with("lenet5", "adamwadv")), 1.0);
+    exp.clip_norm = Some(0.5);
+    assert_eq!(clip(&exp, &with("lenet5", "sgd")), 0.5);
+    exp.clip_norm = Some(0.0);
+    assert_eq!(clip(&exp, &with("gpt2", "adamw")), 0.0);
+    // A bad value names the option.
+    let mut kc = kc;
+    kc.set_value("GRAD_CLIP_NORM", "-1").unwrap();
+    let e = Experiment::read(&Reader::new(&kc)).unwrap_err().to_string();
+    assert!(e.contains("GRAD_CLIP_NORM"), "{e}");
 }
