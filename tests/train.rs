@@ -252,7 +252,8 @@ fn epoch_runs_checkpoint_at_epoch_ends_by_default() {
     let mut opt = Optimizer::new(m.store(), adamw()).unwrap();
     let half = train(&mut m, &mut data, &mut opt, TrainConfig { stop_after: 21, ..defaults() }, &dir_b, None);
     assert_eq!(half.steps, 21);
-    let ck = knlp::checkpoint::load(&dir_b.join("checkpoints/last.safetensors")).expect("an epoch-end checkpoint");
+    let ck =
+        knlp::checkpoint::load(&dir_b.join("checkpoints/last.safetensors")).expect("an epoch-end checkpoint");
     assert_eq!((ck.state.step, ck.state.epoch), (16, 1), "the last checkpoint is the end of epoch 1");
     tch::manual_seed(4321);
     let mut m = Mlp::new(7, 0.0);
@@ -262,6 +263,44 @@ fn epoch_runs_checkpoint_at_epoch_ends_by_default() {
     assert_eq!(b.status, Status::Done);
     assert_eq!(b.steps, 48);
     assert_eq!(weights(&m), wa, "resumed from the epoch end, the run ends where the uninterrupted one did");
+}
+
+/// A time-only budget starts at the full learning rate, not at min_lr
+/// while the step count is still being estimated.
+#[test]
+fn time_budgets_start_at_the_full_learning_rate() {
+    let _serial = serial();
+    let dir = run_dir("time-lr");
+    let mut m = Mlp::new(1, 0.0);
+    let mut data = Blobs::new();
+    let mut opt = Optimizer::new(m.store(), adamw()).unwrap();
+    let c = TrainConfig {
+        steps: 0,
+        epochs: 0,
+        time_limit: 1.0,
+        log_every: 1,
+        eval_every: 0,
+        schedule: "warmup_cosine".into(),
+        min_lr: Some(0.0),
+        progress: "off".into(),
+        ..Default::default()
+    };
+    let s = train(&mut m, &mut data, &mut opt, c, &dir, None);
+    assert!(s.steps > 5, "{} steps", s.steps);
+    let recs = RunDir::open(&dir).unwrap().metrics().unwrap();
+    let lr_at = |step: i64| {
+        recs.iter()
+            .find(|r| r["step"] == step && r.get("lr").is_some())
+            .map(|r| r["lr"].as_f64().unwrap())
+            .unwrap()
+    };
+    for step in 1..=4 {
+        assert!(
+            (lr_at(step) - 1e-2).abs() < 1e-4,
+            "step {step}: lr {} (before the budget's step count is known)",
+            lr_at(step)
+        );
+    }
 }
 
 #[test]

@@ -509,7 +509,10 @@ impl Trainer<'_> {
         // unless resumed; it writes system.json either way.
         tracker.start(&RunInfo::new(&self.run.path, self.record.clone(), resumed))?;
         self.run.set_status(Status::Running, None)?;
-        let mut schedule = self.schedule(total.max(1));
+        // A time budget's length is unknown until the step time is measured:
+        // until then the schedule runs as if the budget were endless (the
+        // warm-up, then the full rate), not as if it were one step long.
+        let mut schedule = self.schedule(if total > 0 { total } else { i64::MAX });
         let start = Instant::now();
         let elapsed = |s: &Instant| elapsed_before + s.elapsed().as_secs_f64();
         let mut window_start = Instant::now();
