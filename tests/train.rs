@@ -303,6 +303,33 @@ fn time_budgets_start_at_the_full_learning_rate() {
     }
 }
 
+/// SGD's momentum buffer is a moment too: pruned weights keep none.
+#[test]
+fn sgd_momentum_of_pruned_weights_is_zero() {
+    let _serial = serial();
+    let dir = run_dir("sgd-momentum-mask");
+    let mut m = Mlp::new(4, 0.0);
+    let mut data = Blobs::new();
+    let sgd = OptConfig { lr: 0.05, momentum: 0.9, ..OptConfig::for_kind(OptKind::Sgd) };
+    let mut opt = Optimizer::new(m.store(), sgd).unwrap();
+    let pc = PruneConfig {
+        method: "magnitude".into(),
+        target: 0.7,
+        warmup: 5,
+        ramp_end: 40,
+        frequency: 5,
+        ..Default::default()
+    };
+    let mut pr = Pruner::new(m.store(), pc).unwrap();
+    let s = train(&mut m, &mut data, &mut opt, cfg(60), &dir, Some(&mut pr));
+    assert_eq!(s.status, Status::Done);
+    let dead = pr.mask("l1.weight").unwrap().logical_not();
+    assert!(dead.sum(Kind::Int64).int64_value(&[]) > 0);
+    let buf = opt.state(m.store(), "l1.weight").unwrap().momentum.expect("a momentum buffer");
+    assert_eq!(buf.masked_select(&dead).abs().sum(Kind::Float).double_value(&[]), 0.0);
+    assert!(buf.abs().sum(Kind::Float).double_value(&[]) > 0.0, "kept weights keep their momentum");
+}
+
 #[test]
 fn resume_is_bit_identical_on_cpu() {
     let _serial = serial();

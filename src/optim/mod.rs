@@ -251,6 +251,11 @@ impl Optimizer {
         (g.exp_avg.numel() > 0).then_some((&g.exp_avg, &g.exp_avg_sq))
     }
 
+    /// Flat SGD momentum buffer of buffer `i`, once the first step made it.
+    pub fn momentum_buffer(&self, i: usize) -> Option<&Tensor> {
+        self.groups.get(i).map(|g| &g.momentum).filter(|t| t.numel() > 0)
+    }
+
     /// Flat AMSGrad maxima of buffer `i`, when AMSGrad is on.
     pub fn max_moment(&self, i: usize) -> Option<&Tensor> {
         self.groups.get(i).map(|g| &g.max_exp_avg_sq).filter(|t| t.numel() > 0)

@@ -460,6 +460,9 @@ impl Pruner {
                 if let Some(mx) = opt.max_moment(gi) {
                     self.mask_range(gi, mx)?;
                 }
+                if let Some(b) = opt.momentum_buffer(gi) {
+                    self.mask_range(gi, b)?;
+                }
             }
             Ok(())
         })
