@@ -29,7 +29,9 @@ pub use frame::{Agg, Cell, Filter, Op};
 pub use graphs::{write_graphs, GraphSet};
 pub use load::{list_projects, load_project, resolve_project, History, Project, RunInfo};
 pub use plot::{BarPlot, Bars, HBarPlot, Line, LinePlot, Style};
-pub use table::{format_cell, render_markdown, render_text, results_table, TableOptions, ALL_COLUMNS};
+pub use table::{
+    format_cell, render_html, render_markdown, render_text, results_table, TableOptions, ALL_COLUMNS,
+};
 
 /// What `knlp results` was asked for.
 #[derive(Clone, Debug, Default)]

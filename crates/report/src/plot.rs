@@ -251,6 +251,24 @@ pub fn save<P: Plot>(plot: &P, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A square logo (the Jupyter kernelspec's `logo-SIZExSIZE.png`): "knlp"
+/// in white on the house blue.
+pub fn logo(path: &Path, size: u32) -> Result<()> {
+    init_fonts()?;
+    let run = || -> Result<()> {
+        let root = BitMapBackend::new(path, (size, size)).into_drawing_area();
+        root.fill(&RGBColor(31, 119, 180)).map_err(de)?;
+        let font = ("sans-serif", (size as f64 * 0.36).max(6.0)).into_font().color(&WHITE);
+        let style = font.pos(Pos::new(HPos::Center, VPos::Center));
+        root.draw_text("knlp", &style, (size as i32 / 2, size as i32 / 2)).map_err(de)?;
+        root.present().map_err(de)
+    };
+    match catch_unwind(AssertUnwindSafe(run)) {
+        Ok(r) => r.with_context(|| format!("{}", path.display())),
+        Err(_) => Err(anyhow!("{}: the plotting library failed", path.display())),
+    }
+}
+
 /// What a legend entry shows next to its name.
 #[derive(Clone, Copy, PartialEq)]
 enum Sample {

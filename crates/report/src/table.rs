@@ -315,6 +315,36 @@ pub fn render_markdown(df: &DataFrame) -> String {
     out
 }
 
+/// The table as an HTML `<table>`, formatted as `render_markdown` formats it
+/// (notebooks show this for a Frame); `max_rows` rows at most, with a note
+/// of how many were left out.
+pub fn render_html(df: &DataFrame, max_rows: usize) -> String {
+    let (headers, rows, numeric) = rendered(df);
+    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    let align =
+        |i: usize| if numeric.get(i).copied().unwrap_or(false) { " style=\"text-align:right\"" } else { "" };
+    let mut out = String::from("<table>\n<thead><tr>");
+    for (i, h) in headers.iter().enumerate() {
+        out.push_str(&format!("<th{}>{}</th>", align(i), esc(h)));
+    }
+    out.push_str("</tr></thead>\n<tbody>\n");
+    for r in rows.iter().take(max_rows) {
+        out.push_str("<tr>");
+        for (i, c) in r.iter().enumerate() {
+            out.push_str(&format!("<td{}>{}</td>", align(i), esc(c)));
+        }
+        out.push_str("</tr>\n");
+    }
+    out.push_str("</tbody>\n</table>\n");
+    let shown = rows.len().min(max_rows);
+    out.push_str(&format!("<p>{} rows × {} columns", rows.len(), headers.len()));
+    if shown < rows.len() {
+        out.push_str(&format!(" ({} rows not shown)", rows.len() - shown));
+    }
+    out.push_str("</p>\n");
+    out
+}
+
 fn create(path: &Path) -> Result<File> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
