@@ -17,7 +17,7 @@ use rustyline::history::DefaultHistory;
 use rustyline::validate::{ValidationContext, ValidationResult, Validator};
 use rustyline::{Context, Editor, Helper};
 
-use crate::script::{api, Limits, Runtime};
+use crate::script::{api, complete, Limits, Runtime};
 
 const COMMANDS: &[(&str, &str)] = &[
     (":help", "this list; `:help NAME` documents a function"),
@@ -29,11 +29,6 @@ const COMMANDS: &[(&str, &str)] = &[
     (":quit", "leave (also Ctrl-D)"),
 ];
 
-const KEYWORDS: &[&str] = &[
-    "let", "const", "fn", "if", "else", "for", "in", "while", "loop", "break", "continue", "return", "throw",
-    "try", "catch", "import", "as", "true", "false", "print", "switch",
-];
-
 pub struct Shell {
     rt: Rc<RefCell<Runtime>>,
     failed: bool,
@@ -42,11 +37,7 @@ pub struct Shell {
 impl Shell {
     pub fn new(limits: Limits) -> Self {
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-        let mut rt = Runtime::new(cwd, limits);
-        // Later inputs may redefine constants; keep expressions as typed.
-        rt.engine.set_optimization_level(rhai::OptimizationLevel::None);
-        // The shell's scope grows input by input; allow new names per input.
-        rt.engine.set_strict_variables(false);
+        let rt = Runtime::interactive(cwd, limits);
         Shell { rt: Rc::new(RefCell::new(rt)), failed: false }
     }
 
@@ -295,45 +286,18 @@ impl Completer for ShellHelper {
 
     fn complete(&self, line: &str, pos: usize, _ctx: &Context<'_>) -> rustyline::Result<(usize, Vec<Pair>)> {
         let head = &line[..pos];
-        let start = head.rfind(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':')).map_or(0, |i| i + 1);
-        let word = &head[start..];
-        let after_dot = head[..start].ends_with('.');
-        let rt = self.rt.borrow();
-        let mut cands: Vec<String> = Vec::new();
         if head.trim_start().starts_with(':') && !head.contains(' ') {
-            cands = COMMANDS.iter().map(|(c, _)| c.split(' ').next().unwrap_or(c).to_string()).collect();
+            let cands = COMMANDS.iter().map(|(c, _)| c.split(' ').next().unwrap_or(c).to_string()).collect();
             let s = head.len() - head.trim_start().len();
-            return Ok((s, pairs(&cands, head.trim_start())));
+            return Ok((s, pairs(complete::matching(cands, head.trim_start()))));
         }
-        // Inside a string literal: hook names of the models in scope.
-        let quotes = head.char_indices().filter(|&(i, c)| c == '"' && !head[..i].ends_with('\\')).count();
-        if quotes % 2 == 1 {
-            let q = head.rfind('"').map_or(0, |i| i + 1);
-            let names: Vec<String> = rt.model_hooks().into_iter().flat_map(|(_, h)| h).collect();
-            return Ok((q, pairs(&names, &head[q..])));
-        }
-        if let Some((alias, _)) = word.split_once("::") {
-            if let Some(members) = rt.imports.get(alias) {
-                cands = members.iter().map(|m| format!("{alias}::{m}")).collect();
-            }
-        } else if after_dot {
-            cands = rt.docs.iter().filter(|d| d.signature.contains('.')).map(|d| d.name.clone()).collect();
-        } else {
-            cands.extend(api::names(&rt.docs));
-            cands.extend(rt.variables().into_iter().map(|(n, _, _)| n));
-            cands.extend(rt.function_names());
-            cands.extend(rt.imports.keys().map(|a| format!("{a}::")));
-            cands.extend(KEYWORDS.iter().map(|k| k.to_string()));
-        }
-        Ok((start, pairs(&cands, word)))
+        let (start, cands) = complete::complete(&self.rt.borrow(), head);
+        Ok((start, pairs(cands)))
     }
 }
 
-fn pairs(cands: &[String], prefix: &str) -> Vec<Pair> {
-    let mut v: Vec<&String> = cands.iter().filter(|c| c.starts_with(prefix)).collect();
-    v.sort();
-    v.dedup();
-    v.into_iter().map(|c| Pair { display: c.clone(), replacement: c.clone() }).collect()
+fn pairs(cands: Vec<String>) -> Vec<Pair> {
+    cands.into_iter().map(|c| Pair { display: c.clone(), replacement: c }).collect()
 }
 
 #[cfg(test)]

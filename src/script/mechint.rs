@@ -671,7 +671,9 @@ fn heatmap_of(t: &Tensor, o: &Map, title: String) -> RResult<report::heatmap::He
     })
 }
 
+/// The files a plot wrote, as script strings; a notebook shows them inline.
 fn paths_out(v: Vec<std::path::PathBuf>) -> Array {
+    super::display::show_files(&v);
     v.into_iter().map(|p| Dynamic::from(p.display().to_string())).collect()
 }
 
@@ -685,7 +687,7 @@ fn stem(path: &str) -> std::path::PathBuf {
 }
 
 fn register_plots(api: &mut Api) {
-    api.f("plot_heatmap", "path, values, options: map", "Draw a 2-D tensor as a heatmap (PNG and SVG at `path` without its extension) with `#{ title, x_labels, y_labels, x_label, y_label, cmap: \"viridis\"|\"rdylgn\"|\"rdbu\", range: [lo, hi] }`: patching results (layer x position, layer x head), head scores. Returns the files written.", |path: &str, t: RTensor, o: Map| -> RResult<Array> {
+    api.f("plot_heatmap", "path, values, options: map", "Draw a 2-D tensor as a heatmap (PNG and SVG at `path` without its extension; shown inline in a notebook) with `#{ title, x_labels, y_labels, x_label, y_label, cmap: \"viridis\"|\"rdylgn\"|\"rdbu\", range: [lo, hi] }`: patching results (layer x position, layer x head), head scores. Returns the files written.", |path: &str, t: RTensor, o: Map| -> RResult<Array> {
         let title = o.get("title").map(|v| expect_str(v, "title")).transpose()?.unwrap_or_default();
         let h = heatmap_of(&t.0, &o, title)?;
         Ok(paths_out(report::heatmap::draw_heatmap(&h, &stem(path)).rt()?))

@@ -3,9 +3,11 @@
 //! script-facing lives below this module.
 pub mod api;
 pub mod attention;
+pub mod complete;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod display;
 pub mod errors;
 pub mod helpers;
 pub mod kv_circuit;
@@ -84,6 +86,7 @@ pub fn register_all(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     tensor::register(engine, docs);
     device::register(engine, docs);
     helpers::register(engine, docs);
+    display::register(engine, docs);
     data::register(engine, docs);
     models::register(engine, docs);
     attention::register(engine, docs);
@@ -219,9 +222,24 @@ impl Runtime {
     pub fn eval_input(&mut self, code: &str) -> Result<Dynamic, ScriptError> {
         self.inputs += 1;
         let name = format!("<input {}>", self.inputs);
-        let out = self.run_text(code, &name)?;
-        self.keep_imports(code, &name);
+        self.eval_cell(code, &name)
+    }
+
+    /// [`Runtime::eval_input`] with errors naming the input `name` (a
+    /// notebook's `cell[3]`).
+    pub fn eval_cell(&mut self, code: &str, name: &str) -> Result<Dynamic, ScriptError> {
+        let out = self.run_text(code, name)?;
+        self.keep_imports(code, name);
         Ok(out)
+    }
+
+    /// A runtime for inputs that arrive one at a time (the shell, notebooks):
+    /// later inputs may redefine constants and add new variables.
+    pub fn interactive(base_dir: PathBuf, limits: Limits) -> Self {
+        let mut rt = Runtime::new(base_dir, limits);
+        rt.engine.set_optimization_level(OptimizationLevel::None);
+        rt.engine.set_strict_variables(false);
+        rt
     }
 
     /// Make `import "x" as y;` statements of a shell input permanent.
@@ -335,7 +353,7 @@ pub fn display_value(v: &Dynamic) -> String {
 }
 
 /// [`display_value`] with `custom` asked first for values of knlp's types.
-fn display_with(v: &Dynamic, custom: &dyn Fn(&Dynamic) -> Option<String>) -> String {
+pub(crate) fn display_with(v: &Dynamic, custom: &dyn Fn(&Dynamic) -> Option<String>) -> String {
     if let Some(t) = v.read_lock::<value::RTensor>() {
         return crate::tensor::format_tensor(&t.0);
     }

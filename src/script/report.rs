@@ -377,11 +377,15 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
             Ok(frame::column_cells(&f.0, name).rt()?.iter().map(from_cell).collect())
         },
     );
-    api.f("plot_lines", "path, options: map", "Draw a line chart to a .png or .svg file: `#{ title, x_label, y_label, series: #{ name: [[x, y], ...] }, log_y, markers, legend_title, width, height }`; series are drawn in name order with the colors of `knlp graphs`.", |path: &str, o: Map| -> RResult<()> {
-        report::plot::save(&line_plot(&o)?, Path::new(path)).rt()
+    api.f("plot_lines", "path, options: map", "Draw a line chart to a .png or .svg file (shown inline in a notebook): `#{ title, x_label, y_label, series: #{ name: [[x, y], ...] }, log_y, markers, legend_title, width, height }`; series are drawn in name order with the colors of `knlp graphs`.", |path: &str, o: Map| -> RResult<()> {
+        report::plot::save(&line_plot(&o)?, Path::new(path)).rt()?;
+        super::display::show_files(&[PathBuf::from(path)]);
+        Ok(())
     });
-    api.f("plot_bars", "path, options: map", "Draw grouped bars to a .png or .svg file: `#{ title, x_label, y_label, groups: [...], series: #{ name: [value per group, () for none] }, values (labels on bars, default true), legend_title, width, height }`.", |path: &str, o: Map| -> RResult<()> {
-        report::plot::save(&bar_plot(&o)?, Path::new(path)).rt()
+    api.f("plot_bars", "path, options: map", "Draw grouped bars to a .png or .svg file (shown inline in a notebook): `#{ title, x_label, y_label, groups: [...], series: #{ name: [value per group, () for none] }, values (labels on bars, default true), legend_title, width, height }`.", |path: &str, o: Map| -> RResult<()> {
+        report::plot::save(&bar_plot(&o)?, Path::new(path)).rt()?;
+        super::display::show_files(&[PathBuf::from(path)]);
+        Ok(())
     });
     api.f("graphs", "project", "Draw every graph of a project and its report.md into <project>/graphs/ (as `knlp graphs`); returns the files written.", |project: &str| graph_files(project));
     api.f("graphs", "", "`graphs(project)` for the most recently modified project under runs/.", || {
