@@ -5,18 +5,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
 static FLAG: AtomicBool = AtomicBool::new(false);
+static PATIENT: AtomicBool = AtomicBool::new(false);
 static INSTALL: Once = Once::new();
 
 /// Install the process-wide handler (idempotent).
 pub fn install() {
     INSTALL.call_once(|| {
         let _ = ctrlc::set_handler(|| {
-            if FLAG.swap(true, Ordering::SeqCst) {
+            if FLAG.swap(true, Ordering::SeqCst) && !PATIENT.load(Ordering::SeqCst) {
                 eprintln!("\ninterrupted twice: exiting now");
                 std::process::exit(130);
             }
         });
     });
+}
+
+/// Never exit on a repeated SIGINT: a notebook's kernel must outlive any
+/// number of interrupts (Jupyter sends SIGINT for "interrupt kernel").
+pub fn never_exit() {
+    PATIENT.store(true, Ordering::SeqCst);
 }
 
 /// Whether Ctrl-C was pressed since the last [`clear`].

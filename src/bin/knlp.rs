@@ -22,6 +22,45 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum JupyterCommand {
+    /// Write the kernelspec where `jupyter kernelspec list` finds it.
+    Install(SpecArgs),
+    /// Remove an installed kernelspec.
+    Uninstall(SpecArgs),
+    /// Run the kernel (Jupyter starts this with its connection file).
+    Kernel {
+        /// The connection file Jupyter wrote
+        #[arg(short = 'f', long = "connection-file")]
+        connection_file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct SpecArgs {
+    /// Into the user's Jupyter data folder (the default)
+    #[arg(long, conflicts_with = "prefix")]
+    user: bool,
+    /// Into PREFIX/share/jupyter (a virtual environment)
+    #[arg(long)]
+    prefix: Option<PathBuf>,
+    /// The kernel's name
+    #[arg(long, default_value = "knlp")]
+    name: String,
+    /// The name notebooks show
+    #[arg(long, default_value = "knlp (Rhai)")]
+    display_name: String,
+}
+
+impl SpecArgs {
+    fn target(&self) -> knlp::jupyter::install::Target {
+        match &self.prefix {
+            Some(p) => knlp::jupyter::install::Target::Prefix(p.clone()),
+            None => knlp::jupyter::install::Target::User,
+        }
+    }
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run a Rhai script; arguments after FILE reach it as ARGS.
     Run {
@@ -38,6 +77,9 @@ enum Command {
         /// A function name
         name: Option<String>,
     },
+    /// Jupyter: install the "knlp (Rhai)" kernelspec, or run the kernel (docs/notebooks.md).
+    #[command(subcommand)]
+    Jupyter(JupyterCommand),
     /// Start the interactive shell (same as knlp-shell).
     Shell {
         #[command(flatten)]
@@ -314,6 +356,21 @@ fn main() -> ExitCode {
                 }
                 0
             }
+        }
+        Command::Jupyter(JupyterCommand::Install(a)) => {
+            report(knlp::jupyter::install::install(&a.target(), &a.name, &a.display_name).map(|dir| {
+                println!("installed kernelspec {} in {}", a.name, dir.display());
+                0
+            }))
+        }
+        Command::Jupyter(JupyterCommand::Uninstall(a)) => {
+            report(knlp::jupyter::install::uninstall(&a.target(), &a.name).map(|dir| {
+                println!("removed {}", dir.display());
+                0
+            }))
+        }
+        Command::Jupyter(JupyterCommand::Kernel { connection_file }) => {
+            report(knlp::jupyter::run(&connection_file).map(|_| 0))
         }
         Command::Shell { limits } => knlp::shell::Shell::new(limits.limits()).run(),
         Command::PrepareText { inputs, out, val_fraction } => {

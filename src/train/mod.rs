@@ -184,6 +184,9 @@ struct Progress {
 impl Progress {
     fn new(cfg: &str) -> Self {
         let mode = match cfg {
+            // A notebook (crate::output) shows the bar as one updated display.
+            "off" => "off",
+            "auto" | "bar" if crate::output::captured() => "sink",
             "auto" if std::io::stderr().is_terminal() => "bar",
             "auto" => "lines",
             "bar" => "bar",
@@ -194,6 +197,10 @@ impl Progress {
     }
 
     fn bar(&mut self, step: i64, total: i64, text: &str) {
+        if self.mode == "sink" {
+            crate::output::report(crate::output::Progress::Bar { step, total, text });
+            return;
+        }
         if self.mode != "bar" {
             return;
         }
@@ -212,6 +219,9 @@ impl Progress {
         run.log(text);
         match self.mode {
             "off" => {}
+            "sink" => {
+                crate::output::report(crate::output::Progress::Line(text));
+            }
             "bar" => {
                 eprint!("\r{}\r", " ".repeat(self.last_len));
                 self.last_len = 0;
@@ -222,6 +232,9 @@ impl Progress {
     }
 
     fn finish(&mut self) {
+        if self.mode == "sink" {
+            crate::output::report(crate::output::Progress::Done);
+        }
         if self.mode == "bar" && self.last_len > 0 {
             eprintln!();
         }
@@ -712,7 +725,7 @@ impl Trainer<'_> {
                 }
                 tracker.log(&rec)?;
                 let line = format_record(&rec);
-                if progress.mode == "bar" {
+                if matches!(progress.mode, "bar" | "sink") {
                     progress.bar(step, total, &line);
                 } else {
                     progress.line(&self.run, &line);
