@@ -15,7 +15,14 @@ pub enum Needs {
     MV,
 }
 
-type Scorer = fn(&Tensor, Option<&Tensor>, Option<&Tensor>) -> Result<Tensor, TchError>;
+/// (w, m, v, ε) -> score.
+type Scorer = fn(&Tensor, Option<&Tensor>, Option<&Tensor>, f64) -> Result<Tensor, TchError>;
+
+/// ε of the formulas in float32, and in float16 (`PRUNING_SCORE_FP16`):
+/// 1e-8 is below float16's smallest subnormal (6e-8) and rounds to 0, so the
+/// seed's float16 path used 1e-5 (knlp-spec.md 1.7).
+pub const EPS: f64 = 1e-8;
+pub const EPS_FP16: f64 = 1e-5;
 
 fn m_of(m: Option<&Tensor>) -> Result<&Tensor, TchError> {
     m.ok_or_else(|| TchError::Torch("optimizer moment missing".into()))
@@ -24,41 +31,41 @@ fn m_of(m: Option<&Tensor>) -> Result<&Tensor, TchError> {
 /// (name, needs, formula, scorer). bitter8/bitter9 get their structural
 /// weight applied per tensor by the pruner (see `structure_weight`).
 pub const METHODS: &[(&str, Needs, &str, Scorer)] = &[
-    ("magnitude", Needs::Weight, "|w|", |w, _, _| w.f_abs()),
-    ("bitter0", Needs::MV, "w^2 |m| / (sqrt(v) + 1e-8)", |w, m, v| {
-        w.f_square()?.f_mul(&m_of(m)?.f_abs()?)?.f_div(&m_of(v)?.f_sqrt()?.f_add_scalar(1e-8)?)
+    ("magnitude", Needs::Weight, "|w|", |w, _, _, _| w.f_abs()),
+    ("bitter0", Needs::MV, "w^2 |m| / (sqrt(v) + ε)", |w, m, v, eps| {
+        w.f_square()?.f_mul(&m_of(m)?.f_abs()?)?.f_div(&m_of(v)?.f_sqrt()?.f_add_scalar(eps)?)
     }),
-    ("bitter1", Needs::Weight, "|w|", |w, _, _| w.f_abs()),
-    ("bitter2", Needs::Weight, "|w|", |w, _, _| w.f_abs()),
-    ("bitter3", Needs::M, "|w| sqrt(|m| + 1e-8)", |w, m, _| {
-        w.f_abs()?.f_mul(&m_of(m)?.f_abs()?.f_add_scalar(1e-8)?.f_sqrt()?)
+    ("bitter1", Needs::Weight, "|w|", |w, _, _, _| w.f_abs()),
+    ("bitter2", Needs::Weight, "|w|", |w, _, _, _| w.f_abs()),
+    ("bitter3", Needs::M, "|w| sqrt(|m| + ε)", |w, m, _, eps| {
+        w.f_abs()?.f_mul(&m_of(m)?.f_abs()?.f_add_scalar(eps)?.f_sqrt()?)
     }),
-    ("bitter4", Needs::M, "|w| sqrt(|m| + 1e-8), layer-adaptive threshold", |w, m, _| {
-        w.f_abs()?.f_mul(&m_of(m)?.f_abs()?.f_add_scalar(1e-8)?.f_sqrt()?)
+    ("bitter4", Needs::M, "|w| sqrt(|m| + ε), layer-adaptive threshold", |w, m, _, eps| {
+        w.f_abs()?.f_mul(&m_of(m)?.f_abs()?.f_add_scalar(eps)?.f_sqrt()?)
     }),
-    ("bitter5", Needs::MV, "sign(w) m / (sqrt(v) + 1e-8) + 0.1 |w|", |w, m, v| {
-        let r = w.f_sign()?.f_mul(m_of(m)?)?.f_div(&m_of(v)?.f_sqrt()?.f_add_scalar(1e-8)?)?;
+    ("bitter5", Needs::MV, "sign(w) m / (sqrt(v) + ε) + 0.1 |w|", |w, m, v, eps| {
+        let r = w.f_sign()?.f_mul(m_of(m)?)?.f_div(&m_of(v)?.f_sqrt()?.f_add_scalar(eps)?)?;
         r.f_add(&w.f_abs()?.f_mul_scalar(0.1)?)
     }),
-    ("bitter6", Needs::MV, "|w| sqrt(|m| + 1e-8) sqrt(m^2 / (v + 1e-8))", |w, m, v| {
+    ("bitter6", Needs::MV, "|w| sqrt(|m| + ε) sqrt(m^2 / (v + ε))", |w, m, v, eps| {
         let m = m_of(m)?;
-        let a = w.f_abs()?.f_mul(&m.f_abs()?.f_add_scalar(1e-8)?.f_sqrt()?)?;
-        a.f_mul(&m.f_square()?.f_div(&m_of(v)?.f_add_scalar(1e-8)?)?.f_sqrt()?)
+        let a = w.f_abs()?.f_mul(&m.f_abs()?.f_add_scalar(eps)?.f_sqrt()?)?;
+        a.f_mul(&m.f_square()?.f_div(&m_of(v)?.f_add_scalar(eps)?)?.f_sqrt()?)
     }),
-    ("bitter7", Needs::V, "|w| (|v| + 1e-8)^0.25", |w, _, v| {
+    ("bitter7", Needs::V, "|w| (|v| + ε)^0.25", |w, _, v, eps| {
         // In place after the first op: one temporary instead of four (this
         // runs over every prunable weight at each mask update).
         let mut t = m_of(v)?.f_abs()?;
-        let _ = t.f_add_scalar_(1e-8)?;
+        let _ = t.f_add_scalar_(eps)?;
         let _ = t.f_pow_(0.25)?;
         let _ = t.f_mul_(&w.f_abs()?)?;
         Ok(t)
     }),
-    ("bitter8", Needs::M, "s |w| sqrt(|m| + 1e-8), s = structural weight", |w, m, _| {
-        w.f_abs()?.f_mul(&m_of(m)?.f_abs()?.f_add_scalar(1e-8)?.f_sqrt()?)
+    ("bitter8", Needs::M, "s |w| sqrt(|m| + ε), s = structural weight", |w, m, _, eps| {
+        w.f_abs()?.f_mul(&m_of(m)?.f_abs()?.f_add_scalar(eps)?.f_sqrt()?)
     }),
-    ("bitter9", Needs::V, "s |w| (|v|^0.25 + 1e-8), s = structural weight", |w, _, v| {
-        w.f_abs()?.f_mul(&m_of(v)?.f_abs()?.f_pow_tensor_scalar(0.25)?.f_add_scalar(1e-8)?)
+    ("bitter9", Needs::V, "s |w| (|v|^0.25 + ε), s = structural weight", |w, _, v, eps| {
+        w.f_abs()?.f_mul(&m_of(v)?.f_abs()?.f_pow_tensor_scalar(0.25)?.f_add_scalar(eps)?)
     }),
 ];
 
@@ -71,9 +78,10 @@ pub fn lookup(name: &str) -> Option<&'static (&'static str, Needs, &'static str,
 }
 
 /// Importance of `w` by `method`; falls back to |w| when a moment the method
-/// needs does not exist yet. With `fp16`, inputs are rounded to float16 and
-/// the score computed there (the seed's bitter8 precision trick, for any
-/// scorer), then returned as float32.
+/// needs does not exist yet. With `fp16`, w, m and v are rounded to float16
+/// (the seed's bitter8 precision trick, for any scorer) and the formula is
+/// evaluated in float32 with ε = [`EPS_FP16`]: evaluated in float16, products
+/// of small moments underflow and quotients by a flushed v overflow.
 pub fn score(
     method: &str,
     w: &Tensor,
@@ -90,9 +98,13 @@ pub fn score(
         Needs::V => v.is_none(),
         Needs::MV => m.is_none() || v.is_none(),
     };
-    let cast = |t: &Tensor| if fp16 { t.f_to_kind(Kind::Half) } else { t.f_to_kind(Kind::Float) };
+    let cast = |t: &Tensor| match fp16 {
+        true => t.f_to_kind(Kind::Half)?.f_to_kind(Kind::Float),
+        false => t.f_to_kind(Kind::Float),
+    };
     let (w, m, v) = (cast(w)?, m.map(cast).transpose()?, v.map(cast).transpose()?);
-    let s = if missing { w.f_abs()? } else { f(&w, m.as_ref(), v.as_ref())? };
+    let eps = if fp16 { EPS_FP16 } else { EPS };
+    let s = if missing { w.f_abs()? } else { f(&w, m.as_ref(), v.as_ref(), eps)? };
     s.f_to_kind(Kind::Float)
 }
 

@@ -60,22 +60,38 @@ fn scorers_fall_back_to_magnitude_without_moments() {
     assert!(score::score("bitter42", &w, None, None, false).is_err());
 }
 
+/// `PRUNING_SCORE_FP16` with realistic moments: v from 1e-12 to 1e-3 (most
+/// below float16's smallest subnormal), m around 1e-3. Every score is finite,
+/// bitter7/9 never flush to 0 for a live weight, and rounding the inputs to
+/// float16 barely changes the keep/prune decisions of the same formulas.
 #[test]
-fn fp16_scores_are_close_to_fp32() {
+fn fp16_scores_are_finite_and_rank_as_in_fp32() {
     tch::manual_seed(0);
-    let w = Tensor::randn([1000], (Kind::Float, Device::Cpu));
-    let v = Tensor::rand([1000], (Kind::Float, Device::Cpu)) * 1e-3;
-    let a = score::score("bitter7", &w, None, Some(&v), false).unwrap();
-    let b = score::score("bitter7", &w, None, Some(&v), true).unwrap();
-    assert_eq!(b.kind(), Kind::Float);
-    // float16 keeps ~3 significant digits; tiny v values are subnormal there.
-    let rel = ((&a - &b).abs() / (a.abs() + 1e-12)).max().double_value(&[]);
-    assert!(rel < 2e-2, "fp16 relative error {rel}");
-    // The keep/prune decisions at 50% sparsity barely change.
-    let ta = select::kth_smallest(&a, 500).unwrap();
-    let tb = select::kth_smallest(&b, 500).unwrap();
-    let same = a.gt(ta).eq_tensor(&b.gt(tb)).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
-    assert!(same > 0.99, "decisions agree on {same}");
+    let n = 4000;
+    let w = Tensor::randn([n], (Kind::Float, Device::Cpu)) * 0.05;
+    let m = Tensor::randn([n], (Kind::Float, Device::Cpu)) * 1e-3;
+    let logv = Tensor::rand([n], (Kind::Float, Device::Cpu)) * 9.0 - 12.0;
+    let v = Tensor::from(10.0f32).pow(&logv);
+    for &(name, _, _, f) in score::METHODS {
+        let b = score::score(name, &w, Some(&m), Some(&v), true).unwrap();
+        assert_eq!(b.kind(), Kind::Float);
+        assert!(bool::try_from(b.isfinite().all()).unwrap(), "{name}: non-finite fp16 scores");
+        if matches!(name, "bitter7" | "bitter9") {
+            let live = w.to_kind(Kind::Half).ne(0.0);
+            let zero = b.eq(0.0).logical_and(&live).sum(Kind::Int64).int64_value(&[]);
+            assert_eq!(zero, 0, "{name}: {zero} live weights scored 0");
+        }
+        let a = f(&w, Some(&m), Some(&v), score::EPS_FP16).unwrap();
+        let ta = select::kth_smallest(&a, n / 2).unwrap();
+        let tb = select::kth_smallest(&b, n / 2).unwrap();
+        let same = a.gt(ta).eq_tensor(&b.gt(tb)).to_kind(Kind::Float).mean(Kind::Float).double_value(&[]);
+        // v below 6e-8 flushes to 0 in float16, which moves the scorers
+        // where small v matters most (measured: bitter0 0.938, bitter9
+        // 0.845, every other scorer >= 0.999; docs/pruning.md).
+        eprintln!("{name}: fp16 and fp32 keep/prune decisions agree on {same:.3}");
+        let floor = if matches!(name, "bitter0" | "bitter9") { 0.8 } else { 0.99 };
+        assert!(same > floor, "{name}: fp16 and fp32 decisions agree on only {same}");
+    }
 }
 
 #[test]
