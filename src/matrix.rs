@@ -247,6 +247,11 @@ pub fn build_model(exp: &Experiment, cell: &Cell, classes: i64, channels: i64) -
             }
             o
         }
+        // The matrix feeds 32x32 images: every ResNet gets the CIFAR stem.
+        // ResNet-50's default ImageNet stem would reach layer1 at 8x8.
+        m if m.starts_with("resnet") => {
+            json!({ "classes": classes, "in_channels": channels, "stem": "cifar" })
+        }
         _ => json!({ "classes": classes, "in_channels": channels }),
     };
     models::build(&cell.model, opts)
@@ -306,14 +311,13 @@ pub fn prune_config(exp: &Experiment, cell: &Cell) -> Option<PruneConfig> {
     let mut p = exp.prune.clone();
     p.method = cell.pruning.clone();
     p.target = cell.sparsity;
+    // Magnitude pruning has no variant: record none (not the default
+    // state variant, which made magnitude cells look like bitter7).
     p.variant = match cell.pruning.as_str() {
         "state" => cell.variant.clone().unwrap_or_else(|| "bitter7".into()),
         "movement" => exp.prune.variant.clone(),
-        _ => "magnitude".into(),
+        _ => String::new(),
     };
-    if cell.pruning == "magnitude" {
-        p.variant = PruneConfig::default().variant;
-    }
     Some(p)
 }
 

@@ -208,3 +208,35 @@ fn gradient_clipping_follows_the_seed_unless_set() {
     let e = Experiment::read(&Reader::new(&kc)).unwrap_err().to_string();
     assert!(e.contains("GRAD_CLIP_NORM"), "{e}");
 }
+
+/// ResNet-50 cells train on 32x32 CIFAR images: the CIFAR stem, not the
+/// ImageNet one that would shrink them to 8x8 before layer1 (issue 16, bug 7).
+#[test]
+fn resnet50_cells_use_the_cifar_stem() {
+    let (kc, _) =
+        config::load(&root().join("Kconfig"), &root().join("defconfigs/gpt2-brown-small"), &[]).unwrap();
+    let exp = Experiment::read(&Reader::new(&kc)).unwrap();
+    let cell =
+        knlp::matrix::Cell { model: "resnet50".into(), ..knlp::matrix::cells(&exp).unwrap().remove(0) };
+    let mut m = knlp::matrix::build_model(&exp, &cell, 100, 3).unwrap();
+    m.store_mut().finalize(tch::Device::Cpu).unwrap();
+    assert_eq!(m.store().numel(), 23_705_252, "ResNet-50, CIFAR stem, 100 classes");
+    let x = tch::Tensor::zeros([2, 3, 32, 32], (tch::Kind::Float, tch::Device::Cpu));
+    let y = m.forward(&x, false).unwrap();
+    assert_eq!(y.size(), [2, 100]);
+}
+
+/// A magnitude cell records no pruning variant (it recorded bitter7).
+#[test]
+fn magnitude_cells_record_no_variant() {
+    let (kc, _) =
+        config::load(&root().join("Kconfig"), &root().join("defconfigs/gpt2-brown-small"), &[]).unwrap();
+    let exp = Experiment::read(&Reader::new(&kc)).unwrap();
+    let base = knlp::matrix::cells(&exp).unwrap().remove(0);
+    let cell = knlp::matrix::Cell { pruning: "magnitude".into(), sparsity: 0.5, ..base.clone() };
+    let p = knlp::matrix::prune_config(&exp, &cell).unwrap();
+    assert_eq!((p.method.as_str(), p.variant.as_str()), ("magnitude", ""));
+    p.validate().unwrap();
+    let state = knlp::matrix::Cell { pruning: "state".into(), variant: Some("bitter3".into()), ..base };
+    assert_eq!(knlp::matrix::prune_config(&exp, &state).unwrap().variant, "bitter3");
+}

@@ -46,11 +46,19 @@ fn prune_config(opts: &Map) -> RResult<(PruneConfig, Option<FnPtr>)> {
             return Err(rerr(format!("unknown pruning option '{k}' (valid keys: {})", v.join(", "))));
         }
     }
-    // The default variant is the state pruner's (bitter7); movement's is knlp.
-    if rest.get("method").and_then(|m| m.clone().into_string().ok()).as_deref() == Some("movement")
-        && !rest.contains_key("variant")
-    {
-        rest.insert("variant".into(), Dynamic::from("knlp"));
+    // The default variant is the state pruner's (bitter7); movement's is
+    // knlp, and magnitude has none (runs record it as such).
+    let method = rest.get("method").and_then(|m| m.clone().into_string().ok());
+    if !rest.contains_key("variant") {
+        match method.as_deref() {
+            Some("movement") => {
+                rest.insert("variant".into(), Dynamic::from("knlp"));
+            }
+            Some("magnitude") => {
+                rest.insert("variant".into(), Dynamic::from(""));
+            }
+            _ => {}
+        }
     }
     let cfg: PruneConfig = rhai::serde::from_dynamic(&Dynamic::from_map(rest))
         .map_err(|e| rerr(format!("pruning options: {e}")))?;
@@ -161,7 +169,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
         }
         Ok(sparsity_at(step, int("warmup", 100)?, int("ramp_end", 3000)?, target, sched == "cubic"))
     });
-    api.f("kth_smallest", "x, k", "The k-th smallest value (1-based) of a tensor, exactly, by two passes of 16-bit radix counting (the pruners' threshold; compare Tensor.kthvalue).", |x: RTensor, k: INT| -> RResult<FLOAT> {
+    api.f("kth_smallest", "x, k", "The k-th smallest value (1-based) of a tensor, exactly, by three passes of radix counting (11, 11 and 10 bits) over the floats' order-preserving bit patterns (the pruners' threshold; compare Tensor.kthvalue).", |x: RTensor, k: INT| -> RResult<FLOAT> {
         crate::prune::select::kth_smallest(&x.0, k).rt()
     });
     api.f("scorers", "", "Names of the built-in element-wise scorers.", || -> Array {
@@ -171,13 +179,10 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
 
 fn describe(p: &RPruner) -> String {
     match p.pruner.try_borrow() {
-        Ok(x) => format!(
-            "Pruner({} {}, target {}, {} prunable weights)",
-            x.cfg.method,
-            x.cfg.variant,
-            x.cfg.target,
-            x.numel()
-        ),
+        Ok(x) => {
+            let name = [x.cfg.method.as_str(), x.cfg.variant.as_str()].join(" ");
+            format!("Pruner({}, target {}, {} prunable weights)", name.trim_end(), x.cfg.target, x.numel())
+        }
         Err(_) => "Pruner(<busy>)".into(),
     }
 }
