@@ -336,18 +336,46 @@ pub fn parse_sort(spec: &str) -> Vec<(String, bool)> {
         .collect()
 }
 
-/// Sort by `(column, descending)` keys in order; nulls last; stable.
+/// Sort by `(column, descending)` keys in order; nulls last; stable. Text
+/// sorts naturally (`seed2` before `seed10`), numbers by value.
 pub fn sort(df: &DataFrame, keys: &[(String, bool)]) -> Result<DataFrame> {
     if keys.is_empty() {
         return Ok(df.clone());
     }
-    let names: Vec<&str> = keys.iter().map(|(c, _)| c.as_str()).collect();
-    check_columns(df, &names)?;
-    let opts = SortMultipleOptions::default()
-        .with_order_descending_multi(keys.iter().map(|(_, d)| *d))
-        .with_nulls_last(true)
-        .with_maintain_order(true);
-    df.sort(names, opts).map_err(|e| anyhow!("sort: {e}"))
+    let cols: Vec<Vec<Cell>> = keys.iter().map(|(c, _)| column_cells(df, c)).collect::<Result<_>>()?;
+    let mut idx: Vec<IdxSize> = (0..df.height() as IdxSize).collect();
+    idx.sort_by(|&a, &b| {
+        for ((_, desc), col) in keys.iter().zip(&cols) {
+            let (x, y) = (&col[a as usize], &col[b as usize]);
+            let o = match (x, y) {
+                (Cell::Null, Cell::Null) => std::cmp::Ordering::Equal,
+                (Cell::Null, _) => std::cmp::Ordering::Greater,
+                (_, Cell::Null) => std::cmp::Ordering::Less,
+                _ if *desc => cell_cmp(y, x),
+                _ => cell_cmp(x, y),
+            };
+            if o != std::cmp::Ordering::Equal {
+                return o;
+            }
+        }
+        std::cmp::Ordering::Equal
+    });
+    df.take(&IdxCa::from_vec("idx".into(), idx)).map_err(|e| anyhow!("sort: {e}"))
+}
+
+/// Order of two non-null cells: numbers by value, text naturally.
+fn cell_cmp(x: &Cell, y: &Cell) -> std::cmp::Ordering {
+    let num = |c: &Cell| match c {
+        Cell::Int(i) => Some(*i as f64),
+        Cell::Float(f) => Some(*f),
+        _ => None,
+    };
+    match (x, y, num(x), num(y)) {
+        (_, _, Some(a), Some(b)) => a.total_cmp(&b),
+        (Cell::Bool(a), Cell::Bool(b), _, _) => a.cmp(b),
+        (Cell::Str(a), Cell::Str(b), _, _) => crate::util::natural_cmp(a, b),
+        _ => crate::util::natural_cmp(&x.to_string(), &y.to_string()),
+    }
 }
 
 /// Only these columns, in this order.
@@ -491,5 +519,26 @@ fn aggregate(agg: Agg, vals: &[&Cell]) -> Cell {
         Agg::Count => Cell::Int(present.len() as i64),
         Agg::First => vals.first().map(|c| (*c).clone()).unwrap_or(Cell::Null),
         Agg::Last => vals.last().map(|c| (*c).clone()).unwrap_or(Cell::Null),
+    }
+}
+
+#[cfg(test)]
+mod sort_tests {
+    use super::*;
+
+    #[test]
+    fn text_sorts_naturally_and_nulls_go_last() {
+        let df = df!(
+            "cell" => ["seed10", "seed2", "seed1", "x"],
+            "acc" => [Some(0.5), None, Some(0.9), Some(0.7)],
+        )
+        .unwrap();
+        let cells = |d: &DataFrame| -> Vec<String> {
+            column_cells(d, "cell").unwrap().iter().map(|c| c.to_string()).collect()
+        };
+        assert_eq!(cells(&sort(&df, &[("cell".into(), false)]).unwrap()), ["seed1", "seed2", "seed10", "x"]);
+        assert_eq!(cells(&sort(&df, &[("cell".into(), true)]).unwrap()), ["x", "seed10", "seed2", "seed1"]);
+        assert_eq!(cells(&sort(&df, &[("acc".into(), true)]).unwrap()), ["seed1", "x", "seed10", "seed2"]);
+        assert!(sort(&df, &[("nope".into(), false)]).is_err());
     }
 }
