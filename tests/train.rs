@@ -330,6 +330,52 @@ fn sgd_momentum_of_pruned_weights_is_zero() {
     assert!(buf.abs().sum(Kind::Float).double_value(&[]) > 0.0, "kept weights keep their momentum");
 }
 
+/// float16 loss scaling (GradScaler, issue 16 bug 2). Powers of two scale
+/// exactly, so with no overflow a scaled run is bit-identical to an
+/// unscaled one while the scale grows; an overflow skips the optimizer
+/// step and halves the scale; the state survives a checkpoint. On the CPU
+/// `amp: "fp16"` has no autocast, so only the scaler acts.
+#[test]
+fn fp16_loss_scaling_is_exact_and_skips_overflowing_steps() {
+    use knlp::optim::scaler::GradScaler;
+    let _serial = serial();
+    let run = |name: &str, amp: &str, scaler: Option<GradScaler>| {
+        let dir = run_dir(name);
+        let mut m = Mlp::new(3, 0.0);
+        let mut data = Blobs::new();
+        let mut opt = Optimizer::new(m.store(), adamw()).unwrap();
+        opt.scaler = scaler;
+        let s = train(&mut m, &mut data, &mut opt, TrainConfig { amp: amp.into(), ..cfg(40) }, &dir, None);
+        assert_eq!(s.status, Status::Done, "{name}: {:?}", s.reason);
+        (weights(&m), opt, dir)
+    };
+    let (want, _, _) = run("scaler-ref", "none", None);
+    let (got, opt, dir) =
+        run("scaler-exact", "fp16", Some(GradScaler { growth_interval: 5, ..Default::default() }));
+    assert_eq!(got, want, "loss scaling changed the weights");
+    let sc = opt.scaler.clone().unwrap();
+    assert_eq!((sc.scale, sc.skipped, opt.step), (65536.0 * 256.0, 0, 40));
+    let log = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    assert!(log.contains("\"loss_scale\""), "the scale is logged");
+    // amp fp16 alone brings PyTorch's default scaler.
+    let (_, opt, _) = run("scaler-default", "fp16", None);
+    assert_eq!(opt.scaler.clone().unwrap().scale, 65536.0);
+    // Scaled by 2^135 the float32 loss overflows, and every gradient with
+    // it: steps are skipped and the scale halves until they are finite
+    // (below about 2^127); the optimizer steps only then.
+    let (w, opt, _) =
+        run("scaler-overflow", "fp16", Some(GradScaler { scale: 2f64.powi(135), ..Default::default() }));
+    let sc = opt.scaler.clone().unwrap();
+    assert!(sc.skipped >= 8 && sc.scale <= 2f64.powi(127), "{sc:?}");
+    assert_eq!(opt.step, 40 - sc.skipped, "skipped steps took no optimizer step");
+    assert!(w.iter().all(|x| x.is_finite()));
+    // The scaler's state is in the checkpoint and comes back on resume.
+    let ck =
+        knlp::checkpoint::load(&dir.join("checkpoints/last.safetensors")).unwrap_or_else(|e| panic!("{e:#}"));
+    let saved: GradScaler = serde_json::from_value(ck.state.optimizer["scaler"].clone()).unwrap();
+    assert_eq!(saved.scale, 65536.0 * 256.0);
+}
+
 #[test]
 fn resume_is_bit_identical_on_cpu() {
     let _serial = serial();

@@ -7,6 +7,7 @@
 //! state of one parameter is a view (`Optimizer::state`). Adam-family steps
 //! use ATen's fused Adam/AdamW kernel (`_fused_adamw_`, through the shim) by
 //! default, on CPU and CUDA alike.
+pub mod scaler;
 pub mod schedule;
 pub mod spam;
 
@@ -179,6 +180,8 @@ pub struct Optimizer {
     pub step: i64,
     groups: Vec<GroupState>,
     pub spam: Option<SpamState>,
+    /// Loss scaling for float16 autocast (set by the training loop).
+    pub scaler: Option<scaler::GradScaler>,
 }
 
 /// Per-parameter views of the optimizer state.
@@ -210,7 +213,7 @@ impl Optimizer {
             });
         }
         let spam = matches!(cfg.kind, OptKind::AdamWSpam).then(|| SpamState::new(cfg.spam.clone()));
-        Ok(Optimizer { lr: cfg.lr, cfg, step: 0, groups, spam })
+        Ok(Optimizer { lr: cfg.lr, cfg, step: 0, groups, spam, scaler: None })
     }
 
     /// One update from the gradients in the store's flat gradient buffers.

@@ -425,7 +425,9 @@ impl Trainer<'_> {
             arch: self.model.arch().to_string(),
             step,
             epoch,
-            optimizer: json!({ "lr": self.opt.lr, "step": self.opt.step, "spam": self.opt.spam }),
+            optimizer: json!({
+                "lr": self.opt.lr, "step": self.opt.step, "spam": self.opt.spam, "scaler": self.opt.scaler,
+            }),
             data: self.data.state(),
             hooks: Value::Object(hook_state),
             config: self.record.clone(),
@@ -450,6 +452,12 @@ impl Trainer<'_> {
         self.opt.step = o.get("step").and_then(Value::as_i64).unwrap_or(0);
         if let Some(s) = o.get("spam").filter(|s| !s.is_null()) {
             self.opt.spam = Some(serde_json::from_value(s.clone()).context("checkpoint: SPAM state")?);
+        }
+        if let Some(s) = o.get("scaler").filter(|s| !s.is_null()) {
+            let sc: crate::optim::scaler::GradScaler =
+                serde_json::from_value(s.clone()).context("checkpoint: loss scaler state")?;
+            sc.validate().with_context(|| format!("{}", ck.path.display()))?;
+            self.opt.scaler = Some(sc);
         }
         self.data.restore(&ck.state.data)?;
         for h in self.hooks.iter_mut() {
@@ -480,6 +488,14 @@ impl Trainer<'_> {
             });
         }
         let amp = amp_dtype(&self.cfg, device);
+        // float16 needs loss scaling (bfloat16 has float32's range). A
+        // scaler restored from a checkpoint or set by the caller is kept.
+        if self.cfg.amp == "fp16" && self.opt.scaler.is_none() {
+            self.opt.scaler = Some(crate::optim::scaler::GradScaler::default());
+        }
+        if let Some(sc) = &self.opt.scaler {
+            sc.validate()?;
+        }
         let task = self.model.task();
         let per_epoch = self.data.batches_per_epoch().map(|b| (b / self.cfg.grad_accum).max(1));
         let mut total = match (self.cfg.steps, per_epoch) {
@@ -625,6 +641,10 @@ impl Trainer<'_> {
                         .map_err(te)?,
                     None => scaled.shallow_clone(),
                 };
+                let objective = match &self.opt.scaler {
+                    Some(sc) => sc.scale_loss(&objective).map_err(te)?,
+                    None => objective,
+                };
                 if let Err(e) = objective.f_backward() {
                     failure = Some(torch_error(&e));
                     break 'outer;
@@ -652,21 +672,34 @@ impl Trainer<'_> {
                 items_done += n_items;
                 micro += 1;
             }
-            // The optimizer step, with hooks around it.
+            // The optimizer step, with hooks around it; skipped (as
+            // GradScaler does) when scaled float16 gradients overflowed.
             step += 1;
-            let mut ctx = StepCtx {
-                step,
-                total_steps: total,
-                steps_per_epoch: per_epoch,
-                store: self.model.store(),
-                opt: self.opt,
+            let stepped = match &self.opt.scaler {
+                Some(sc) => sc.unscale(self.model.store()).map_err(te)?,
+                None => true,
             };
-            for h in self.hooks.iter_mut() {
-                h.before_step(&mut ctx)?;
-            }
-            let report = ctx.opt.step(ctx.store)?;
-            for h in self.hooks.iter_mut() {
-                h.after_step(&mut ctx)?;
+            let report = if stepped {
+                let mut ctx = StepCtx {
+                    step,
+                    total_steps: total,
+                    steps_per_epoch: per_epoch,
+                    store: self.model.store(),
+                    opt: self.opt,
+                };
+                for h in self.hooks.iter_mut() {
+                    h.before_step(&mut ctx)?;
+                }
+                let report = ctx.opt.step(ctx.store)?;
+                for h in self.hooks.iter_mut() {
+                    h.after_step(&mut ctx)?;
+                }
+                report
+            } else {
+                crate::optim::StepReport { grad_norm: None, lr: self.opt.lr, spike: false, reset: false }
+            };
+            if let Some(sc) = self.opt.scaler.as_mut() {
+                sc.update(stepped);
             }
             self.model.store().zero_grad()?;
             window_steps += 1;
@@ -711,6 +744,10 @@ impl Trainer<'_> {
                     acc_count = 0;
                 }
                 rec.insert("lr".into(), json!(report.lr));
+                if let Some(sc) = &self.opt.scaler {
+                    rec.insert("loss_scale".into(), json!(sc.scale));
+                    rec.insert("skipped_steps".into(), json!(sc.skipped));
+                }
                 if let Some(g) = &report.grad_norm {
                     rec.insert("grad_norm".into(), json!(g.f_double_value(&[]).map_err(te)?));
                 }
