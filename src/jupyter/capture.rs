@@ -75,8 +75,9 @@ impl Capture {
         while self.acks.try_recv().is_ok() {}
         let mut sent = 0;
         for fd in [1, 2] {
+            let nul = [0u8; 1];
             // SAFETY: writes one byte from a valid buffer to an open descriptor.
-            if unsafe { libc::write(fd, b"\0".as_ptr().cast(), 1) } == 1 {
+            if unsafe { libc::write(fd, nul.as_ptr().cast(), 1) } == 1 {
                 sent += 1;
             }
         }
