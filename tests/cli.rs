@@ -421,3 +421,91 @@ fn shell_lists_hooks_and_the_last_cache() {
     assert!(out.contains("m: 21 hook points") && out.contains("  blocks.0.attn.hook_z"), "{out}");
     assert!(out.contains("blocks.0.attn.hook_pattern") && out.contains("[1, 2, 4, 4] float32"), "{out}");
 }
+
+/// Every script in scripts/ runs, at a small size, from a scratch folder
+/// (attention, induction-heads, lenet5-bitter and tensors have their own
+/// tests above; issue 16: "every script in scripts/ must run in make test").
+#[test]
+fn every_shipped_script_runs_small() {
+    let d = scratch("scripts-small");
+    let s = |name: &str| root().join("scripts").join(name).display().to_string();
+    let at = |sub: &str| d.join(sub).display().to_string();
+    let tiny_gpt2 =
+        ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "2"];
+    let runs: Vec<(String, Vec<String>, &str)> = vec![
+        (
+            s("quickstart.rhai"),
+            vec!["--steps".into(), "4".into(), "--out".into(), at("qs")],
+            "lenet5 bitter7 test_accuracy=",
+        ),
+        (
+            s("lenet5.rhai"),
+            vec!["--steps".into(), "3".into(), "--run_dir".into(), at("l5")],
+            "lenet5 optimizer=adamw",
+        ),
+        (
+            s("resnet18.rhai"),
+            ["--steps", "2", "--batch_size", "4", "--test_samples", "16", "--run_dir"]
+                .iter()
+                .map(|a| a.to_string())
+                .chain([at("r18")])
+                .collect(),
+            "resnet18 params=",
+        ),
+        (
+            s("gpt2.rhai"),
+            tiny_gpt2
+                .iter()
+                .chain(&[
+                    "--steps",
+                    "4",
+                    "--eval_every",
+                    "2",
+                    "--eval_batches",
+                    "1",
+                    "--warmup",
+                    "1",
+                    "--run_dir",
+                ])
+                .map(|a| a.to_string())
+                .chain([at("g2")])
+                .collect(),
+            "gpt2 params=",
+        ),
+        (
+            s("bitter7.rhai"),
+            tiny_gpt2
+                .iter()
+                .chain(&[
+                    "--steps",
+                    "6",
+                    "--warmup",
+                    "1",
+                    "--prune_warmup",
+                    "1",
+                    "--ramp_end",
+                    "4",
+                    "--frequency",
+                    "1",
+                    "--eval_every",
+                    "3",
+                    "--eval_batches",
+                    "1",
+                    "--out",
+                ])
+                .map(|a| a.to_string())
+                .chain([at("b7")])
+                .collect(),
+            "plot: ",
+        ),
+    ];
+    for (script, args, want) in runs {
+        let mut argv = vec!["run".to_string(), script.clone()];
+        argv.extend(args);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let o = knlp(&d, &argv);
+        let (out, err) = text(&o);
+        assert!(o.status.success() && out.contains(want), "{script}\nstdout:\n{out}\nstderr:\n{err}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
