@@ -17,6 +17,7 @@ pub mod models;
 pub mod optim;
 pub mod output;
 pub mod params;
+pub mod project;
 pub mod prune;
 pub mod runs;
 pub mod safetensors;

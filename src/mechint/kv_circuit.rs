@@ -1245,9 +1245,9 @@ pub fn open_dataset(dataset: &str, recorded: Option<&Path>, vocab: u32) -> Resul
     let dir = match dataset.trim() {
         "" => match recorded.filter(|d| d.is_dir()) {
             Some(d) => d.to_path_buf(),
-            None => crate::data::default_text_dataset(Path::new(crate::data::DEFAULT_CACHE_DIR))?,
+            None => crate::data::default_text_dataset(&crate::data::default_cache_dir())?,
         },
-        "brown" => crate::data::default_text_dataset(Path::new(crate::data::DEFAULT_CACHE_DIR))?,
+        "brown" => crate::data::default_text_dataset(&crate::data::default_cache_dir())?,
         d => PathBuf::from(d),
     };
     crate::data::TokenDataset::open(&dir, Some(vocab), 0)

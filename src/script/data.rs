@@ -443,8 +443,8 @@ fn text_dataset(dir: &str, m: &Map) -> RResult<RTokens> {
 fn brown_dataset(m: &Map) -> RResult<RTokens> {
     const W: &str = "brown";
     check_keys(m, BROWN_KEYS, "brown option")?;
-    let root = opt_str(m, "root", W)?.unwrap_or_else(|| brown::DEFAULT_BROWN_DIR.to_string());
-    let cache = opt_str(m, "cache", W)?.unwrap_or_else(|| data::DEFAULT_CACHE_DIR.to_string());
+    let root = opt_str(m, "root", W)?.unwrap_or_else(|| brown::default_dir().display().to_string());
+    let cache = opt_str(m, "cache", W)?.unwrap_or_else(|| data::default_cache_dir().display().to_string());
     let f = match m.get("val_fraction") {
         Some(v) => as_number(v, "brown: val_fraction")?,
         None => data::DEFAULT_VAL_FRACTION,
@@ -557,7 +557,7 @@ fn text(api: &mut Api) {
         "",
         "The Brown corpus's 500 documents as plain text (tags stripped), from the default folder.",
         || -> RResult<Array> {
-            let docs = brown::documents(Path::new(brown::DEFAULT_BROWN_DIR)).rt()?;
+            let docs = brown::documents(&brown::default_dir()).rt()?;
             Ok(docs.into_iter().map(Dynamic::from).collect())
         },
     );
