@@ -221,11 +221,18 @@ fn trackio_run_reads_back_with_trackios_api() {
 
     // A resumed run with the same name continues the same trackio run, and
     // the child outlives a Ctrl-C (the trainer finishes the run after one).
+    // Steps 20 and 30 were logged before the interruption and are replayed
+    // from an earlier checkpoint: trackio must not get them twice.
     let mut sink = TrackioSink::new();
-    sink.start(&RunInfo::new(&dir, config(0.1), true)).unwrap();
+    let mut info = RunInfo::new(&dir, config(0.1), true);
+    info.logged_through = Some(30);
+    sink.start(&info).unwrap();
     let pid = sink.pid().unwrap().to_string();
     std::thread::sleep(Duration::from_millis(300));
     assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    for replayed in &records()[2..] {
+        sink.log(replayed).unwrap();
+    }
     sink.log(&obj(json!({"step": 40, "train_loss": 0.25, "lr": 5e-3}))).unwrap();
     sink.finish(&json!({"status": "interrupted"}), "interrupted").unwrap();
     std::env::remove_var("TRACKIO_DIR");

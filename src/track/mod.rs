@@ -49,6 +49,10 @@ pub struct RunInfo {
     /// Continuing from a checkpoint: the run directory already holds this
     /// run's configuration and metrics up to the checkpoint.
     pub resumed: bool,
+    /// On resume, the last step logged before the interruption: steps up to
+    /// it are replayed from the checkpoint, and sinks that cannot take back
+    /// a logged point (trackio) skip them.
+    pub logged_through: Option<i64>,
 }
 
 impl RunInfo {
@@ -57,7 +61,15 @@ impl RunInfo {
     pub fn new(run_dir: &Path, config: Value, resumed: bool) -> RunInfo {
         let (project, run_name) = run_names(run_dir, &config);
         let system = SystemInfo::collect(&config);
-        RunInfo { project, run_name, run_dir: run_dir.to_path_buf(), config, system, resumed }
+        RunInfo {
+            project,
+            run_name,
+            run_dir: run_dir.to_path_buf(),
+            config,
+            system,
+            resumed,
+            logged_through: None,
+        }
     }
 }
 

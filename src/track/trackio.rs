@@ -18,7 +18,7 @@
 //! else `~/.cache/huggingface/trackio`; nothing there is ever deleted.
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -114,16 +114,12 @@ pub fn store_dir() -> PathBuf {
 }
 
 /// The interpreter: `KNLP_PYTHON`, else the project's virtual environment
-/// (found at build time), else `python3` on the PATH.
+/// (found at run time, `crate::project`), else `python3` on the PATH.
 pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os(PYTHON_ENV).filter(|p| !p.is_empty()) {
         return PathBuf::from(p);
     }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    if venv.exists() {
-        return venv;
-    }
-    PathBuf::from("python3")
+    crate::project::venv_python().unwrap_or_else(|| PathBuf::from("python3"))
 }
 
 struct Proc {
@@ -139,6 +135,8 @@ pub struct TrackioSink {
     envs: Vec<(String, PathBuf)>,
     timeout: Duration,
     proc: Option<Proc>,
+    /// Steps already in trackio's run (a resumed run replays them).
+    skip_through: Option<i64>,
 }
 
 impl Default for TrackioSink {
@@ -149,7 +147,13 @@ impl Default for TrackioSink {
 
 impl TrackioSink {
     pub fn new() -> Self {
-        TrackioSink { python: None, envs: Vec::new(), timeout: FINISH_TIMEOUT, proc: None }
+        TrackioSink {
+            python: None,
+            envs: Vec::new(),
+            timeout: FINISH_TIMEOUT,
+            proc: None,
+            skip_through: None,
+        }
     }
 
     /// Run this interpreter instead of [`python()`]'s choice.
@@ -220,6 +224,7 @@ impl Sink for TrackioSink {
         if let Some(p) = self.proc.take() {
             release(p);
         }
+        self.skip_through = run.logged_through;
         let python = self.python.clone().unwrap_or_else(python);
         let log_path = run.run_dir.join(LOG);
         let log = OpenOptions::new()
@@ -257,7 +262,8 @@ impl Sink for TrackioSink {
     fn log(&mut self, record: &Map<String, Value>) -> Result<()> {
         let mut metrics = numeric(record);
         let step = metrics.remove("step").and_then(|s| s.as_i64());
-        if metrics.is_empty() {
+        let replayed = matches!((step, self.skip_through), (Some(s), Some(t)) if s <= t);
+        if metrics.is_empty() || replayed {
             return Ok(());
         }
         self.send(&json!({ "op": "log", "metrics": metrics, "step": step }))

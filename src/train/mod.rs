@@ -518,6 +518,7 @@ impl Trainer<'_> {
         let mut items_done = 0f64;
         let last = self.run.checkpoint("last");
         let resumed = self.cfg.resume && last.exists();
+        let mut replayed_through = None;
         if resumed {
             let ck = checkpoint::load(&last)?;
             self.resume_from(&ck)?;
@@ -531,12 +532,21 @@ impl Trainer<'_> {
             if let Some(t) = p.get("total_steps").and_then(Value::as_i64).filter(|t| *t > 0) {
                 total = t;
             }
+            // Steps after the checkpoint were logged once already.
+            let logged = self
+                .run
+                .metrics()
+                .ok()
+                .and_then(|rs| rs.iter().filter_map(|r| r.get("step")?.as_i64()).max());
+            replayed_through = logged.filter(|&s| s > step);
             self.run.truncate_metrics_after(step)?;
             progress.line(&self.run, &format!("resumed from {} at step {step}", last.display()));
         }
         // The local sink writes config.json and starts a new metrics.jsonl
         // unless resumed; it writes system.json either way.
-        tracker.start(&RunInfo::new(&self.run.path, self.record.clone(), resumed))?;
+        let mut info = RunInfo::new(&self.run.path, self.record.clone(), resumed);
+        info.logged_through = replayed_through;
+        tracker.start(&info)?;
         self.run.set_status(Status::Running, None)?;
         // A time budget's length is unknown until the step time is measured:
         // until then the schedule runs as if the budget were endless (the
