@@ -444,6 +444,7 @@ pub fn run_cell(project_dir: &Path, cell_id: &str, resume: bool) -> Result<Summa
         record: rec,
         tracker,
         fwd_hooks: None,
+        loss_fn: None,
     };
     t.run()
 }

@@ -509,3 +509,61 @@ fn every_shipped_script_runs_small() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// train()'s closures (issue 16): lr_schedule sets each step's rate,
+/// on_step and on_eval log their numbers and can stop the run cleanly, a
+/// custom loss replaces the cross-entropy, and a bad one fails the run
+/// with a clear reason.
+#[test]
+fn train_closures_set_the_rate_log_metrics_stop_and_replace_the_loss() {
+    let d = scratch("train-closures");
+    write(
+        &d,
+        "t.rhai",
+        r#"
+let data = loader(fashion_mnist(#{ split: "test" }).slice(0, 640), #{ batch_size: 16, resize: 32, normalize: true });
+let m = lenet5(#{ seed: 0 });
+let run = train(m, sgd(m, #{ lr: 0.05 }), data, #{
+    steps: 40, log_every: 5, eval_every: 10, progress: "off", run_dir: "a", test: data,
+    lr_schedule: |step| 0.001 * step,
+    on_step: |s| if s.step % 5 == 0 { #{ lr_seen: s.lr, half_loss: s.loss.item() / 2.0 } },
+    on_eval: |r| #{ acc_pct: r.test_acc * 100.0, stop: r.step >= 20 },
+});
+print(`a ${run.status} ${run.summary.steps} ${run.summary.reason}`);
+let m = lenet5(#{ seed: 0 });
+let run = train(m, sgd(m, #{ lr: 0.05 }), data, #{ steps: 10, log_every: 5, progress: "off", run_dir: "b",
+                                                   loss: |logits, y| logits.sum() * 0.0 });
+print(`b ${run.status}`);
+let m = lenet5(#{ seed: 0 });
+let run = train(m, sgd(m, #{ lr: 0.05 }), data, #{ steps: 10, progress: "off", run_dir: "c",
+                                                   loss: |logits, y| logits });
+print(`c ${run.status} ${run.summary.reason}`);
+"#,
+    );
+    let o = knlp(&d, &["run", "t.rhai"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("a done 20 on_eval asked to stop"), "{out}");
+    let recs: Vec<serde_json::Value> = std::fs::read_to_string(d.join("a/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let at = |step: i64, key: &str| {
+        recs.iter().find(|r| r["step"] == step && r.get(key).is_some()).map(|r| r[key].clone())
+    };
+    for step in [5i64, 10, 15, 20] {
+        let lr = 0.001 * step as f64;
+        assert!((at(step, "lr").unwrap().as_f64().unwrap() - lr).abs() < 1e-12, "step {step}: {recs:?}");
+        assert!((at(step, "lr_seen").unwrap().as_f64().unwrap() - lr).abs() < 1e-12, "step {step}");
+        assert!(at(step, "half_loss").unwrap().as_f64().unwrap() > 0.0);
+    }
+    let acc = at(20, "test_acc").unwrap().as_f64().unwrap();
+    assert!((at(20, "acc_pct").unwrap().as_f64().unwrap() - acc * 100.0).abs() < 1e-9);
+    assert!(at(25, "lr").is_none(), "the run went on after on_eval stopped it");
+    // The custom loss was the objective: its value is what was logged.
+    let b = std::fs::read_to_string(d.join("b/metrics.jsonl")).unwrap();
+    assert!(out.contains("b done") && b.contains("\"train_loss\":0.0"), "{b}");
+    assert!(out.contains("c failed") && out.contains("0-d tensor"), "{out}");
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -178,6 +178,7 @@ fn train(
         record: json!({}),
         tracker: Some("local".into()),
         fwd_hooks: None,
+        loss_fn: None,
     }
     .run()
     .unwrap()

@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 use std::rc::Rc;
 
-use rhai::{Array, Dynamic, Engine, Map, NativeCallContext, FLOAT, INT};
+use rhai::{Array, Dynamic, Engine, FnPtr, Map, NativeCallContext, FLOAT, INT};
 use serde_json::{json, Value};
 
 use super::api::{Api, DocEntry};
@@ -25,8 +25,149 @@ pub struct RRun {
 }
 
 /// Keys of `train()`'s option map besides TrainConfig's.
-const EXTRA_KEYS: &[&str] =
-    &["run_dir", "name", "pruner", "test", "batch_size", "block_size", "eval_batches", "record"];
+const EXTRA_KEYS: &[&str] = &[
+    "run_dir",
+    "name",
+    "pruner",
+    "test",
+    "batch_size",
+    "block_size",
+    "eval_batches",
+    "record",
+    "on_step",
+    "on_eval",
+    "lr_schedule",
+    "loss",
+];
+
+/// `train()`'s closures as a step hook: `lr_schedule(step)` sets the
+/// learning rate before each step; `on_step(info)` and `on_eval(metrics)`
+/// may return a map of numbers to log, `false` (or `#{ stop: true }`) to end
+/// the run cleanly. They hold no checkpointed state: a resumed run calls
+/// them afresh from its checkpoint's step.
+struct Callbacks<'c> {
+    ctx: &'c NativeCallContext<'c>,
+    on_step: Option<FnPtr>,
+    on_eval: Option<FnPtr>,
+    lr_schedule: Option<FnPtr>,
+    /// Metrics from on_step waiting for the next log record.
+    pending: serde_json::Map<String, Value>,
+    stop: Option<String>,
+}
+
+impl Callbacks<'_> {
+    fn call(&self, f: &FnPtr, what: &str, arg: Dynamic) -> anyhow::Result<Dynamic> {
+        f.call_within_context::<Dynamic>(self.ctx, (arg,))
+            .map_err(|e| anyhow::anyhow!("train(): {what}: {e}"))
+    }
+
+    /// Numbers to log, or a request to stop, from a closure's result.
+    fn take(&mut self, what: &str, out: Dynamic) -> anyhow::Result<serde_json::Map<String, Value>> {
+        let mut logged = serde_json::Map::new();
+        if out.is_unit() {
+            return Ok(logged);
+        }
+        if let Ok(b) = out.as_bool() {
+            if !b {
+                self.stop = Some(format!("{what} returned false"));
+            }
+            return Ok(logged);
+        }
+        let Some(m) = out.read_lock::<Map>() else {
+            anyhow::bail!(
+                "train(): {what} must return (), a bool or a map of numbers, got {}",
+                out.type_name()
+            );
+        };
+        for (k, v) in m.iter() {
+            if k.as_str() == "stop" {
+                if v.as_bool().unwrap_or(false) {
+                    self.stop = Some(format!("{what} asked to stop"));
+                }
+                continue;
+            }
+            let x = if let Ok(i) = v.as_int() {
+                i as f64
+            } else if let Ok(f) = v.as_float() {
+                f
+            } else if let Some(t) = v.read_lock::<RTensor>() {
+                t.0.f_double_value(&[]).map_err(|e| anyhow::anyhow!("train(): {what}: {k}: {e}"))?
+            } else {
+                anyhow::bail!("train(): {what}: metric '{k}' must be a number, got {}", v.type_name());
+            };
+            logged.insert(k.to_string(), json!(x));
+        }
+        Ok(logged)
+    }
+}
+
+impl Hook for Callbacks<'_> {
+    fn name(&self) -> &str {
+        "callbacks"
+    }
+    fn before_step(&mut self, ctx: &mut crate::train::StepCtx) -> anyhow::Result<()> {
+        if let Some(f) = self.lr_schedule.clone() {
+            let out = self.call(&f, "lr_schedule", Dynamic::from_int(ctx.step))?;
+            let lr = out.as_float().or_else(|_| out.as_int().map(|i| i as f64)).map_err(|_| {
+                anyhow::anyhow!("train(): lr_schedule must return a number, got {}", out.type_name())
+            })?;
+            anyhow::ensure!(lr.is_finite() && lr >= 0.0, "train(): lr_schedule({}) returned {lr}", ctx.step);
+            ctx.opt.lr = lr;
+        }
+        Ok(())
+    }
+    fn after_step(&mut self, ctx: &mut crate::train::StepCtx) -> anyhow::Result<()> {
+        let Some(f) = self.on_step.clone() else { return Ok(()) };
+        let mut info = Map::new();
+        info.insert("step".into(), Dynamic::from_int(ctx.step));
+        info.insert("total_steps".into(), Dynamic::from_int(ctx.total_steps));
+        info.insert("lr".into(), Dynamic::from_float(ctx.opt.lr));
+        let loss = ctx.loss.map(|l| Dynamic::from(RTensor(l.shallow_clone()))).unwrap_or(Dynamic::UNIT);
+        info.insert("loss".into(), loss);
+        let out = self.call(&f, "on_step", Dynamic::from_map(info))?;
+        let logged = self.take("on_step", out)?;
+        self.pending.extend(logged);
+        Ok(())
+    }
+    fn metrics(&mut self) -> anyhow::Result<serde_json::Map<String, Value>> {
+        Ok(std::mem::take(&mut self.pending))
+    }
+    fn on_eval(
+        &mut self,
+        step: i64,
+        record: &serde_json::Map<String, Value>,
+    ) -> anyhow::Result<serde_json::Map<String, Value>> {
+        let Some(f) = self.on_eval.clone() else { return Ok(serde_json::Map::new()) };
+        let mut rec = record.clone();
+        rec.insert("step".into(), json!(step));
+        let arg = to_dyn(&Value::Object(rec)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let out = self.call(&f, "on_eval", arg)?;
+        self.take("on_eval", out)
+    }
+    fn stop(&mut self) -> Option<String> {
+        self.stop.take()
+    }
+    fn state(&self) -> Value {
+        Value::Null
+    }
+    fn tensors(&self) -> Vec<(String, tch::Tensor)> {
+        Vec::new()
+    }
+    fn restore(&mut self, _state: &Value, _tensors: &[(String, tch::Tensor)]) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+fn closure_opt(opts: &Map, k: &str) -> RResult<Option<FnPtr>> {
+    match opts.get(k) {
+        None => Ok(None),
+        Some(v) if v.is_unit() => Ok(None),
+        Some(v) => v
+            .read_lock::<FnPtr>()
+            .map(|f| Some(f.clone()))
+            .ok_or_else(|| rerr(format!("train(): {k} must be a closure, got {}", v.type_name()))),
+    }
+}
 
 fn to_json(d: &Dynamic) -> RResult<Value> {
     rhai::serde::from_dynamic(d).map_err(|e| rerr(e.to_string()))
@@ -190,6 +331,25 @@ fn run_train(ctx: &NativeCallContext, model: RModel, opt: ROpt, data: Dynamic, o
     if let Some(h) = hook.as_mut() {
         hooks.push(h);
     }
+    let (on_step, on_eval, lr_schedule) =
+        (closure_opt(&opts, "on_step")?, closure_opt(&opts, "on_eval")?, closure_opt(&opts, "lr_schedule")?);
+    let mut callbacks = (on_step.is_some() || on_eval.is_some() || lr_schedule.is_some()).then(|| {
+        Callbacks { ctx, on_step, on_eval, lr_schedule, pending: serde_json::Map::new(), stop: None }
+    });
+    if let Some(c) = callbacks.as_mut() {
+        hooks.push(c);
+    }
+    let loss_closure = closure_opt(&opts, "loss")?;
+    let loss_fn = loss_closure.map(|f| {
+        move |logits: &tch::Tensor, y: &tch::Tensor| -> anyhow::Result<tch::Tensor> {
+            let out: Dynamic = f
+                .call_within_context(ctx, (RTensor(logits.shallow_clone()), RTensor(y.shallow_clone())))
+                .map_err(|e| anyhow::anyhow!("loss closure: {e}"))?;
+            out.read_lock::<RTensor>()
+                .map(|t| t.0.shallow_clone())
+                .ok_or_else(|| anyhow::anyhow!("loss closure must return a Tensor, got {}", out.type_name()))
+        }
+    });
     // Hooks added with add_hook act in training and evaluation forwards.
     let script_hooks = super::mechint::ScriptHooks::of_model(ctx, &model);
     let fwd_hooks = script_hooks.as_ref().map(|h| h as &dyn crate::hooks::Hooks);
@@ -203,6 +363,7 @@ fn run_train(ctx: &NativeCallContext, model: RModel, opt: ROpt, data: Dynamic, o
         record,
         tracker,
         fwd_hooks,
+        loss_fn: loss_fn.as_ref().map(|f| f as &crate::train::LossFn),
     }
     .run()
     .rt();
@@ -216,7 +377,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     engine.register_fn("to_debug", |r: &mut RRun| describe(r));
     let mut api = Api::new(engine, docs);
     api.group("Training");
-    api.f("train", "model, opt, data: Loader|TokenDataset, options: map", "Train and return the Run. Options: `steps`, `epochs`, `time_limit` (s), `grad_accum`, `eval_every`, `log_every`, `checkpoint_every`, `schedule` (\"auto\", \"constant\", \"warmup_cosine\", \"cosine_epoch\"), `warmup`, `min_lr`, `amp` (\"auto\", \"bf16\", \"fp16\", \"none\"), `tf32`, `resume`, `progress`, `stop_after`; `test` (a Loader over the test split, for evaluation) for images; `batch_size`, `block_size`, `eval_batches` for tokens; `pruner`; `run_dir` or `name` (default runs/<arch>-<time>); `tracker` (\"local\", \"trackio\"; default $TRACKER); `record` (extra map kept with the run).", |ctx: NativeCallContext, m: RModel, o: ROpt, d: Dynamic, opts: Map| -> RResult<RRun> {
+    api.f("train", "model, opt, data: Loader|TokenDataset, options: map", "Train and return the Run. Options: `steps`, `epochs`, `time_limit` (s), `grad_accum`, `eval_every`, `log_every`, `checkpoint_every`, `schedule` (\"auto\", \"constant\", \"warmup_cosine\", \"cosine_epoch\"), `warmup`, `min_lr`, `amp` (\"auto\", \"bf16\", \"fp16\", \"none\"), `tf32`, `resume`, `progress`, `stop_after`; `test` (a Loader over the test split, for evaluation) for images; `batch_size`, `block_size`, `eval_batches` for tokens; `pruner`; `run_dir` or `name` (default runs/<arch>-<time>); `tracker` (\"local\", \"trackio\"; default $TRACKER); `record` (extra map kept with the run); closures: `loss: |logits, y| ...` (a 0-d Tensor replacing the cross-entropy in training), `lr_schedule: |step| ...` (the learning rate of each step), `on_step: |s| ...` (`s = #{ step, total_steps, lr, loss }`, loss a 0-d Tensor) and `on_eval: |m| ...` (the evaluation record), each returning (), a map of numbers to log, or `false`/`#{ stop: true }` to end the run cleanly (docs/training.md).", |ctx: NativeCallContext, m: RModel, o: ROpt, d: Dynamic, opts: Map| -> RResult<RRun> {
         run_train(&ctx, m, o, d, opts)
     });
     api.f("evaluate", "model, data: Loader|TokenDataset, options: map", "Evaluation metrics without training: `#{ test_loss, test_acc }` over a whole Loader, or `#{ val_loss, val_ppl }` over `eval_batches` fixed validation windows (`batch_size`, `block_size`).", |m: RModel, d: Dynamic, opts: Map| -> RResult<Map> {

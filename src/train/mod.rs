@@ -53,6 +53,9 @@ pub struct StepCtx<'a> {
     pub steps_per_epoch: Option<i64>,
     pub store: &'a ParamStore,
     pub opt: &'a mut Optimizer,
+    /// This step's training loss (mean over its micro-batches; a 0-d tensor
+    /// on the device, read only if a hook asks: reading it synchronises).
+    pub loss: Option<&'a Tensor>,
 }
 
 /// Work around the optimizer step: pruning masks gradients before it and
@@ -67,6 +70,16 @@ pub trait Hook {
     fn state(&self) -> Value;
     fn tensors(&self) -> Vec<(String, Tensor)>;
     fn restore(&mut self, state: &Value, tensors: &[(String, Tensor)]) -> Result<()>;
+    /// After an evaluation: extra entries for its record.
+    fn on_eval(&mut self, step: i64, record: &Map<String, Value>) -> Result<Map<String, Value>> {
+        let _ = (step, record);
+        Ok(Map::new())
+    }
+    /// A reason to end the run now, cleanly (checked after every step):
+    /// the final evaluation and checkpoint follow as at the end of a budget.
+    fn stop(&mut self) -> Option<String> {
+        None
+    }
     /// Summary entries at the end of the run.
     fn summary(&mut self, store: &ParamStore) -> Result<Map<String, Value>> {
         let _ = store;
@@ -169,6 +182,14 @@ pub struct Summary {
     pub throughput_unit: String,
     pub peak_mem_mb: Option<f64>,
     pub extra: Map<String, Value>,
+}
+
+/// A custom loss's value as the loop needs it: one float element.
+fn scalar_loss(l: Tensor) -> Result<Tensor> {
+    if l.numel() != 1 || !matches!(l.kind(), Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16) {
+        bail!("it must return one floating-point value (a 0-d tensor), got {:?} {:?}", l.kind(), l.size());
+    }
+    l.f_reshape([]).and_then(|t| t.f_to_kind(Kind::Float)).map_err(te)
 }
 
 /// Perplexity as reported everywhere: exp(min(loss, 20)).
@@ -338,7 +359,13 @@ pub struct Trainer<'a> {
     pub tracker: Option<String>,
     /// Hook points visited in every forward (hooks added to the model).
     pub fwd_hooks: Option<&'a dyn crate::hooks::Hooks>,
+    /// The training objective from (logits, targets), replacing the
+    /// cross-entropy (evaluation keeps the cross-entropy).
+    pub loss_fn: Option<&'a LossFn<'a>>,
 }
+
+/// A custom training loss: (logits, targets) -> a 0-d tensor.
+pub type LossFn<'a> = dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + 'a;
 
 fn amp_dtype(cfg: &TrainConfig, device: Device) -> Option<crate::shim::AutocastDtype> {
     use crate::shim::AutocastDtype::*;
@@ -564,6 +591,7 @@ impl Trainer<'_> {
         let unit = if matches!(task, Task::LanguageModel { .. }) { "tokens_per_s" } else { "samples_per_s" };
         let eval_every = self.cfg.eval_every;
         let mut stopped_early = false;
+        let mut stop_reason: Option<String> = None;
         // Step budgets stop here; epoch budgets stop at the end of an epoch.
         let step_budget = self.cfg.steps > 0 || per_epoch.is_none();
         'outer: loop {
@@ -583,6 +611,7 @@ impl Trainer<'_> {
             }
             let lr = schedule.lr(self.opt.cfg.lr, step, epoch);
             self.opt.lr = lr;
+            let mut step_loss: Option<Tensor> = None;
             // Forward and backward over the micro-batches of this step.
             let mut micro = 0;
             while micro < self.cfg.grad_accum {
@@ -641,7 +670,16 @@ impl Trainer<'_> {
                         break 'outer;
                     }
                 };
-                let loss = cross_entropy(&logits.f_to_kind(Kind::Float).map_err(te)?, &y).map_err(te)?;
+                let loss = match self.loss_fn {
+                    Some(f) => match f(&logits, &y).and_then(scalar_loss) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            failure = Some(format!("the loss function failed at step {}: {e:#}", step + 1));
+                            break 'outer;
+                        }
+                    },
+                    None => cross_entropy(&logits.f_to_kind(Kind::Float).map_err(te)?, &y).map_err(te)?,
+                };
                 let scaled = loss.f_div_scalar(self.cfg.grad_accum as f64).map_err(te)?;
                 // Auxiliary terms (RA balance, routing penalty) train the
                 // model; the logged train loss stays the cross-entropy.
@@ -660,6 +698,10 @@ impl Trainer<'_> {
                     break 'outer;
                 }
                 let l = scaled.f_detach().map_err(te)?;
+                step_loss = Some(match step_loss.take() {
+                    None => l.shallow_clone(),
+                    Some(a) => a.f_add(&l).map_err(te)?,
+                });
                 loss_acc = Some(match loss_acc {
                     None => l,
                     Some(a) => a.f_add(&l).map_err(te)?,
@@ -696,6 +738,7 @@ impl Trainer<'_> {
                     steps_per_epoch: per_epoch,
                     store: self.model.store(),
                     opt: self.opt,
+                    loss: step_loss.as_ref(),
                 };
                 for h in self.hooks.iter_mut() {
                     h.before_step(&mut ctx)?;
@@ -807,6 +850,11 @@ impl Trainer<'_> {
                 stopped_early = true;
                 break;
             }
+            if let Some(why) = self.hooks.iter_mut().find_map(|h| h.stop()) {
+                progress.line(&self.run, &format!("stopped at step {step}: {why}"));
+                stop_reason = Some(why);
+                break;
+            }
         }
         progress.finish();
         let secs = elapsed(&start);
@@ -874,7 +922,7 @@ impl Trainer<'_> {
         self.save("last", step, epoch, &p)?;
         let s = self.summary(
             Status::Done,
-            None,
+            stop_reason,
             step,
             epoch,
             secs,
@@ -911,6 +959,10 @@ impl Trainer<'_> {
         rec.extend(m.clone());
         for h in self.hooks.iter_mut() {
             rec.extend(h.metrics()?);
+        }
+        for h in self.hooks.iter_mut() {
+            let extra = h.on_eval(step, &rec)?;
+            rec.extend(extra);
         }
         tracker.log(&rec)?;
         progress.line(&self.run, &format!("eval {}", format_record(&rec)));
