@@ -14,6 +14,7 @@ pub mod kv_circuit;
 pub mod matrix;
 pub mod mechint;
 pub mod models;
+pub mod nn;
 pub mod optim;
 pub mod prune;
 pub mod report;
@@ -89,6 +90,7 @@ pub fn register_all(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     display::register(engine, docs);
     data::register(engine, docs);
     models::register(engine, docs);
+    nn::register(engine, docs);
     attention::register(engine, docs);
     mechint::register(engine, docs);
     kv_circuit::register(engine, docs);
