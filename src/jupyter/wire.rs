@@ -2,7 +2,6 @@
 //! HMAC-SHA256 signatures and the multipart message layout
 //! `[ids…, "<IDS|MSG>", signature, header, parent_header, metadata, content, buffers…]`.
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -218,35 +217,12 @@ pub fn header(session: &str, msg_type: &str) -> Value {
 
 /// UTC now as `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
 pub fn now_iso8601() -> String {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_micros()
-    )
+    report::util::iso_utc(report::util::since_epoch(), true)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn frames_of(m: &Message, s: &Signer) -> Vec<Bytes> {
-        m.frames(s)
-    }
 
     #[test]
     fn signs_and_verifies_round_trip() {
@@ -259,7 +235,7 @@ mod tests {
             content: json!({"code": "1 + 1"}),
             buffers: vec![],
         };
-        let f = frames_of(&m, &s);
+        let f = m.frames(&s);
         let back = Message::parse(f.clone(), &s).unwrap();
         assert_eq!(back.content, m.content);
         assert_eq!(back.ids, m.ids);

@@ -147,10 +147,6 @@ pub fn show_files(paths: &[PathBuf]) {
     }
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
-}
-
 /// Indices shown along a dimension of `n`: all, or the first and last few
 /// with `None` where the rest are elided.
 fn shown(n: i64) -> Vec<Option<i64>> {
@@ -189,13 +185,17 @@ pub fn tensor_html(t: &Tensor) -> String {
     let supported = is_float(kind)
         || matches!(kind, Kind::Bool | Kind::Int | Kind::Int64 | Kind::Int8 | Kind::Int16 | Kind::Uint8);
     let Ok(cpu) = t.f_detach().and_then(|d| d.f_to(tch::Device::Cpu)) else {
-        return format!("<div>{}</div>", esc(&caption));
+        return format!("<div>{}</div>", report::util::html_escape(&caption));
     };
     if !supported || dims.len() > 2 {
         let text = crate::tensor::format_tensor(t);
-        return format!("<div><b>{}</b></div><pre>{}</pre>", esc(&caption), esc(&text));
+        return format!(
+            "<div><b>{}</b></div><pre>{}</pre>",
+            report::util::html_escape(&caption),
+            report::util::html_escape(&text)
+        );
     }
-    let mut out = format!("<div><b>{}</b></div>\n<table>\n", esc(&caption));
+    let mut out = format!("<div><b>{}</b></div>\n<table>\n", report::util::html_escape(&caption));
     let (rows, cols) = match dims.len() {
         0 => (vec![], vec![]),
         1 => (vec![], shown(dims[0])),

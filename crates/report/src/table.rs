@@ -320,7 +320,7 @@ pub fn render_markdown(df: &DataFrame) -> String {
 /// of how many were left out.
 pub fn render_html(df: &DataFrame, max_rows: usize) -> String {
     let (headers, rows, numeric) = rendered(df);
-    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    let esc = crate::util::html_escape;
     let align =
         |i: usize| if numeric.get(i).copied().unwrap_or(false) { " style=\"text-align:right\"" } else { "" };
     let mut out = String::from("<table>\n<thead><tr>");

@@ -120,12 +120,28 @@ pub fn natural_cmp(a: &str, b: &str) -> Ordering {
     }
 }
 
+/// Text made safe inside HTML elements (`&`, `<`, `>` escaped).
+pub fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
 /// UTC timestamp `YYYY-MM-DDTHH:MM:SSZ` without a date crate.
 pub fn now_iso() -> String {
-    let secs =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    iso_utc(since_epoch(), false)
+}
+
+/// Time since 1970-01-01 UTC (zero if the clock is before it).
+pub fn since_epoch() -> std::time::Duration {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
+}
+
+/// `t` after the epoch as `YYYY-MM-DDTHH:MM:SSZ`, or with `micros`
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` (Jupyter's message dates).
+pub fn iso_utc(t: std::time::Duration, micros: bool) -> String {
+    let secs = t.as_secs();
     let days = (secs / 86_400) as i64;
     let (h, m, s) = ((secs % 86_400) / 3600, (secs % 3600) / 60, secs % 60);
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -135,12 +151,21 @@ pub fn now_iso() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let mo = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(mo <= 2);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}Z")
+    let frac = if micros { format!(".{:06}", t.subsec_micros()) } else { String::new() };
+    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}{frac}Z")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utc_dates() {
+        let t = std::time::Duration::from_millis(1_000_000_000_250);
+        assert_eq!(iso_utc(t, false), "2001-09-09T01:46:40Z");
+        assert_eq!(iso_utc(t, true), "2001-09-09T01:46:40.250000Z");
+        assert_eq!(iso_utc(std::time::Duration::from_secs(951_782_400), false), "2000-02-29T00:00:00Z");
+    }
 
     #[test]
     fn formats() {
