@@ -17,9 +17,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
-/// Where captured text goes: (stream name, text).
-pub type Forward = Box<dyn Fn(&'static str, String) + Send>;
-
 pub struct Capture {
     acks: Receiver<()>,
     log: File,
@@ -91,13 +88,18 @@ impl Capture {
     /// A line in the kernel's log (the original stderr, which Jupyter shows
     /// in the server's console).
     pub fn log(&self, msg: &str) {
-        let _ = writeln!(&self.log, "[knlp kernel] {msg}");
+        log_line(&self.log, msg);
     }
 
     /// A handle to the log for other threads.
     pub fn log_handle(&self) -> Result<File> {
         Ok(self.log.try_clone()?)
     }
+}
+
+/// One line of the kernel's log on `log` (see [`Capture::log_handle`]).
+pub fn log_line(log: &File, msg: &str) {
+    let _ = writeln!(&*log, "[knlp kernel] {msg}");
 }
 
 fn read_loop(

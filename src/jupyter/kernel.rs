@@ -7,7 +7,6 @@
 //! every signature, forwards shell requests, answers the control channel
 //! itself (so that `interrupt_request` and `shutdown_request` work while a
 //! cell runs) and echoes heartbeats.
-use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -20,7 +19,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use zeromq::{PubSocket, RepSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
-use super::capture::Capture;
+use super::capture::{log_line, Capture};
 use super::wire::{header, Connection, Message, Signer, PROTOCOL_VERSION};
 use crate::output::{self, Progress};
 use crate::script::errors::Ending;
@@ -115,11 +114,6 @@ pub fn run(connection_file: &Path) -> Result<()> {
     let mut interp = Interpreter::new(publisher, Rc::new(capture));
     interp.serve(req_rx);
     Ok(())
-}
-
-fn log_line(log: &std::fs::File, msg: &str) {
-    use std::io::Write;
-    let _ = writeln!(&*log, "[knlp kernel] {msg}");
 }
 
 fn frames(m: ZmqMessage) -> Vec<Bytes> {
@@ -271,7 +265,7 @@ struct Bar {
 fn bar_data(step: i64, total: i64, text: &str) -> Value {
     let frac = if total > 0 { (step as f64 / total as f64).clamp(0.0, 1.0) } else { 0.0 };
     let filled = (frac * 24.0) as usize;
-    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;");
+    let esc = report::util::html_escape;
     json!({
         "text/plain": format!("[{}{}] {step}/{total} {text}", "=".repeat(filled), " ".repeat(24 - filled)),
         "text/html": format!(
@@ -287,7 +281,6 @@ struct Interpreter {
     publisher: Rc<Publisher>,
     capture: Rc<Capture>,
     count: i64,
-    bar: Rc<RefCell<Bar>>,
     backlog: VecDeque<Message>,
 }
 
@@ -300,51 +293,50 @@ impl Interpreter {
             c.sync();
             p.publish("display_data", json!({ "data": b.data, "metadata": b.metadata, "transient": {} }));
         });
-        let bar = Rc::new(RefCell::new(Bar::default()));
-        let (p, c, st) = (publisher.clone(), capture.clone(), bar.clone());
-        output::set_progress_sink(move |ev| {
-            let mut st = st.borrow_mut();
-            match ev {
-                Progress::Bar { step, total, text } => {
-                    let data = bar_data(step, total, text);
-                    let due = st.last.is_none_or(|t| t.elapsed() >= Duration::from_millis(250));
-                    if st.id.is_none() {
-                        c.sync();
-                        let id = uuid::Uuid::new_v4().to_string();
-                        p.publish(
-                            "display_data",
-                            json!({ "data": data, "metadata": {}, "transient": { "display_id": id } }),
-                        );
-                        st.id = Some(id);
-                        st.last = Some(Instant::now());
-                    } else if due {
-                        let id = st.id.clone();
-                        p.publish(
-                            "update_display_data",
-                            json!({ "data": data, "metadata": {}, "transient": { "display_id": id } }),
-                        );
-                        st.last = Some(Instant::now());
-                        st.pending = None;
-                    } else {
-                        st.pending = Some(data);
-                    }
-                }
-                Progress::Line(text) => {
+        // The bar's state lives in the sink; Progress::Done (sent after
+        // every cell) resets it.
+        let mut st = Bar::default();
+        let (p, c) = (publisher.clone(), capture.clone());
+        output::set_progress_sink(move |ev| match ev {
+            Progress::Bar { step, total, text } => {
+                let data = bar_data(step, total, text);
+                let due = st.last.is_none_or(|t| t.elapsed() >= Duration::from_millis(250));
+                if st.id.is_none() {
                     c.sync();
-                    p.publish("stream", json!({ "name": "stdout", "text": format!("{text}\n") }));
-                }
-                Progress::Done => {
-                    if let (Some(id), Some(data)) = (st.id.take(), st.pending.take()) {
-                        p.publish(
-                            "update_display_data",
-                            json!({ "data": data, "metadata": {}, "transient": { "display_id": id } }),
-                        );
-                    }
-                    *st = Bar::default();
+                    let id = uuid::Uuid::new_v4().to_string();
+                    p.publish(
+                        "display_data",
+                        json!({ "data": data, "metadata": {}, "transient": { "display_id": id } }),
+                    );
+                    st.id = Some(id);
+                    st.last = Some(Instant::now());
+                } else if due {
+                    let id = st.id.clone();
+                    p.publish(
+                        "update_display_data",
+                        json!({ "data": data, "metadata": {}, "transient": { "display_id": id } }),
+                    );
+                    st.last = Some(Instant::now());
+                    st.pending = None;
+                } else {
+                    st.pending = Some(data);
                 }
             }
+            Progress::Line(text) => {
+                c.sync();
+                p.publish("stream", json!({ "name": "stdout", "text": format!("{text}\n") }));
+            }
+            Progress::Done => {
+                if let (Some(id), Some(data)) = (st.id.take(), st.pending.take()) {
+                    p.publish(
+                        "update_display_data",
+                        json!({ "data": data, "metadata": {}, "transient": { "display_id": id } }),
+                    );
+                }
+                st = Bar::default();
+            }
         });
-        Interpreter { rt, publisher, capture, count: 0, bar, backlog: VecDeque::new() }
+        Interpreter { rt, publisher, capture, count: 0, backlog: VecDeque::new() }
     }
 
     fn serve(&mut self, requests: mpsc::Receiver<Message>) {
@@ -403,7 +395,6 @@ impl Interpreter {
         if !silent {
             self.publisher.publish("execute_input", json!({ "code": code, "execution_count": n }));
         }
-        *self.bar.borrow_mut() = Bar::default();
         let name = format!("cell[{n}]");
         // A bug in a binding must not take the session down with it.
         let result =
