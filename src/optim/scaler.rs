@@ -47,19 +47,23 @@ impl GradScaler {
     }
 
     /// Divide every gradient by the scale; true when all of them are finite
-    /// (one host synchronisation: the decision to step needs it).
+    /// (one host synchronisation for all buffers: the decision to step needs it).
     pub fn unscale(&self, store: &ParamStore) -> Result<bool, tch::TchError> {
         let inv = 1.0 / self.scale;
-        let mut finite = true;
+        let mut bad: Option<Tensor> = None;
         for g in store.groups() {
             let mut gr = g.grad.shallow_clone();
             let _ = gr.f_mul_scalar_(inv)?;
-            if finite {
-                let bad = gr.f_isfinite()?.f_logical_not()?.f_any()?.f_to_kind(Kind::Int64)?;
-                finite = bad.f_int64_value(&[])? == 0;
-            }
+            let here = gr.f_isfinite()?.f_logical_not()?.f_any()?;
+            bad = Some(match bad {
+                None => here,
+                Some(b) => b.f_logical_or(&here)?,
+            });
         }
-        Ok(finite)
+        match bad {
+            Some(b) => Ok(b.f_to_kind(Kind::Int64)?.f_int64_value(&[])? == 0),
+            None => Ok(true),
+        }
     }
 
     /// Adjust the scale after a step (`stepped` false: it was skipped).
