@@ -429,73 +429,36 @@ fn shell_lists_hooks_and_the_last_cache() {
 fn every_shipped_script_runs_small() {
     let d = scratch("scripts-small");
     let s = |name: &str| root().join("scripts").join(name).display().to_string();
-    let at = |sub: &str| d.join(sub).display().to_string();
-    let tiny_gpt2 =
-        ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "2"];
+    // Options split on spaces, then the output option's folder in the scratch dir.
+    let args = |opts: &str, out: &str| -> Vec<String> {
+        opts.split_whitespace().map(String::from).chain([d.join(out).display().to_string()]).collect()
+    };
+    let tiny_gpt2 = "--n_layer 1 --n_head 2 --n_embd 32 --block_size 32 --batch_size 2";
     let runs: Vec<(String, Vec<String>, &str)> = vec![
-        (
-            s("quickstart.rhai"),
-            vec!["--steps".into(), "4".into(), "--out".into(), at("qs")],
-            "lenet5 bitter7 test_accuracy=",
-        ),
-        (
-            s("lenet5.rhai"),
-            vec!["--steps".into(), "3".into(), "--run_dir".into(), at("l5")],
-            "lenet5 optimizer=adamw",
-        ),
+        (s("quickstart.rhai"), args("--steps 4 --out", "qs"), "lenet5 bitter7 test_accuracy="),
+        (s("lenet5.rhai"), args("--steps 3 --run_dir", "l5"), "lenet5 optimizer=adamw"),
         (
             s("resnet18.rhai"),
-            ["--steps", "2", "--batch_size", "4", "--test_samples", "16", "--run_dir"]
-                .iter()
-                .map(|a| a.to_string())
-                .chain([at("r18")])
-                .collect(),
+            args("--steps 2 --batch_size 4 --test_samples 16 --run_dir", "r18"),
             "resnet18 params=",
         ),
         (
             s("gpt2.rhai"),
-            tiny_gpt2
-                .iter()
-                .chain(&[
-                    "--steps",
-                    "4",
-                    "--eval_every",
-                    "2",
-                    "--eval_batches",
-                    "1",
-                    "--warmup",
-                    "1",
-                    "--run_dir",
-                ])
-                .map(|a| a.to_string())
-                .chain([at("g2")])
-                .collect(),
+            args(
+                &format!("{tiny_gpt2} --steps 4 --eval_every 2 --eval_batches 1 --warmup 1 --run_dir"),
+                "g2",
+            ),
             "gpt2 params=",
         ),
         (
             s("bitter7.rhai"),
-            tiny_gpt2
-                .iter()
-                .chain(&[
-                    "--steps",
-                    "6",
-                    "--warmup",
-                    "1",
-                    "--prune_warmup",
-                    "1",
-                    "--ramp_end",
-                    "4",
-                    "--frequency",
-                    "1",
-                    "--eval_every",
-                    "3",
-                    "--eval_batches",
-                    "1",
-                    "--out",
-                ])
-                .map(|a| a.to_string())
-                .chain([at("b7")])
-                .collect(),
+            args(
+                &format!(
+                    "{tiny_gpt2} --steps 6 --warmup 1 --prune_warmup 1 --ramp_end 4 --frequency 1 \
+                     --eval_every 3 --eval_batches 1 --out"
+                ),
+                "b7",
+            ),
             "plot: ",
         ),
     ];
