@@ -7,6 +7,7 @@
 //! state of one parameter is a view (`Optimizer::state`). Adam-family steps
 //! use ATen's fused Adam/AdamW kernel (`_fused_adamw_`, through the shim) by
 //! default, on CPU and CUDA alike.
+pub mod groups;
 pub mod scaler;
 pub mod schedule;
 pub mod spam;
@@ -18,6 +19,8 @@ use tch::{Kind, Tensor};
 use crate::params::{FlatGroup, ParamStore};
 use crate::tensor::torch_error;
 
+pub use groups::ParamGroup;
+use groups::Seg;
 pub use spam::{SpamConfig, SpamState};
 
 fn te(e: tch::TchError) -> anyhow::Error {
@@ -86,6 +89,10 @@ pub struct OptConfig {
     /// Use ATen's fused Adam/AdamW kernel.
     pub fused: bool,
     pub spam: SpamConfig,
+    /// Parameter groups with their own lr factor and weight decay; the
+    /// first group whose pattern matches a parameter's name takes it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<ParamGroup>,
 }
 
 impl Default for OptConfig {
@@ -104,6 +111,7 @@ impl Default for OptConfig {
             clip_norm: 0.0,
             fused: true,
             spam: SpamConfig::default(),
+            groups: Vec::new(),
         }
     }
 }
@@ -145,7 +153,7 @@ impl OptConfig {
         if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
             bail!("optimizer sgd: Nesterov momentum needs momentum > 0 and dampening 0");
         }
-        Ok(())
+        groups::validate(&self.groups).map_err(|e| anyhow!("optimizer {}: {e}", self.kind.name()))
     }
 }
 
@@ -155,8 +163,11 @@ struct GroupState {
     exp_avg_sq: Tensor,
     max_exp_avg_sq: Tensor,
     momentum: Tensor,
-    /// Step counters for the fused kernel: one per segment (decay, rest).
+    /// Step counters for the fused kernel: one for the decaying part of the
+    /// layout, one for the rest.
     steps: [Tensor; 2],
+    /// Ranges sharing an lr factor and a weight decay.
+    segs: Vec<Seg>,
 }
 
 /// What a step did, for logging.
@@ -198,6 +209,9 @@ impl Optimizer {
         if !store.is_finalized() {
             bail!("the model's parameters must be finalized (moved to their device) before building an optimizer");
         }
+        let mut segs = groups::segments(store, &cfg.groups, cfg.weight_decay)
+            .map_err(|e| anyhow!("optimizer {}: {e}", cfg.kind.name()))?
+            .into_iter();
         let mut groups = Vec::new();
         for g in store.groups() {
             let z = || g.data.f_zeros_like().map_err(te);
@@ -210,6 +224,7 @@ impl Optimizer {
                 max_exp_avg_sq: if adam && cfg.amsgrad { z()? } else { empty()? },
                 momentum: empty()?,
                 steps: [scalar()?, scalar()?],
+                segs: segs.next().unwrap_or_default(),
             });
         }
         let spam = matches!(cfg.kind, OptKind::AdamWSpam).then(|| SpamState::new(cfg.spam.clone()));
@@ -388,13 +403,16 @@ pub fn global_grad_norm(store: &ParamStore) -> Result<Tensor> {
 }
 
 fn sgd_step(g: &FlatGroup, st: &mut GroupState, c: &OptConfig, lr: f64, step: i64) -> Result<()> {
+    let narrow = |t: &Tensor, (off, len): (i64, i64)| t.f_narrow(0, off, len).map_err(te);
     tch::no_grad(|| -> Result<()> {
         let mut grad = g.grad.shallow_clone();
-        if c.weight_decay > 0.0 && g.decay_len > 0 {
-            // Coupled L2: g += wd * p on the decay range only.
-            let (pd, _) = g.split(&g.data)?;
-            let (mut gd, _) = g.split(&g.grad)?;
-            let _ = gd.f_add_(&pd.f_mul_scalar(c.weight_decay).map_err(te)?).map_err(te)?;
+        for s in st.segs.iter().filter(|s| s.weight_decay > 0.0) {
+            // Coupled L2: g += wd * p.
+            for &r in &s.ranges {
+                let mut gd = narrow(&g.grad, r)?;
+                let _ =
+                    gd.f_add_(&narrow(&g.data, r)?.f_mul_scalar(s.weight_decay).map_err(te)?).map_err(te)?;
+            }
         }
         if c.momentum > 0.0 {
             if step == 1 || st.momentum.numel() == 0 {
@@ -409,31 +427,41 @@ fn sgd_step(g: &FlatGroup, st: &mut GroupState, c: &OptConfig, lr: f64, step: i6
                 st.momentum.shallow_clone()
             };
         }
-        let mut p = g.data.shallow_clone();
-        let _ = p.f_sub_(&grad.f_mul_scalar(lr).map_err(te)?).map_err(te)?;
+        if st.segs.iter().all(|s| s.lr_scale == 1.0) {
+            let mut p = g.data.shallow_clone();
+            let _ = p.f_sub_(&grad.f_mul_scalar(lr).map_err(te)?).map_err(te)?;
+            return Ok(());
+        }
+        for s in &st.segs {
+            for &r in &s.ranges {
+                let mut p = narrow(&g.data, r)?;
+                let _ =
+                    p.f_sub_(&narrow(&grad, r)?.f_mul_scalar(lr * s.lr_scale).map_err(te)?).map_err(te)?;
+            }
+        }
         Ok(())
     })
 }
 
 fn adam_step(g: &FlatGroup, st: &mut GroupState, c: &OptConfig, lr: f64) -> Result<()> {
     let decoupled = !matches!(c.kind, OptKind::Adam);
-    let n = g.numel();
-    // Two segments: [0, decay_len) takes weight decay, the rest does not.
-    let segments = [(0, g.decay_len, c.weight_decay), (g.decay_len, n - g.decay_len, 0.0)];
     tch::no_grad(|| -> Result<()> {
-        for (k, &(off, len, wd)) in segments.iter().enumerate() {
-            if len == 0 {
-                continue;
+        // torch.optim increments the step before the (fused) kernel; each
+        // counter once, however many segments share it.
+        for k in 0..2 {
+            if st.segs.iter().any(|s| s.counter == k && s.numel() > 0) {
+                let _ = st.steps[k].f_add_scalar_(1).map_err(te)?;
             }
-            let seg = |t: &Tensor| t.f_narrow(0, off, len).map_err(te);
-            let (p, gr, m, v) = (seg(&g.data)?, seg(&g.grad)?, seg(&st.exp_avg)?, seg(&st.exp_avg_sq)?);
-            let vmax = if c.amsgrad {
-                seg(&st.max_exp_avg_sq)?
-            } else {
-                Tensor::f_empty([0], (g.kind, g.data.device())).map_err(te)?
+        }
+        for s in st.segs.iter().filter(|s| s.numel() > 0) {
+            let views = |t: &Tensor| -> Result<Vec<Tensor>> {
+                s.ranges.iter().map(|&(off, len)| t.f_narrow(0, off, len).map_err(te)).collect()
             };
-            // torch.optim increments the step before the (fused) kernel.
-            let _ = st.steps[k].f_add_scalar_(1).map_err(te)?;
+            let (p, gr, m, v) =
+                (views(&g.data)?, views(&g.grad)?, views(&st.exp_avg)?, views(&st.exp_avg_sq)?);
+            let vmax = if c.amsgrad { views(&st.max_exp_avg_sq)? } else { Vec::new() };
+            let (lr, wd) = (lr * s.lr_scale, s.weight_decay);
+            let step = &st.steps[s.counter];
             if c.fused {
                 let h = crate::shim::FusedAdam {
                     lr,
@@ -444,16 +472,24 @@ fn adam_step(g: &FlatGroup, st: &mut GroupState, c: &OptConfig, lr: f64) -> Resu
                     amsgrad: c.amsgrad,
                     decoupled,
                 };
-                let mx: Vec<&Tensor> = if c.amsgrad { vec![&vmax] } else { vec![] };
-                crate::shim::fused_adam(&[&p], &[&gr], &[&m], &[&v], &mx, &[&st.steps[k]], h)
+                let steps = vec![step; p.len()];
+                crate::shim::fused_adam(&refs(&p), &refs(&gr), &refs(&m), &refs(&v), &refs(&vmax), &steps, h)
                     .map_err(|e| anyhow!(e))?;
             } else {
-                let step = st.steps[k].f_double_value(&[]).map_err(te)?;
-                unfused_adam(&p, &gr, &m, &v, &vmax, c, lr, wd, decoupled, step)?;
+                let n = step.f_double_value(&[]).map_err(te)?;
+                let none = Tensor::f_empty([0], (g.kind, g.data.device())).map_err(te)?;
+                for i in 0..p.len() {
+                    let mx = vmax.get(i).unwrap_or(&none);
+                    unfused_adam(&p[i], &gr[i], &m[i], &v[i], mx, c, lr, wd, decoupled, n)?;
+                }
             }
         }
         Ok(())
     })
+}
+
+fn refs(v: &[Tensor]) -> Vec<&Tensor> {
+    v.iter().collect()
 }
 
 /// The reference formulation of one Adam/AdamW step (torch.optim's

@@ -26,9 +26,17 @@ impl ROpt {
 /// Build an optimizer config from a kind's defaults and an option map.
 pub fn opt_config(kind: OptKind, opts: &Map) -> RResult<OptConfig> {
     let mut base = serde_json::to_value(OptConfig::for_kind(kind)).map_err(|e| rerr(e.to_string()))?;
-    let over: serde_json::Value =
+    let mut over: serde_json::Value =
         rhai::serde::from_dynamic(&Dynamic::from_map(opts.clone())).map_err(|e| rerr(e.to_string()))?;
-    let valid: Vec<String> = base.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+    let base_lr = over.get("lr").and_then(|v| v.as_f64()).unwrap_or(OptConfig::for_kind(kind).lr);
+    if let Some(g) = over.get_mut("groups") {
+        script_groups(g, base_lr)?;
+    }
+    // `groups` is left out of the serialized defaults while empty.
+    let valid: Vec<String> = base
+        .as_object()
+        .map(|o| o.keys().cloned().chain(["groups".to_string()]).collect())
+        .unwrap_or_default();
     if let (Some(b), Some(o)) = (base.as_object_mut(), over.as_object()) {
         for (k, v) in o {
             if !valid.contains(k) {
@@ -56,6 +64,35 @@ pub fn opt_config(kind: OptKind, opts: &Map) -> RResult<OptConfig> {
     Ok(cfg)
 }
 
+/// Script spellings of parameter groups: `params` may be one string, and
+/// `lr` (an absolute learning rate) becomes `lr_scale` relative to the
+/// optimizer's, so that schedules scale every group alike (as torch's do).
+fn script_groups(groups: &mut serde_json::Value, base_lr: f64) -> RResult<()> {
+    let Some(arr) = groups.as_array_mut() else {
+        return Err(rerr("optimizer groups must be an array of maps"));
+    };
+    for (i, g) in arr.iter_mut().enumerate() {
+        let Some(m) = g.as_object_mut() else {
+            return Err(rerr(format!("optimizer groups[{i}] must be a map")));
+        };
+        if let Some(p) = m.get("params").filter(|p| p.is_string()).cloned() {
+            m.insert("params".into(), serde_json::json!([p]));
+        }
+        if let Some(lr) = m.remove("lr") {
+            if m.contains_key("lr_scale") {
+                return Err(rerr(format!("optimizer groups[{i}]: give lr or lr_scale, not both")));
+            }
+            let lr =
+                lr.as_f64().ok_or_else(|| rerr(format!("optimizer groups[{i}]: lr must be a number")))?;
+            if base_lr <= 0.0 {
+                return Err(rerr(format!("optimizer groups[{i}]: lr needs a base lr > 0 (use lr_scale)")));
+            }
+            m.insert("lr_scale".into(), serde_json::json!(lr / base_lr));
+        }
+    }
+    Ok(())
+}
+
 fn build(model: &RModel, cfg: OptConfig) -> RResult<ROpt> {
     let m = model.borrow()?;
     let opt = Optimizer::new(m.store(), cfg).rt()?;
@@ -68,7 +105,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     engine.register_fn("to_debug", |o: &mut ROpt| describe(o));
     let mut api = Api::new(engine, docs);
     api.group("Optimizers");
-    api.f("optimizer", "model, options: map", "An optimizer over a model's parameters: `#{ kind: \"sgd\"|\"adam\"|\"adamw\"|\"adamwadv\"|\"adamwspam\", lr, beta1, beta2, eps, weight_decay, momentum, nesterov, amsgrad, clip_norm, fused, spam: #{ theta, interval, warmup, enable_clip, spike_threshold } }`; unset keys take the kind's defaults.", |m: RModel, o: Map| -> RResult<ROpt> {
+    api.f("optimizer", "model, options: map", "An optimizer over a model's parameters: `#{ kind: \"sgd\"|\"adam\"|\"adamw\"|\"adamwadv\"|\"adamwspam\", lr, beta1, beta2, eps, weight_decay, momentum, nesterov, amsgrad, clip_norm, fused, spam: #{ theta, interval, warmup, enable_clip, spike_threshold }, groups: [#{ params: \"glob\"|[globs], lr | lr_scale, weight_decay }] }`; unset keys take the kind's defaults. A parameter group's `lr` is scaled by the schedule like the base lr; its `weight_decay` applies to every parameter it holds (docs/training.md).", |m: RModel, o: Map| -> RResult<ROpt> {
         let kind = match o.get("kind") {
             Some(k) => OptKind::parse(&expect_str(k, "kind")?).rt()?,
             None => OptKind::AdamW,
