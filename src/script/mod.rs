@@ -17,8 +17,10 @@ pub mod models;
 pub mod nn;
 pub mod optim;
 pub mod prune;
+pub mod reentry;
 pub mod report;
 pub mod resolver;
+pub mod script_model;
 pub mod tensor;
 pub mod train;
 pub mod value;
@@ -90,6 +92,7 @@ pub fn register_all(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     display::register(engine, docs);
     data::register(engine, docs);
     models::register(engine, docs);
+    script_model::register(engine, docs);
     nn::register(engine, docs);
     attention::register(engine, docs);
     mechint::register(engine, docs);
@@ -206,7 +209,10 @@ impl Runtime {
         let merged = self.functions.merge(&ast);
         self.arm_deadline();
         crate::interrupt::clear();
-        let result = self.engine.eval_ast_with_scope::<Dynamic>(&mut self.scope, &merged);
+        let result = {
+            let _engine = reentry::enter(&self.engine);
+            self.engine.eval_ast_with_scope::<Dynamic>(&mut self.scope, &merged)
+        };
         self.functions = merged;
         self.functions.clear_statements();
         result.map_err(|e| self.error(&e, name))

@@ -335,6 +335,18 @@ fn shape_ops(api: &mut Api) {
         |t: &mut T, s: Array| tensor_result(t.0.f_reshape(shape_arg(&s, true)?)),
     );
     api.f(
+        "flatten",
+        "self, start_dim: int",
+        "Merge dimensions start_dim..=-1 into one, as torch.flatten (`x.flatten(1)`: [B, C, H, W] to [B, C·H·W]).",
+        |t: &mut T, d: INT| tensor_result(t.0.f_flatten(d, -1)),
+    );
+    api.f(
+        "flatten",
+        "self, start_dim: int, end_dim: int",
+        "Merge dimensions start_dim..=end_dim into one, as torch.flatten.",
+        |t: &mut T, d0: INT, d1: INT| tensor_result(t.0.f_flatten(d0, d1)),
+    );
+    api.f(
         "view",
         "self, shape",
         "A view with a new shape, sharing storage (needs compatible strides).",
