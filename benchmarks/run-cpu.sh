@@ -25,3 +25,12 @@ k = sorted(r["seconds_per_epoch"] for r in rows if r["impl"] == "knlp")[0]
 t = sorted(r["seconds_per_epoch"] for r in rows if r["impl"] == "pytorch")[0]
 print(f"LeNet-5, 2 epochs, batch 64, CPU: knlp {k:.2f} s/epoch, PyTorch {t:.2f} s/epoch, ratio knlp/PyTorch {k / t:.2f} (best of 2 each)")
 PY
+# Script-defined LeNet-5 against the built-in one (issue 16's 5% budget).
+target/release/knlp run benchmarks/script_model.rhai --threads "$threads" --rounds "${ROUNDS:-5}" | tee /dev/stderr \
+  | .venv/bin/python -c "
+import json, sys
+for l in sys.stdin:
+    l = l.strip()
+    if l.startswith('{'):
+        d = json.loads(l); d.update(date='$(date -u +%FT%TZ)', machine='$host'); print(json.dumps(d))
+" >> "$out"

@@ -152,6 +152,23 @@ int knlp_set_rng_state(int device, at::Tensor* state) {
   });
 }
 
+// A number as the 0-d tensor ATen's Scalar overloads build internally (a
+// "wrapped number": it takes part in type promotion as a Python scalar does,
+// never widening a tensor within its category). Tensor ops given this
+// instead of a tch::Scalar report errors as Results: tch checks libtorch's
+// error flag when a temporary Scalar is freed, and panics on an error the
+// operation itself left there.
+// kind: 0 float (double), 1 int (int64), 2 bool.
+int knlp_wrapped_number(int kind, int64_t i, double f, at::Tensor** out) {
+  return guarded([&] {
+    at::Tensor t = kind == 1   ? at::scalar_tensor(at::Scalar(i), at::kLong)
+                   : kind == 2 ? at::scalar_tensor(at::Scalar(i != 0), at::kBool)
+                               : at::scalar_tensor(at::Scalar(f), at::kDouble);
+    t.unsafeGetTensorImpl()->set_wrapped_number(true);
+    *out = new at::Tensor(std::move(t));
+  });
+}
+
 int knlp_has_accelerator(int* out) {
   return guarded([&] { *out = at::accelerator::getAccelerator(false).has_value() ? 1 : 0; });
 }

@@ -24,6 +24,7 @@ extern "C" {
     fn knlp_get_rng_state(device: c_int, out: *mut *mut C_tensor) -> c_int;
     fn knlp_set_rng_state(device: c_int, state: *mut C_tensor) -> c_int;
     fn knlp_set_grad(t: *mut C_tensor, g: *mut C_tensor) -> c_int;
+    fn knlp_wrapped_number(kind: c_int, i: i64, f: f64, out: *mut *mut C_tensor) -> c_int;
     fn knlp_fused_adamw(
         params: *const *mut C_tensor,
         grads: *const *mut C_tensor,
@@ -180,6 +181,22 @@ pub fn rng_state(cuda: Option<usize>) -> Result<Tensor, String> {
 /// Restore a generator state saved by [`rng_state`].
 pub fn set_rng_state(cuda: Option<usize>, state: &Tensor) -> Result<(), String> {
     check(unsafe { knlp_set_rng_state(cuda.map_or(-1, |d| d as c_int), state.as_ptr() as *mut C_tensor) })
+}
+
+/// A number as a 0-d "wrapped number" tensor: a tensor op given it computes
+/// exactly what the op's Scalar overload computes (ATen converts the Scalar
+/// the same way), but a failure comes back as an error instead of a panic
+/// in tch's Scalar destructor (`tensor::num`).
+pub fn wrapped_number(n: crate::tensor::Num) -> Result<Tensor, String> {
+    let (kind, i, f) = match n {
+        crate::tensor::Num::Float(f) => (0, 0, f),
+        crate::tensor::Num::Int(i) => (1, i, 0.0),
+        crate::tensor::Num::Bool(b) => (2, b as i64, 0.0),
+    };
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    check(unsafe { knlp_wrapped_number(kind, i, f, &mut out) })?;
+    // SAFETY: the shim returned a heap-allocated at::Tensor that we now own.
+    Ok(unsafe { Tensor::from_ptr(out) })
 }
 
 /// Install `g` as the gradient of `t`; backward passes then accumulate into

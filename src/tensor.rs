@@ -102,6 +102,35 @@ pub fn torch_error(e: &tch::TchError) -> String {
     }
 }
 
+/// A number a tensor operation takes as its other operand.
+#[derive(Clone, Copy, Debug)]
+pub enum Num {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl From<i64> for Num {
+    fn from(v: i64) -> Self {
+        Num::Int(v)
+    }
+}
+
+impl From<f64> for Num {
+    fn from(v: f64) -> Self {
+        Num::Float(v)
+    }
+}
+
+/// `n` as the 0-d tensor the Scalar overloads of libtorch's operators use.
+/// Anything reachable from user input passes numbers this way: tch's
+/// Scalar-taking `f_*` functions panic when the operation fails (the
+/// temporary Scalar's destructor finds the operation's error), while the
+/// tensor overloads return it.
+pub fn num(n: impl Into<Num>) -> Result<Tensor, tch::TchError> {
+    crate::shim::wrapped_number(n.into()).map_err(tch::TchError::Torch)
+}
+
 /// Shape without panicking on undefined tensors.
 pub trait SizeChecked {
     fn f_size_checked(&self) -> Result<Vec<i64>, tch::TchError>;

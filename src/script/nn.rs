@@ -6,6 +6,7 @@ use tch::{Reduction, Tensor};
 
 use super::api::{Api, DocEntry};
 use super::value::*;
+use crate::tensor::num;
 
 fn tensor_opt(o: &Map, k: &str) -> RResult<Option<Tensor>> {
     match o.get(k) {
@@ -164,11 +165,11 @@ fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, o: &Map) -> RResult<Dynamic> {
         let (lq, lk) = (q.size()[q.dim() - 2], k.size()[k.dim() - 2]);
         if causal {
             let keep = Tensor::f_ones([lq, lk], (tch::Kind::Bool, q.device()))?.f_tril(0)?;
-            s = s.f_masked_fill(&keep.f_logical_not()?, f64::NEG_INFINITY)?;
+            s = s.f_masked_fill_tensor(&keep.f_logical_not()?, &num(f64::NEG_INFINITY)?)?;
         }
         if let Some(m) = &mask {
             s = if m.kind() == tch::Kind::Bool {
-                s.f_masked_fill(&m.f_logical_not()?, f64::NEG_INFINITY)?
+                s.f_masked_fill_tensor(&m.f_logical_not()?, &num(f64::NEG_INFINITY)?)?
             } else {
                 s.f_add(m)?
             };

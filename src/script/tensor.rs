@@ -5,11 +5,11 @@ use std::ops::{Range, RangeInclusive};
 use std::path::Path;
 
 use rhai::{Array, Dynamic, Engine, FnPtr, Map, NativeCallContext, FLOAT, INT};
-use tch::{Device, Kind, Scalar, TchError, Tensor};
+use tch::{Device, Kind, TchError, Tensor};
 
 use super::api::{Api, DocEntry};
 use super::value::*;
-use crate::tensor::{device_name, format_tensor, kind_name, parse_device, parse_kind, SizeChecked};
+use crate::tensor::{device_name, format_tensor, kind_name, num, parse_device, parse_kind, Num, SizeChecked};
 
 type T = RTensor;
 type TR = RResult<RTensor>;
@@ -79,8 +79,8 @@ fn creation(api: &mut Api) {
         "shape: array|int, value: number",
         "Tensor filled with `value` (int64 for an int, float32 for a float).",
         |shape: Dynamic, v: Dynamic| -> TR {
-            let (kind, s) = scalar_of(&v)?;
-            Tensor::f_full(&shape_from(&shape)?, s, (kind, Device::Cpu)).map(RTensor).rt()
+            let (kind, n) = scalar_of(&v)?;
+            filled(&shape_from(&shape)?, n, (kind, Device::Cpu)).map(RTensor).rt()
         },
     );
     api.f(
@@ -88,9 +88,9 @@ fn creation(api: &mut Api) {
         "shape: array|int, value: number, options: string|map",
         "Tensor filled with `value`, with dtype/device options.",
         |shape: Dynamic, v: Dynamic, opts: Dynamic| -> TR {
-            let (kind, s) = scalar_of(&v)?;
+            let (kind, n) = scalar_of(&v)?;
             let o = tensor_opts(&opts, kind)?;
-            finish(Tensor::f_full(&shape_from(&shape)?, s, (o.kind, o.device)).rt()?, o)
+            finish(filled(&shape_from(&shape)?, n, (o.kind, o.device)).rt()?, o)
         },
     );
     api.f("tensor", "values: array|number", "Tensor from a number or a nested array of numbers or bools (float32 if any float, int64 for ints, bool for bools).", |v: Dynamic| -> TR {
@@ -110,10 +110,7 @@ fn creation(api: &mut Api) {
         "arange",
         "end: number",
         "0, 1, ..., end-1 (int64 for an int, float32 for a float).",
-        |end: Dynamic| -> TR {
-            let (k, e) = scalar_of(&end)?;
-            Tensor::f_arange(e, (k, Device::Cpu)).map(RTensor).rt()
-        },
+        |end: Dynamic| -> TR { arange3(&Dynamic::from_int(0), &end, &Dynamic::from_int(1)) },
     );
     api.f(
         "arange",
@@ -133,6 +130,10 @@ fn creation(api: &mut Api) {
         "`steps` evenly spaced float32 values from start to end inclusive.",
         |start: Dynamic, end: Dynamic, steps: INT| -> TR {
             let (a, b) = (as_number(&start, "start")?, as_number(&end, "end")?);
+            // Checked here: linspace takes Scalars (see tensor::num).
+            if steps < 0 {
+                return Err(rerr(format!("linspace(): steps must be >= 0, got {steps}")));
+            }
             Tensor::f_linspace(a, b, steps, (Kind::Float, Device::Cpu)).map(RTensor).rt()
         },
     );
@@ -185,30 +186,54 @@ fn tensor_from_value(v: &Dynamic) -> RResult<Tensor> {
     if let Some(t) = v.read_lock::<RTensor>() {
         return crate::tensor::deep_copy(&t.0.f_detach().rt()?).rt();
     }
-    let (kind, s) = scalar_of(v)?;
-    Tensor::f_scalar_tensor(s, (kind, Device::Cpu)).rt()
+    let (kind, n) = scalar_of(v)?;
+    filled(&[], n, (kind, Device::Cpu)).rt()
 }
 
-/// A script number as a libtorch scalar with PyTorch's default dtype for it.
-fn scalar_of(v: &Dynamic) -> RResult<(Kind, Scalar)> {
+/// A new tensor of `shape` holding `n` (an ordinary tensor, not a wrapped number).
+fn filled(shape: &[i64], n: Num, opts: (Kind, Device)) -> Result<Tensor, tch::TchError> {
+    let mut t = Tensor::f_empty(shape, opts)?;
+    t.f_fill_tensor_(&num(n)?)
+}
+
+/// A script number with PyTorch's default dtype for it.
+fn scalar_of(v: &Dynamic) -> RResult<(Kind, Num)> {
     if let Ok(i) = v.as_int() {
-        return Ok((Kind::Int64, Scalar::int(i)));
+        return Ok((Kind::Int64, Num::Int(i)));
     }
     if let Ok(f) = v.as_float() {
-        return Ok((Kind::Float, Scalar::float(f)));
+        return Ok((Kind::Float, Num::Float(f)));
     }
     if let Ok(b) = v.as_bool() {
-        return Ok((Kind::Bool, Scalar::int(b as i64)));
+        return Ok((Kind::Bool, Num::Bool(b)));
     }
     Err(rerr(format!("expected a number, got {}", v.type_name())))
+}
+
+/// A script number as the 0-d tensor libtorch's Scalar overloads use
+/// (`tensor::num`: errors come back instead of panicking).
+fn num_of(v: &Dynamic) -> RResult<Tensor> {
+    num(scalar_of(v)?.1).rt()
 }
 
 fn arange3(start: &Dynamic, end: &Dynamic, step: &Dynamic) -> TR {
     let all_int = start.is_int() && end.is_int() && step.is_int();
     let kind = if all_int { Kind::Int64 } else { Kind::Float };
     let (a, b, s) = (as_number(start, "start")?, as_number(end, "end")?, as_number(step, "step")?);
+    // Checked here, since libtorch's arange takes Scalars (whose errors
+    // tch turns into panics, see tensor::num).
     if s == 0.0 {
         return Err(rerr("arange(): step must not be zero"));
+    }
+    let n = ((b - a) / s).ceil();
+    if !n.is_finite() {
+        return Err(rerr(format!("arange(): start {a}, end {b} and step {s} must be finite")));
+    }
+    if (b - a) / s < 0.0 {
+        return Err(rerr(format!("arange(): end {b} cannot be reached from start {a} with step {s}")));
+    }
+    if n > (1u64 << 40) as f64 {
+        return Err(rerr(format!("arange(): {n} elements is too many")));
     }
     if all_int {
         Tensor::f_arange_start_step(a as i64, b as i64, s as i64, (kind, Device::Cpu))
@@ -335,18 +360,6 @@ fn shape_ops(api: &mut Api) {
         |t: &mut T, s: Array| tensor_result(t.0.f_reshape(shape_arg(&s, true)?)),
     );
     api.f(
-        "flatten",
-        "self, start_dim: int",
-        "Merge dimensions start_dim..=-1 into one, as torch.flatten (`x.flatten(1)`: [B, C, H, W] to [B, C·H·W]).",
-        |t: &mut T, d: INT| tensor_result(t.0.f_flatten(d, -1)),
-    );
-    api.f(
-        "flatten",
-        "self, start_dim: int, end_dim: int",
-        "Merge dimensions start_dim..=end_dim into one, as torch.flatten.",
-        |t: &mut T, d0: INT, d1: INT| tensor_result(t.0.f_flatten(d0, d1)),
-    );
-    api.f(
         "view",
         "self, shape",
         "A view with a new shape, sharing storage (needs compatible strides).",
@@ -370,6 +383,12 @@ fn shape_ops(api: &mut Api) {
     api.f("flatten", "self", "All dimensions flattened into one.", |t: &mut T| {
         tensor_result(t.0.f_flatten(0, -1))
     });
+    api.f(
+        "flatten",
+        "self, start",
+        "Dimensions start..=-1 flattened into one (`x.flatten(1)`: [B, C, H, W] to [B, C·H·W]).",
+        |t: &mut T, d: INT| tensor_result(t.0.f_flatten(d, -1)),
+    );
     api.f(
         "flatten",
         "self, start, end",
@@ -469,10 +488,7 @@ fn shape_ops(api: &mut Api) {
         "masked_fill",
         "self, mask, value: number",
         "Copy with `value` wherever the bool `mask` is true.",
-        |t: &mut T, m: T, v: Dynamic| -> TR {
-            let (_, s) = scalar_of(&v)?;
-            tensor_result(t.0.f_masked_fill(&m.0, s))
-        },
+        |t: &mut T, m: T, v: Dynamic| -> TR { tensor_result(t.0.f_masked_fill_tensor(&m.0, &num_of(&v)?)) },
     );
     api.f(
         "masked_select",
@@ -489,11 +505,9 @@ fn shape_ops(api: &mut Api) {
             let (ta, tb) = (shape_of(&a), shape_of(&b));
             match (ta, tb) {
                 (Some(x), Some(y)) => tensor_result(x.f_where_self(&c.0, &y)),
-                (Some(x), None) => tensor_result(x.f_where_scalarother(&c.0, scalar_of(&b)?.1)),
-                (None, Some(y)) => tensor_result(Tensor::f_where_scalarself(&c.0, scalar_of(&a)?.1, &y)),
-                (None, None) => {
-                    tensor_result(Tensor::f_where_scalar(&c.0, scalar_of(&a)?.1, scalar_of(&b)?.1))
-                }
+                (Some(x), None) => tensor_result(x.f_where_self(&c.0, &num_of(&b)?)),
+                (None, Some(y)) => tensor_result(num_of(&a)?.f_where_self(&c.0, &y)),
+                (None, None) => tensor_result(num_of(&a)?.f_where_self(&c.0, &num_of(&b)?)),
             }
         },
     );
@@ -583,7 +597,7 @@ fn assign(view: &mut Tensor, value: &Dynamic) -> RResult<()> {
     if let Some(v) = value.read_lock::<RTensor>() {
         view.f_copy_(&v.0).rt()?;
     } else {
-        let _ = view.f_fill_(scalar_of(value)?.1).rt()?;
+        let _ = view.f_fill_tensor_(&num_of(value)?).rt()?;
     }
     Ok(())
 }
@@ -642,74 +656,75 @@ fn indexing(api: &mut Api) {
         |t: &mut T, m: T, v: Dynamic| -> RResult<()> {
             match v.read_lock::<RTensor>() {
                 Some(src) => t.0.f_index_put_(&[Some(m.0.shallow_clone())], &src.0, false).map(|_| ()).rt(),
-                None => t.0.f_masked_fill_(&m.0, scalar_of(&v)?.1).map(|_| ()).rt(),
+                None => t.0.f_masked_fill_tensor_(&m.0, &num_of(&v)?).map(|_| ()).rt(),
             }
         },
     );
 }
 
-/// Binary operators: (name, doc, tensor∘tensor, tensor∘scalar, scalar∘tensor).
+/// Binary operators: (name, doc, tensor∘tensor, tensor∘number, number∘tensor).
+/// Numbers arrive as wrapped-number 0-d tensors (`tensor::num`), so the
+/// tensor overloads compute what the Scalar ones would and fail cleanly.
 type BinTT = fn(&Tensor, &Tensor) -> Tch;
-type BinTS = fn(&Tensor, Scalar) -> Tch;
-const BINOPS: &[(&str, &str, BinTT, BinTS, BinTS)] = &[
-    ("+", "Element-wise sum.", |a, b| a.f_add(b), |a, s| a.f_add_scalar(s), |a, s| a.f_add_scalar(s)),
-    ("-", "Element-wise difference.", |a, b| a.f_sub(b), |a, s| a.f_sub_scalar(s), |a, s| a.f_rsub_scalar(s)),
-    ("*", "Element-wise product.", |a, b| a.f_mul(b), |a, s| a.f_mul_scalar(s), |a, s| a.f_mul_scalar(s)),
+const BINOPS: &[(&str, &str, BinTT, BinTT, BinTT)] = &[
+    ("+", "Element-wise sum.", |a, b| a.f_add(b), |a, s| a.f_add(s), |a, s| a.f_add(s)),
+    ("-", "Element-wise difference.", |a, b| a.f_sub(b), |a, s| a.f_sub(s), |a, s| s.f_sub(a)),
+    ("*", "Element-wise product.", |a, b| a.f_mul(b), |a, s| a.f_mul(s), |a, s| a.f_mul(s)),
     (
         "/",
         "Element-wise true division (always floating point).",
         |a, b| a.f_div(b),
-        |a, s| a.f_div_scalar(s),
-        |a, s| a.f_reciprocal()?.f_mul_scalar(s),
+        |a, s| a.f_div(s),
+        |a, s| s.f_div(a),
     ),
     (
         "%",
         "Element-wise remainder with the sign of the divisor (Python's `%`).",
         |a, b| a.f_remainder_tensor(b),
-        |a, s| a.f_remainder(s),
-        |a, s| Tensor::f_remainder_scalar_tensor(s, a),
+        |a, s| a.f_remainder_tensor(s),
+        |a, s| s.f_remainder_tensor(a),
     ),
     (
         "==",
         "Element-wise equality (a bool tensor).",
         |a, b| a.f_eq_tensor(b),
-        |a, s| a.f_eq(s),
-        |a, s| a.f_eq(s),
+        |a, s| a.f_eq_tensor(s),
+        |a, s| a.f_eq_tensor(s),
     ),
     (
         "!=",
         "Element-wise inequality (a bool tensor).",
         |a, b| a.f_ne_tensor(b),
-        |a, s| a.f_ne(s),
-        |a, s| a.f_ne(s),
+        |a, s| a.f_ne_tensor(s),
+        |a, s| a.f_ne_tensor(s),
     ),
     (
         "<",
         "Element-wise less-than (a bool tensor).",
         |a, b| a.f_lt_tensor(b),
-        |a, s| a.f_lt(s),
-        |a, s| a.f_gt(s),
+        |a, s| a.f_lt_tensor(s),
+        |a, s| a.f_gt_tensor(s),
     ),
     (
         "<=",
         "Element-wise less-or-equal (a bool tensor).",
         |a, b| a.f_le_tensor(b),
-        |a, s| a.f_le(s),
-        |a, s| a.f_ge(s),
+        |a, s| a.f_le_tensor(s),
+        |a, s| a.f_ge_tensor(s),
     ),
     (
         ">",
         "Element-wise greater-than (a bool tensor).",
         |a, b| a.f_gt_tensor(b),
-        |a, s| a.f_gt(s),
-        |a, s| a.f_lt(s),
+        |a, s| a.f_gt_tensor(s),
+        |a, s| a.f_lt_tensor(s),
     ),
     (
         ">=",
         "Element-wise greater-or-equal (a bool tensor).",
         |a, b| a.f_ge_tensor(b),
-        |a, s| a.f_ge(s),
-        |a, s| a.f_le(s),
+        |a, s| a.f_ge_tensor(s),
+        |a, s| a.f_le_tensor(s),
     ),
 ];
 
@@ -717,7 +732,7 @@ const BINOPS: &[(&str, &str, BinTT, BinTS, BinTS)] = &[
 const COMPARISONS: &[(&str, &str)] =
     &[("eq", "=="), ("ne", "!="), ("lt", "<"), ("le", "<="), ("gt", ">"), ("ge", ">=")];
 
-fn binop(name: &str) -> &'static (&'static str, &'static str, BinTT, BinTS, BinTS) {
+fn binop(name: &str) -> &'static (&'static str, &'static str, BinTT, BinTT, BinTT) {
     BINOPS.iter().find(|o| o.0 == name).expect("known operator")
 }
 
@@ -725,26 +740,33 @@ fn arithmetic(api: &mut Api) {
     api.group("Arithmetic");
     for &(name, doc, tt, ts, st) in BINOPS {
         api.f(name, "a, b", doc, move |a: &mut T, b: T| tensor_result(tt(&a.0, &b.0)));
-        api.f(name, "a, b", doc, move |a: &mut T, b: INT| tensor_result(ts(&a.0, Scalar::int(b))));
-        api.f(name, "a, b", doc, move |a: &mut T, b: FLOAT| tensor_result(ts(&a.0, Scalar::float(b))));
-        api.f(name, "a, b", doc, move |a: INT, b: T| tensor_result(st(&b.0, Scalar::int(a))));
-        api.f(name, "a, b", doc, move |a: FLOAT, b: T| tensor_result(st(&b.0, Scalar::float(a))));
+        api.f(name, "a, b", doc, move |a: &mut T, b: INT| tensor_result(num(b).and_then(|s| ts(&a.0, &s))));
+        api.f(name, "a, b", doc, move |a: &mut T, b: FLOAT| tensor_result(num(b).and_then(|s| ts(&a.0, &s))));
+        api.f(name, "a, b", doc, move |a: INT, b: T| tensor_result(num(a).and_then(|s| st(&b.0, &s))));
+        api.f(name, "a, b", doc, move |a: FLOAT, b: T| tensor_result(num(a).and_then(|s| st(&b.0, &s))));
     }
     api.f("-", "a", "Element-wise negation.", |a: &mut T| tensor_result(a.0.f_neg()));
     type InPlace = fn(&mut Tensor, &Tensor) -> Tch;
-    type InPlaceS = fn(&mut Tensor, Scalar) -> Tch;
-    const IN_PLACE: &[(&str, &str, InPlace, InPlaceS)] = &[
-        ("add_", "In place: self += other; returns self.", |a, b| a.f_add_(b), |a, s| a.f_add_scalar_(s)),
-        ("sub_", "In place: self -= other; returns self.", |a, b| a.f_sub_(b), |a, s| a.f_sub_scalar_(s)),
-        ("mul_", "In place: self *= other; returns self.", |a, b| a.f_mul_(b), |a, s| a.f_mul_scalar_(s)),
-        ("div_", "In place: self /= other; returns self.", |a, b| a.f_div_(b), |a, s| a.f_div_scalar_(s)),
+    const IN_PLACE: &[(&str, &str, InPlace)] = &[
+        ("add_", "In place: self += other; returns self.", |a, b| a.f_add_(b)),
+        ("sub_", "In place: self -= other; returns self.", |a, b| a.f_sub_(b)),
+        ("mul_", "In place: self *= other; returns self.", |a, b| a.f_mul_(b)),
+        ("div_", "In place: self /= other; returns self.", |a, b| a.f_div_(b)),
     ];
-    for &(name, doc, tt, ts) in IN_PLACE {
+    api.f(
+        "relu_",
+        "self",
+        "In place: max(x, 0); returns self. Saves a copy when nothing else needs the input (a fresh layer output), as torch's `inplace=True`.",
+        |a: &mut T| tensor_result(a.0.f_relu_()),
+    );
+    for &(name, doc, tt) in IN_PLACE {
         api.f(name, "self, other", doc, move |a: &mut T, b: T| tensor_result(tt(&mut a.0, &b.0)));
         api.f(name, "self, other", doc, move |a: &mut T, b: FLOAT| {
-            tensor_result(ts(&mut a.0, Scalar::float(b)))
+            tensor_result(num(b).and_then(|s| tt(&mut a.0, &s)))
         });
-        api.f(name, "self, other", doc, move |a: &mut T, b: INT| tensor_result(ts(&mut a.0, Scalar::int(b))));
+        api.f(name, "self, other", doc, move |a: &mut T, b: INT| {
+            tensor_result(num(b).and_then(|s| tt(&mut a.0, &s)))
+        });
     }
     api.f(
         "copy_",
@@ -759,7 +781,7 @@ fn arithmetic(api: &mut Api) {
         "fill_",
         "self, value: number",
         "In place: set every element to `value`; returns self.",
-        |a: &mut T, v: Dynamic| -> TR { tensor_result(a.0.f_fill_(scalar_of(&v)?.1)) },
+        |a: &mut T, v: Dynamic| -> TR { tensor_result(a.0.f_fill_tensor_(&num_of(&v)?)) },
     );
     api.f("zero_", "self", "In place: set every element to 0; returns self.", |a: &mut T| {
         tensor_result(a.0.f_zero_())
@@ -767,8 +789,12 @@ fn arithmetic(api: &mut Api) {
     for &(name, op) in COMPARISONS {
         let (_, doc, tt, ts, _) = *binop(op);
         api.f(name, "self, other", doc, move |a: &mut T, b: T| tensor_result(tt(&a.0, &b.0)));
-        api.f(name, "self, other", doc, move |a: &mut T, b: FLOAT| tensor_result(ts(&a.0, Scalar::float(b))));
-        api.f(name, "self, other", doc, move |a: &mut T, b: INT| tensor_result(ts(&a.0, Scalar::int(b))));
+        api.f(name, "self, other", doc, move |a: &mut T, b: FLOAT| {
+            tensor_result(num(b).and_then(|s| ts(&a.0, &s)))
+        });
+        api.f(name, "self, other", doc, move |a: &mut T, b: INT| {
+            tensor_result(num(b).and_then(|s| ts(&a.0, &s)))
+        });
     }
     api.f(
         "equal",
@@ -826,10 +852,14 @@ fn math(api: &mut Api) {
         |t: &mut T, a: &str| tensor_result(t.0.f_gelu(a)),
     );
     api.f("pow", "self, exponent", "x raised to a float power.", |t: &mut T, e: FLOAT| {
-        tensor_result(t.0.f_pow_tensor_scalar(e))
+        tensor_result(num(e).and_then(|s| t.0.f_pow(&s)))
     });
-    api.f("pow", "self, exponent", "x raised to an int power.", |t: &mut T, e: INT| {
-        tensor_result(t.0.f_pow_tensor_scalar(e))
+    api.f("pow", "self, exponent", "x raised to an int power.", |t: &mut T, e: INT| -> TR {
+        // As pow(Tensor, Scalar): integers to negative integer powers are an error.
+        if e < 0 && !t.0.f_is_floating_point().rt()? && !t.0.f_is_complex().rt()? {
+            return Err(rerr("integers to negative integer powers are not allowed"));
+        }
+        tensor_result(num(e).and_then(|s| t.0.f_pow(&s)))
     });
     api.f("pow", "self, exponent", "x raised element-wise to a tensor of powers.", |t: &mut T, e: T| {
         tensor_result(t.0.f_pow(&e.0))
@@ -839,14 +869,14 @@ fn math(api: &mut Api) {
         "self, min: number, max: number",
         "Limit values to [min, max].",
         |t: &mut T, lo: Dynamic, hi: Dynamic| -> TR {
-            tensor_result(t.0.f_clamp(scalar_of(&lo)?.1, scalar_of(&hi)?.1))
+            tensor_result(t.0.f_clamp_tensor(Some(&num_of(&lo)?), Some(&num_of(&hi)?)))
         },
     );
     api.f("clamp_min", "self, min: number", "Limit values from below.", |t: &mut T, lo: Dynamic| -> TR {
-        tensor_result(t.0.f_clamp_min(scalar_of(&lo)?.1))
+        tensor_result(t.0.f_clamp_min_tensor(&num_of(&lo)?))
     });
     api.f("clamp_max", "self, max: number", "Limit values from above.", |t: &mut T, hi: Dynamic| -> TR {
-        tensor_result(t.0.f_clamp_max(scalar_of(&hi)?.1))
+        tensor_result(t.0.f_clamp_max_tensor(&num_of(&hi)?))
     });
     api.f("maximum", "a, b", "Element-wise maximum of two tensors.", |a: T, b: T| {
         tensor_result(a.0.f_maximum(&b.0))
@@ -873,8 +903,42 @@ fn math(api: &mut Api) {
         tensor_result(t.0.f_cumsum(d, None::<Kind>))
     });
     api.f("lerp", "self, end, weight", "self + weight * (end - self).", |t: &mut T, e: T, w: FLOAT| {
-        tensor_result(t.0.f_lerp(&e.0, w))
+        // lerp's tensor weight must have the input's dtype.
+        tensor_result(num(w).and_then(|w| w.f_to_kind(t.0.kind())).and_then(|w| t.0.f_lerp_tensor(&e.0, &w)))
     });
+}
+
+/// What libtorch's norm would refuse, refused first: norm takes its order as
+/// a Scalar, and tch turns errors of Scalar-taking calls into panics
+/// (`tensor::num`).
+fn norm_checks(t: &Tensor, p: f64, dims: &[i64]) -> RResult<()> {
+    if !t.f_is_floating_point().rt()? && !t.f_is_complex().rt()? {
+        return Err(rerr(format!(
+            "norm(): needs a floating-point tensor, got {}",
+            kind_name(t.f_kind().rt()?)
+        )));
+    }
+    let n = t.dim() as i64;
+    let span = n.max(1);
+    let mut seen = Vec::new();
+    for &d in dims {
+        if d < -span || d >= span {
+            return Err(rerr(format!("norm(): dimension {d} out of range for a {n}-d tensor")));
+        }
+        let d = if d < 0 { d + span } else { d };
+        if seen.contains(&d) {
+            return Err(rerr(format!("norm(): dimension {d} appears more than once")));
+        }
+        seen.push(d);
+    }
+    // Negative and infinite orders have no identity over an empty reduction.
+    let size = t.size();
+    let empty =
+        if dims.is_empty() { t.numel() == 0 } else { seen.iter().any(|&d| size.get(d as usize) == Some(&0)) };
+    if empty && (p < 0.0 || p.is_infinite()) {
+        return Err(rerr(format!("norm(): the {p} norm of an empty reduction is undefined")));
+    }
+    Ok(())
 }
 
 /// Reductions with a `sum(dims, keepdim)` form.
@@ -987,6 +1051,7 @@ fn reductions(api: &mut Api) {
         "p-norm of all elements (p = 1, 2, ...; use a float for other p).",
         |t: &mut T, p: Dynamic| -> TR {
             let p = as_number(&p, "p")?;
+            norm_checks(&t.0, p, &[])?;
             tensor_result(
                 t.0.f_reshape([-1]).and_then(|f| f.f_norm_scalaropt_dim(p, [0i64].as_slice(), false)),
             )
@@ -998,7 +1063,9 @@ fn reductions(api: &mut Api) {
         "p-norm along `dim`.",
         |t: &mut T, p: Dynamic, d: Dynamic, k: bool| -> TR {
             let p = as_number(&p, "p")?;
-            tensor_result(t.0.f_norm_scalaropt_dim(p, dims_of(&d)?.as_slice(), k))
+            let dims = dims_of(&d)?;
+            norm_checks(&t.0, p, &dims)?;
+            tensor_result(t.0.f_norm_scalaropt_dim(p, dims.as_slice(), k))
         },
     );
     api.f("all", "self", "True if every element is true (non-zero).", |t: &mut T| tensor_result(t.0.f_all()));
