@@ -28,10 +28,11 @@ thread_local! {
 /// Keys named like make's cells, in make's order.
 const STANDARD: &[&str] = &["model", "optimizer", "pruning", "variant", "sparsity"];
 
-fn value_text(v: &Dynamic) -> String {
+fn value_text(key: &str, v: &Dynamic) -> String {
     if let Ok(f) = v.as_float() {
-        // Sparsities as percentages, like make's cell ids.
-        if (0.0..=1.0).contains(&f) {
+        // Sparsities as percentages, like make's cell ids; other numbers as
+        // written (a learning rate of 0.001 is not "0").
+        if key == "sparsity" && (0.0..=1.0).contains(&f) {
             return format!("{}", (f * 100.0).round() as i64);
         }
         return format!("{f}");
@@ -45,7 +46,7 @@ fn cell_id(cell: &Map) -> String {
     let mut parts: Vec<String> = Vec::new();
     for k in STANDARD {
         if let Some(v) = cell.get(*k) {
-            let t = value_text(v);
+            let t = value_text(k, v);
             if *k == "variant" && !parts.is_empty() {
                 let last = parts.pop().unwrap_or_default();
                 parts.push(format!("{last}-{t}"));
@@ -58,7 +59,7 @@ fn cell_id(cell: &Map) -> String {
     }
     for (k, v) in cell {
         if !STANDARD.contains(&k.as_str()) {
-            parts.push(format!("{k}-{}", value_text(v)));
+            parts.push(format!("{k}-{}", value_text(k, v)));
         }
     }
     let id = parts.join("_");
