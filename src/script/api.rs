@@ -29,6 +29,7 @@ pub const GROUPS: &[(&str, &str)] = &[
     ("Data", "Data sets and loaders: Fashion-MNIST, CIFAR and IDX images, nanoGPT token files, the Brown corpus and GPT-2 BPE. Paths are those the script names or the documented defaults; nothing else on disk is read."),
     ("Layers", "Layer functions over tensors for models written in scripts, with torch.nn.functional's arguments, defaults and semantics. Parameters are ordinary tensors (`requires_grad`)."),
     ("Models", "LeNet-5, ResNet and GPT-2, built on the CPU from a seed and moved to their device. Parameter names are documented in docs/models.md."),
+    ("Script models", "Models defined in the script: a builder registers parameters in the flat store the built-in models use, and a closure is the forward. The result is a Model like any other (docs/scripts.md; layers in the nn standard library, docs/stdlib.md)."),
     ("Attention", "GPT-2 attention variants: decoding through the KV cache, cache sizes, attention patterns, Fisher metrics and the variants' own metrics. The math and cache layouts are in docs/attention.md."),
     ("Interpretability", "Hook points with TransformerLens's names, activation caches and their analyses, activation and attribution patching, the logit lens, head detectors, and Hugging Face GPT-2 import and export (docs/mechint.md)."),
     ("Optimizers", "SGD, Adam, AdamW, AdamWAdv and AdamWSpam over flat parameter buffers, with readable state (docs/optim.md)."),
