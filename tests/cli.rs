@@ -461,7 +461,24 @@ fn every_shipped_script_runs_small() {
             ),
             "plot: ",
         ),
+        (s("lenet5-script.rhai"), args("--steps 20 --out", "l5s"), "lenet5-script same_numbers=true"),
+        (s("mlp-fashion.rhai"), args("--steps 6 --sparsity 0.5 --out", "mlp"), "sparsity=0.500"),
+        (
+            s("transformer-block.rhai"),
+            args("--steps 4 --n-layer 1 --n-head 2 --n-embd 16 --block-size 16 --batch-size 2 --out", "tb"),
+            "transformer-block same_numbers=true",
+        ),
     ];
+    // Every script in scripts/ runs here or in another test of this file.
+    let this_file = include_str!("cli.rs");
+    for e in std::fs::read_dir(root().join("scripts")).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().to_string();
+        assert!(
+            this_file.contains(&format!("s(\"{name}\")"))
+                || this_file.contains(&format!("\"scripts/{name}\"")),
+            "scripts/{name} is run by no test"
+        );
+    }
     for (script, args, want) in runs {
         let mut argv = vec!["run".to_string(), script.clone()];
         argv.extend(args);
