@@ -32,24 +32,30 @@ const COMMANDS: &[(&str, &str)] = &[
 pub struct Shell {
     rt: Rc<RefCell<Runtime>>,
     failed: bool,
+    /// The code of an `exit(n)`, which ends the session.
+    exit: Option<i32>,
 }
 
 impl Shell {
     pub fn new(limits: Limits) -> Self {
         let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
         let rt = Runtime::interactive(cwd, limits);
-        Shell { rt: Rc::new(RefCell::new(rt)), failed: false }
+        Shell { rt: Rc::new(RefCell::new(rt)), failed: false, exit: None }
     }
 
-    /// Run until end of input. Returns the exit status: 0, or 1 when any
-    /// input failed in non-interactive mode.
+    /// Run until end of input or `exit(n)`. Returns the exit status: `n`
+    /// after `exit(n)`; else 0, or 1 when any input failed in
+    /// non-interactive mode.
     pub fn run(mut self) -> i32 {
-        if std::io::stdin().is_terminal() {
+        let interactive = std::io::stdin().is_terminal();
+        if interactive {
             self.interactive();
-            0
         } else {
             self.piped();
-            i32::from(self.failed)
+        }
+        match self.exit {
+            Some(n) => n,
+            None => i32::from(!interactive && self.failed),
         }
     }
 
@@ -67,7 +73,8 @@ impl Shell {
             Ok(v) if v.is_unit() => {}
             Ok(v) => println!("{}", self.rt.borrow().display(&v)),
             Err(e) => {
-                if e.ending == crate::script::errors::Ending::Exit(0) {
+                if let crate::script::errors::Ending::Exit(n) = e.ending {
+                    self.exit = Some(n);
                     return false;
                 }
                 self.failed = true;

@@ -348,6 +348,25 @@ fn shell_state_persists_and_errors_survive() {
     assert_eq!(o.status.code(), Some(1), "a piped session with errors exits 1");
 }
 
+/// exit(n) ends `knlp run` and the shell with status n; a failure code
+/// never reads as success (issue 20).
+#[test]
+fn exit_codes_keep_failures() {
+    let d = scratch("exit-codes");
+    for (code, want) in [("-1", 255), ("3", 3), ("256", 1), ("0", 0)] {
+        write(&d, "e.rhai", &format!("print(\"before\");\nexit({code});\nprint(\"after\");\n"));
+        let o = knlp(&d, &["run", "e.rhai"]);
+        let out = text(&o).0;
+        assert_eq!(o.status.code(), Some(want), "knlp run: exit({code})");
+        assert!(out.contains("before") && !out.contains("after"), "{out}");
+        let o = shell(&format!("print(\"before\");\nexit({code});\nprint(\"after\");\n"));
+        let out = text(&o).0;
+        assert_eq!(o.status.code(), Some(want), "knlp-shell: exit({code})");
+        assert!(out.contains("before") && !out.contains("after"), "{out}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 #[test]
 fn shell_multiline_input_imports_and_commands() {
     let input = "let m = #{\n  a: 1,\n  b: [1,\n      2]\n};\nfn f(x) {\n  x + 1\n}\nf(m.a)\nimport \"util\" as u;\nu::mean([2.0, 4.0])\n:vars\n:help topk\n:quit\nprint(\"not reached\");\n";

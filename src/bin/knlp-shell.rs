@@ -14,5 +14,5 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let limits = Limits { max_operations: cli.max_operations, ..Limits::default() };
     let code = knlp::shell::Shell::new(limits).run();
-    std::process::ExitCode::from(code.clamp(0, 255) as u8)
+    std::process::ExitCode::from(knlp::script::exit_status(code))
 }

@@ -429,7 +429,7 @@ fn main() -> ExitCode {
             0
         }
     };
-    ExitCode::from(code.clamp(0, 255) as u8)
+    ExitCode::from(script::exit_status(code))
 }
 
 /// Print an error from a command and turn it into an exit status.

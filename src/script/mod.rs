@@ -105,6 +105,16 @@ pub fn register_all(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     config::register(engine, docs);
 }
 
+/// A script's exit code as a process status: its low byte, as a POSIX shell
+/// takes it (`exit(-1)` is 255), except that a failure never reads as
+/// success (`exit(256)` is 1, not 0).
+pub fn exit_status(code: i32) -> u8 {
+    match code.rem_euclid(256) as u8 {
+        0 if code != 0 => 1,
+        b => b,
+    }
+}
+
 /// The documentation registry, for `knlp doc` (no runtime needed).
 pub fn reference() -> Vec<DocEntry> {
     let mut engine = Engine::new_raw();
