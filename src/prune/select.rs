@@ -15,12 +15,17 @@ fn te(e: tch::TchError) -> anyhow::Error {
 }
 
 /// Order-preserving int32 keys of float32 values: for negative floats the
-/// magnitude bits are flipped, so integer order equals float order.
+/// magnitude bits are flipped, so integer order equals float order. Every
+/// NaN, whatever its sign bit, gets the largest key, as `kthvalue` and
+/// `sort` rank NaN above +inf.
 fn keys(x: &Tensor) -> Result<Tensor> {
     let bits = x.f_contiguous().and_then(|c| c.f_view_dtype(Kind::Int)).map_err(te)?;
     let flipped = bits.f_bitwise_xor(0x7FFF_FFFFi64).map_err(te)?;
     let neg = bits.f_lt(0).map_err(te)?;
-    flipped.f_where_self(&neg, &bits).map_err(te)
+    let keyed = flipped.f_where_self(&neg, &bits).map_err(te)?;
+    let top = crate::tensor::num(i32::MAX as i64).and_then(|t| t.f_to_kind(Kind::Int)).map_err(te)?;
+    let nan = x.f_isnan().map_err(te)?;
+    top.f_where_self(&nan, &keyed).map_err(te)
 }
 
 fn float_of_key(key: i32) -> f32 {
@@ -111,6 +116,18 @@ mod tests {
             }
         }
         assert!(kth_smallest(&Tensor::ones([3], opts), 4).is_err());
+    }
+
+    #[test]
+    fn nan_ranks_largest_whatever_its_sign() {
+        // 0.0 / 0.0 on x86 is a NaN with the sign bit set.
+        let neg_nan = f32::from_bits(0xFFC0_0000);
+        let x = Tensor::from_slice(&[1.0f32, neg_nan, 3.0, f32::NAN, -2.0, f32::INFINITY]);
+        for k in 1..=6 {
+            let want = x.kthvalue(k, 0, false).0.double_value(&[]);
+            let got = kth_smallest(&x, k).unwrap();
+            assert!(got == want || (got.is_nan() && want.is_nan()), "k = {k}: {got} vs kthvalue {want}");
+        }
     }
 
     #[test]
