@@ -620,10 +620,11 @@ fn indexing(api: &mut Api) {
         Ok(RTensor(view_at(&t.0, &Dynamic::from_array(a))?))
     });
     api.index_get(
-        "`t[mask]` with a bool tensor selects matching elements (1-D copy); with an int64 tensor picks rows.",
+        "`t[mask]` with a bool tensor, as PyTorch: the mask's shape must equal t's leading dimensions, and the result is [matches, remaining dimensions...] (a copy); with an int64 tensor picks rows.",
         |t: &mut T, i: T| -> TR {
             if i.0.kind() == Kind::Bool {
-                tensor_result(t.0.f_masked_select(&i.0))
+                // Not masked_select: that broadcasts the mask, PyTorch's t[mask] does not.
+                tensor_result(t.0.f_index(&[Some(i.0.shallow_clone())]))
             } else {
                 tensor_result(t.0.f_index_select(0, &i.0.f_reshape([-1]).rt()?))
             }
@@ -652,11 +653,15 @@ fn indexing(api: &mut Api) {
         },
     );
     api.index_set(
-        "`t[mask] = v` writes a number where the bool mask is true, in place.",
+        "`t[mask] = v` writes a number or a tensor where the bool mask is true, in place (the mask's shape must equal t's leading dimensions, as in PyTorch).",
         |t: &mut T, m: T, v: Dynamic| -> RResult<()> {
+            let idx = [Some(m.0.shallow_clone())];
             match v.read_lock::<RTensor>() {
-                Some(src) => t.0.f_index_put_(&[Some(m.0.shallow_clone())], &src.0, false).map(|_| ()).rt(),
-                None => t.0.f_masked_fill_tensor_(&m.0, &num_of(&v)?).map(|_| ()).rt(),
+                Some(src) => t.0.f_index_put_(&idx, &src.0, false).map(|_| ()).rt(),
+                None => {
+                    let value = num_of(&v)?.f_to_kind(t.0.kind()).rt()?;
+                    t.0.f_index_put_(&idx, &value, false).map(|_| ()).rt()
+                }
             }
         },
     );
