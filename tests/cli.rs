@@ -348,6 +348,29 @@ fn shell_state_persists_and_errors_survive() {
     assert_eq!(o.status.code(), Some(1), "a piped session with errors exits 1");
 }
 
+/// Deep recursion stops at --max-call-levels with a script error; the
+/// script's thread has the stack for it (issue 20: it used to abort).
+#[test]
+fn deep_recursion_is_an_error_not_an_abort() {
+    let d = scratch("deep");
+    write(
+        &d,
+        "deep.rhai",
+        "fn g(n, m) { let a = [n, #{ x: n }]; if n == 0 { m.len() } else { g(n - 1, m + #{ k: a }) + 1 } }\nprint(`depth ${g(parse_int(ARGS[0]), #{})}`);\n",
+    );
+    let o = knlp(&d, &["run", "--max-call-levels", "10000", "deep.rhai", "9990"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success() && out.contains("depth 9991"), "{out}\n{err}");
+    let o = knlp(&d, &["run", "--max-call-levels", "3000", "deep.rhai", "3500"]);
+    let err = text(&o).1;
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("call stack too deep"), "{err}");
+    let o = knlp(&d, &["run", "--max-call-levels", "1000000", "deep.rhai", "3"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("above the largest allowed, 10000"));
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 /// exit(n) ends `knlp run` and the shell with status n; a failure code
 /// never reads as success (issue 20).
 #[test]

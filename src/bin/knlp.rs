@@ -331,12 +331,22 @@ fn main() -> ExitCode {
             let args = script_args;
             let dir = file.parent().map(PathBuf::from).filter(|p| !p.as_os_str().is_empty());
             let dir = dir.unwrap_or_else(|| PathBuf::from("."));
-            let mut rt = Runtime::new(dir, limits.limits());
-            match rt.run_file(&file, &args) {
+            let limits = limits.limits();
+            let run = || {
+                let mut rt = Runtime::new(dir, limits.clone());
+                match rt.run_file(&file, &args) {
+                    Ok(code) => code,
+                    Err(e) => {
+                        eprint!("{}", e.rendered);
+                        e.exit_code()
+                    }
+                }
+            };
+            match script::on_script_thread(&limits, run) {
                 Ok(code) => code,
                 Err(e) => {
-                    eprint!("{}", e.rendered);
-                    e.exit_code()
+                    eprintln!("knlp run: error: {e}");
+                    2
                 }
             }
         }

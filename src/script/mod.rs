@@ -105,6 +105,37 @@ pub fn register_all(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     config::register(engine, docs);
 }
 
+/// The deepest call nesting `--max-call-levels` accepts.
+pub const MAX_CALL_LEVELS: usize = 10_000;
+
+/// Stack for a script thread: each nested Rhai call takes a few KiB of
+/// native stack (8 MiB held about 1,500 levels of a small function), so
+/// give each allowed level 128 KiB on top of a 16 MiB base. Only the pages
+/// used are ever committed.
+pub fn stack_bytes(limits: &Limits) -> usize {
+    (16 << 20) + limits.max_call_levels.min(MAX_CALL_LEVELS) * (128 << 10)
+}
+
+/// Run `f` (which builds and drives a Runtime) on a thread whose stack fits
+/// `limits.max_call_levels`, so deep recursion ends in a script error at the
+/// limit instead of a stack overflow that aborts the process.
+pub fn on_script_thread<R: Send>(limits: &Limits, f: impl FnOnce() -> R + Send) -> Result<R, String> {
+    if limits.max_call_levels > MAX_CALL_LEVELS {
+        return Err(format!(
+            "--max-call-levels {} is above the largest allowed, {MAX_CALL_LEVELS}",
+            limits.max_call_levels
+        ));
+    }
+    std::thread::scope(|s| {
+        let h = std::thread::Builder::new()
+            .name("script".into())
+            .stack_size(stack_bytes(limits))
+            .spawn_scoped(s, f)
+            .map_err(|e| format!("cannot start the script thread: {e}"))?;
+        h.join().map_err(|_| "the script thread panicked".to_string())
+    })
+}
+
 /// A script's exit code as a process status: its low byte, as a POSIX shell
 /// takes it (`exit(-1)` is 255), except that a failure never reads as
 /// success (`exit(256)` is 1, not 0).
