@@ -68,7 +68,27 @@ impl Shell {
         if let Some(cmd) = trimmed.strip_prefix(':') {
             return self.command(cmd);
         }
-        let result = self.rt.borrow_mut().eval_input(input);
+        // A panic in a binding is a bug, but it must not end the session
+        // and everything in it (the Jupyter kernel does the same).
+        let rt = &self.rt;
+        let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rt.borrow_mut().eval_input(input)
+        })) {
+            Ok(r) => r,
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| p.downcast_ref::<&str>().copied())
+                    .unwrap_or("unknown panic");
+                let first = msg.lines().next().unwrap_or_default();
+                eprintln!(
+                    "internal error (a bug in knlp; please report it): {first}\nthe session goes on; values this input was changing may be half-updated"
+                );
+                self.failed = true;
+                return true;
+            }
+        };
         match result {
             Ok(v) if v.is_unit() => {}
             Ok(v) => println!("{}", self.rt.borrow().display(&v)),

@@ -2,7 +2,8 @@
 //! n-th time the process reaches `<point>` it writes the file named by
 //! `KNLP_TEST_PAUSE_FILE` and sleeps until killed, so a test can SIGKILL it
 //! at exactly that moment (mid-cell, between cells, during a checkpoint
-//! write). Without the variable these are no-ops.
+//! write). With `KNLP_TEST_PANIC=<point>` the process panics there instead,
+//! for tests of what survives a bug. Without the variables these are no-ops.
 use std::sync::atomic::{AtomicU64, Ordering};
 
 static HITS: AtomicU64 = AtomicU64::new(0);
@@ -12,6 +13,9 @@ static HITS: AtomicU64 = AtomicU64::new(0);
 /// renamed), `cell-done` (the runner, after a cell finished and before the
 /// next starts).
 pub fn point(name: &str) {
+    if std::env::var("KNLP_TEST_PANIC").is_ok_and(|p| p == name) {
+        panic!("KNLP_TEST_PANIC at {name}");
+    }
     let Ok(spec) = std::env::var("KNLP_TEST_PAUSE") else { return };
     let Some((want, n)) = spec.split_once(':') else { return };
     if want != name {

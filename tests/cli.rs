@@ -348,6 +348,29 @@ fn shell_state_persists_and_errors_survive() {
     assert_eq!(o.status.code(), Some(1), "a piped session with errors exits 1");
 }
 
+/// A panic inside a binding (injected with KNLP_TEST_PANIC) ends neither the
+/// shell session nor its variables (issue 20).
+#[test]
+fn shell_survives_a_panic_in_a_binding() {
+    let d = scratch("shell-panic");
+    let mut child = Command::new(SHELL)
+        .env("KNLP_TEST_PANIC", "checkpoint")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .current_dir(&d)
+        .spawn()
+        .unwrap();
+    let input = "let a = 5;\nsave(ones(3), \"x.safetensors\");\nprint(`a is ${a}`);\n";
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let (out, err) = text(&o);
+    assert!(out.contains("a is 5"), "the session went on: {out}\n{err}");
+    assert!(err.contains("internal error") && err.contains("KNLP_TEST_PANIC at checkpoint"), "{err}");
+    assert_eq!(o.status.code(), Some(1), "an input failed");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 /// Deep recursion stops at --max-call-levels with a script error; the
 /// script's thread has the stack for it (issue 20: it used to abort).
 #[test]

@@ -12,6 +12,9 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // The shell reports a panic itself and goes on (shell.rs); the default
+    // hook would add libtorch's C++ backtrace to it.
+    std::panic::set_hook(Box::new(|_| {}));
     let limits = Limits { max_operations: cli.max_operations, ..Limits::default() };
     let code = knlp::shell::Shell::new(limits).run();
     std::process::ExitCode::from(knlp::script::exit_status(code))
