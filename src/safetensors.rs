@@ -164,10 +164,11 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
     let mut metadata = BTreeMap::new();
     for (name, v) in &header {
         if name == "__metadata__" {
-            if let Some(m) = v.as_object() {
-                for (k, v) in m {
-                    metadata.insert(k.clone(), v.as_str().unwrap_or_default().to_string());
-                }
+            // The format's metadata maps names to strings; anything else is refused.
+            let m = v.as_object().ok_or_else(|| format!("{p}: __metadata__ must be a map of strings"))?;
+            for (k, v) in m {
+                let s = v.as_str().ok_or_else(|| format!("{p}: __metadata__ '{k}' is not a string ({v})"))?;
+                metadata.insert(k.clone(), s.to_string());
             }
             continue;
         }
@@ -202,8 +203,21 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
         }
         entries.push((name.clone(), kind, shape, start, end));
     }
-    // Data is read in file order so a large file streams once.
-    entries.sort_by_key(|e| e.3);
+    // Data is read in file order so a large file streams once. As the
+    // format requires, the tensors tile the data exactly: no overlap (two
+    // tensors sharing bytes), no gap.
+    entries.sort_by_key(|e| (e.3, e.4));
+    let mut at = 0usize;
+    for (name, _, _, start, end) in &entries {
+        if *start != at {
+            let why = if *start < at { "overlaps the tensor before it" } else { "leaves a gap before it" };
+            return Err(format!("{p}: tensor '{name}': data_offsets [{start}, {end}] {why} (at byte {at})"));
+        }
+        at = *end;
+    }
+    if at != data_len {
+        return Err(format!("{p}: the tensors cover {at} of the {data_len} data bytes"));
+    }
     let mut data = Vec::new();
     file.read_to_end(&mut data).map_err(|e| format!("{p}: {e}"))?;
     let mut tensors = Vec::with_capacity(entries.len());
@@ -247,6 +261,34 @@ mod tests {
         assert!(e.contains("'w'") && e.contains("truncated"), "{e}");
         fs::write(&path, b"garbage!garbage!").unwrap();
         assert!(load(&path).err().unwrap().contains("not a safetensors file"));
+    }
+
+    /// A file with a hand-written header and `data` bytes.
+    fn raw(path: &Path, header: &str, data: &[u8]) {
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(header.as_bytes());
+        b.extend_from_slice(data);
+        fs::write(path, b).unwrap();
+    }
+
+    #[test]
+    fn overlapping_offsets_and_non_string_metadata_are_refused() {
+        let dir = tempdir();
+        let path = dir.join("o.safetensors");
+        let ok = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+        raw(&path, ok, &[0u8; 8]);
+        assert_eq!(load(&path).unwrap().tensors.len(), 2);
+        let overlap = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+        raw(&path, overlap, &[0u8; 8]);
+        let e = load(&path).err().unwrap();
+        assert!(e.contains("'b'") && e.contains("overlaps"), "{e}");
+        let gap = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+        raw(&path, gap, &[0u8; 8]);
+        assert!(load(&path).err().unwrap().contains("gap"));
+        let meta = r#"{"__metadata__":{"step":7},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        raw(&path, meta, &[0u8; 4]);
+        let e = load(&path).err().unwrap();
+        assert!(e.contains("__metadata__ 'step' is not a string"), "{e}");
     }
 
     fn tempdir() -> PathBuf {
