@@ -406,7 +406,13 @@ impl Experiment {
             cpu_threads: r.int("CPU_THREADS")?,
             deterministic: r.bool("DETERMINISTIC")?,
             trackio: r.bool("TRACKER_TRACKIO")?,
-            project: r.string("TRACKER_PROJECT")?,
+            project: {
+                let p = r.string("TRACKER_PROJECT")?;
+                if !p.trim().is_empty() {
+                    check_project_name(p.trim()).map_err(|e| anyhow!("TRACKER_PROJECT (PROJECT=): {e}"))?;
+                }
+                p
+            },
             runs_dir: PathBuf::from(r.string("RUNS_DIR")?),
             parallel_jobs: r.int("PARALLEL_JOBS")?,
             baseline: r.string("BASELINE")?,
@@ -530,6 +536,24 @@ pub fn checksum(parts: &[&str]) -> String {
         }
     }
     format!("{h:016x}")
+}
+
+/// A project name names one folder under the runs folder, never a path:
+/// 1 to 100 letters, digits, `-`, `_` or `.`, not starting with `.`
+/// (`PROJECT=../../x` would write outside it).
+pub fn check_project_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !ok {
+        let shown: String = name.chars().take(60).collect();
+        let more = if name.chars().count() > 60 { "..." } else { "" };
+        bail!(
+            "project name '{shown}{more}' must be 1-100 letters, digits, '-', '_' or '.', not starting with '.' (it names one folder under the runs folder)"
+        );
+    }
+    Ok(())
 }
 
 /// The project name: configured, else `<first model>-<5 hex digits>` of the

@@ -118,6 +118,31 @@ fn project_names_follow_the_config_and_folder() {
     assert_eq!(a, config::project_name(&exp, "# comment\nCONFIG_A=y\n"), "comments do not matter");
 }
 
+/// PROJECT names one folder under the runs folder, never a path (issue 20).
+#[test]
+fn project_names_that_are_paths_are_refused() {
+    let d = std::env::temp_dir().join(format!("knlp-project-name-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let cfg = d.join(".config");
+    std::fs::copy(root().join("defconfigs/lenet5-compare"), &cfg).unwrap();
+    let k = root().join("Kconfig");
+    for bad in ["../../x", "a/b", ".hidden", "..", "x y", "a\\b"] {
+        let ov = config::parse_overrides(&[format!("PROJECT={bad}")]).unwrap();
+        let (kc, _) = config::load(&k, &cfg, &ov).unwrap();
+        let e = format!("{:#}", Experiment::read(&Reader::new(&kc)).unwrap_err());
+        assert!(
+            e.contains("TRACKER_PROJECT") && e.contains("one folder under the runs folder"),
+            "{bad}: {e}"
+        );
+    }
+    for good in ["lenet5-abc12", "my_project.v2"] {
+        let ov = config::parse_overrides(&[format!("PROJECT={good}")]).unwrap();
+        let (kc, _) = config::load(&k, &cfg, &ov).unwrap();
+        assert_eq!(Experiment::read(&Reader::new(&kc)).unwrap().project, good);
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 #[test]
 fn attention_presets_and_ablation_steps_are_matrix_axes() {
     let load = |name: &str| {

@@ -115,7 +115,11 @@ fn run_matrix(ctx: &NativeCallContext, spec: Map, opts: Map, f: FnPtr) -> RResul
     let script = SCRIPT.with(|s| s.borrow().clone());
     let (script_path, args) = script.clone().unwrap_or_else(|| (PathBuf::from("<shell>"), Vec::new()));
     let project = match opts.get("project") {
-        Some(p) => expect_str(p, "project")?,
+        Some(p) => {
+            let p = expect_str(p, "project")?;
+            crate::config::check_project_name(&p).map_err(|e| rerr(format!("matrix(): {e}")))?;
+            p
+        }
         None => {
             let stem = script_path
                 .file_stem()
