@@ -290,20 +290,6 @@ fn init_tensor(shape: &[i64], init: Init) -> Result<Tensor> {
 
 /// PyTorch's default bound for Linear/Conv weights and biases:
 /// U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a = sqrt(5)).
-/// Whether a parameter name matches a glob (`*` any run of characters,
-/// dots included; `?` one character).
-pub fn name_matches(pattern: &str, name: &str) -> bool {
-    fn go(p: &[char], n: &[char]) -> bool {
-        match p.split_first() {
-            None => n.is_empty(),
-            Some(('*', rest)) => (0..=n.len()).any(|i| go(rest, &n[i..])),
-            Some(('?', rest)) => !n.is_empty() && go(rest, &n[1..]),
-            Some((c, rest)) => n.first() == Some(c) && go(rest, &n[1..]),
-        }
-    }
-    go(&pattern.chars().collect::<Vec<_>>(), &name.chars().collect::<Vec<_>>())
-}
-
 pub fn default_bound(fan_in: i64) -> f64 {
     1.0 / (fan_in.max(1) as f64).sqrt()
 }

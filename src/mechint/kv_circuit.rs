@@ -1139,16 +1139,6 @@ impl Settings {
     }
 }
 
-/// Whether `name` matches the glob `pat` (`*`, `?`; no path separators inside).
-fn glob_match(pat: &[char], name: &[char]) -> bool {
-    match pat.split_first() {
-        None => name.is_empty(),
-        Some(('*', rest)) => (0..=name.len()).any(|i| glob_match(rest, &name[i..])),
-        Some(('?', rest)) => !name.is_empty() && glob_match(rest, &name[1..]),
-        Some((c, rest)) => name.first() == Some(c) && glob_match(rest, &name[1..]),
-    }
-}
-
 /// Expand a path pattern with `*` and `?` in any component, sorted.
 pub fn expand_glob(pattern: &str) -> Vec<PathBuf> {
     let p = Path::new(pattern);
@@ -1162,14 +1152,12 @@ pub fn expand_glob(pattern: &str) -> Vec<PathBuf> {
             cur = cur.into_iter().map(|d| d.join(&c)).filter(|d| d.exists()).collect();
             continue;
         }
-        let pat: Vec<char> = c.chars().collect();
         let mut next = Vec::new();
         for d in &cur {
             let dir = if d.as_os_str().is_empty() { Path::new(".") } else { d.as_path() };
             let Ok(rd) = std::fs::read_dir(dir) else { continue };
             for e in rd.flatten() {
-                let n: Vec<char> = e.file_name().to_string_lossy().chars().collect();
-                if glob_match(&pat, &n) {
+                if crate::glob::matches(&c, &e.file_name().to_string_lossy()) {
                     next.push(d.join(e.file_name()));
                 }
             }
@@ -1606,7 +1594,7 @@ mod tests {
 
     #[test]
     fn globs() {
-        let m = |p: &str, n: &str| glob_match(&p.chars().collect::<Vec<_>>(), &n.chars().collect::<Vec<_>>());
+        let m = crate::glob::matches;
         assert!(m("final_model_step*.pt", "final_model_step100.pt"));
         assert!(m("?.x", "a.x") && !m("?.x", "ab.x"));
         assert_eq!(variant_of("gpt2-V1_adamw_none", &Value::Null), Some("V1"));

@@ -8,7 +8,8 @@
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::params::{name_matches, ParamStore};
+use crate::glob;
+use crate::params::ParamStore;
 
 /// One parameter group of an optimizer configuration.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -73,7 +74,7 @@ fn membership(store: &ParamStore, groups: &[ParamGroup]) -> Result<Vec<Option<us
         for pat in &g.params {
             let mut hit = false;
             for (pi, p) in params.iter().enumerate() {
-                if !name_matches(pat, &p.name) {
+                if !glob::matches(pat, &p.name) {
                     continue;
                 }
                 hit = true;
