@@ -225,11 +225,13 @@ fn arange3(start: &Dynamic, end: &Dynamic, step: &Dynamic) -> TR {
     if s == 0.0 {
         return Err(rerr("arange(): step must not be zero"));
     }
-    let n = ((b - a) / s).ceil();
+    let span = (b - a) / s;
+    let n = span.ceil();
     if !n.is_finite() {
         return Err(rerr(format!("arange(): start {a}, end {b} and step {s} must be finite")));
     }
-    if (b - a) / s < 0.0 {
+    // Not `n < 0`: ceil(-0.5) is -0.0.
+    if span < 0.0 {
         return Err(rerr(format!("arange(): end {b} cannot be reached from start {a} with step {s}")));
     }
     if n > (1u64 << 40) as f64 {
