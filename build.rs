@@ -25,6 +25,7 @@ fn main() {
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("csrc/shim.cpp")
         .compile("knlp_shim");
+    build_dist(&include);
 
     // Keep libtorch_cuda in NEEDED although no symbol of it is referenced:
     // otherwise `--as-needed` drops it and CUDA is silently unavailable.
@@ -35,6 +36,60 @@ fn main() {
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=c10");
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
+}
+
+/// The c10d shim. Gloo needs gloo's headers (Debian's libgloo-dev; the
+/// wheel ships none); NCCL needs the CUDA runtime, CRT and CCCL headers of the
+/// wheels `nvidia-cuda-crt` and `nvidia-cuda-cccl` beside torch. Without them
+/// the backend is left out and reports so at run time, never at build time.
+fn build_dist(include: &std::path::Path) {
+    println!("cargo:rerun-if-changed=csrc/dist.cpp");
+    println!("cargo:rerun-if-env-changed=KNLP_GLOO_INCLUDE");
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("csrc/dist.cpp");
+    let gloo =
+        env::var("KNLP_GLOO_INCLUDE").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("/usr/include"));
+    if gloo.join("gloo/config.h").exists() {
+        println!("cargo:rerun-if-changed={}", gloo.join("gloo/config.h").display());
+        b.include(&gloo).define("USE_C10D_GLOO", None).define("KNLP_GLOO", None);
+    } else {
+        println!(
+            "cargo:warning=gloo headers not found under {}: knlp is built without the Gloo backend",
+            gloo.display()
+        );
+    }
+    // site-packages/torch/include -> site-packages/nvidia
+    let nvidia = include.join("../../nvidia");
+    let cu = nvidia.join("cu13/include");
+    let nccl_headers = [
+        cu.join("cuda_runtime_api.h"),
+        cu.join("crt/host_config.h"),
+        cu.join("cccl/nv/target"),
+        nvidia.join("nccl/include/nccl.h"),
+    ];
+    if nccl_headers.iter().all(|p| p.exists()) {
+        println!("cargo:rerun-if-changed={}", cu.join("crt/host_config.h").display());
+        b.include(&cu)
+            .include(cu.join("cccl"))
+            .include(nvidia.join("nccl/include"))
+            .define("USE_C10D_NCCL", None)
+            .define("KNLP_NCCL", None);
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    } else {
+        println!(
+            "cargo:warning=CUDA/NCCL headers not found under {}: knlp is built without the NCCL backend",
+            nvidia.display()
+        );
+    }
+    b.compile("knlp_dist");
 }
 
 /// Embed `stdlib/*.rhai` so `import` finds the standard library wherever the

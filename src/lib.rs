@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod decode;
+pub mod dist;
 pub mod glob;
 pub mod hooks;
 pub mod interrupt;
