@@ -379,19 +379,22 @@ fn record(exp: &Experiment, cell: &Cell, b: &Built, train: &TrainConfig, project
 /// once, the CPU cores divided among them (libtorch's OpenMP pools spin, and
 /// processes that each take every core run tens of times slower), and one
 /// GPU per cell when there are several (within `CUDA_VISIBLE_DEVICES`).
-pub fn place_worker(cmd: &mut Command, slot: usize, jobs: usize, gpus: usize) {
-    if jobs <= 1 {
+pub fn place_worker(cmd: &mut Command, slot: usize, jobs: usize, gpus: usize, ranks: usize) {
+    if jobs * ranks <= 1 {
         return;
     }
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let per = (cores / jobs).max(1).to_string();
+    let per = (cores / (jobs * ranks)).max(1).to_string();
     cmd.env(CELL_THREADS_ENV, &per).env("OMP_NUM_THREADS", &per);
-    if gpus > 1 {
+    if gpus > 1 && jobs > 1 {
+        // Each running cell gets `ranks` devices of its own (wrapping
+        // around when there are fewer).
         let ids: Vec<String> = match std::env::var("CUDA_VISIBLE_DEVICES") {
             Ok(v) if !v.trim().is_empty() => v.split(',').map(|s| s.trim().to_string()).collect(),
             _ => (0..gpus).map(|g| g.to_string()).collect(),
         };
-        cmd.env("CUDA_VISIBLE_DEVICES", &ids[slot % ids.len()]);
+        let mine: Vec<String> = (0..ranks).map(|r| ids[(slot * ranks + r) % ids.len()].clone()).collect();
+        cmd.env("CUDA_VISIBLE_DEVICES", mine.join(","));
     }
 }
 
@@ -488,6 +491,10 @@ pub struct Runner {
     pub project_dir: PathBuf,
     pub jobs: usize,
     pub resume: bool,
+    /// Ranks per cell (0: one plain process).
+    pub nproc: usize,
+    /// Seconds a rank waits for the others (`KNLP_DIST_TIMEOUT` of the ranks).
+    pub dist_timeout: i64,
 }
 
 struct Running {
@@ -563,7 +570,11 @@ impl Runner {
         if self.resume {
             cmd.arg("--resume");
         }
-        place_worker(&mut cmd, slot, self.jobs, gpus);
+        if self.nproc > 0 {
+            cmd.arg("--nproc").arg(self.nproc.to_string());
+            cmd.env("KNLP_DIST_TIMEOUT", self.dist_timeout.max(1).to_string());
+        }
+        place_worker(&mut cmd, slot, self.jobs, gpus, self.nproc.max(1));
         if quiet {
             let dir = self.project_dir.join(id);
             fs::create_dir_all(&dir)?;
@@ -583,12 +594,20 @@ impl Runner {
         if !st.success() && !matches!(status, Status::Failed | Status::Interrupted) {
             // Killed (OOM killer, a signal) before it could record why.
             use std::os::unix::process::ExitStatusExt;
-            let why = match st.signal() {
-                Some(sig) => format!("the cell's process was killed by signal {sig}"),
-                None => format!("the cell's process exited with status {}", st.code().unwrap_or(-1)),
+            let (why, st_new) = match (st.signal(), st.code()) {
+                (Some(sig), _) => (format!("the cell's process was killed by signal {sig}"), Status::Failed),
+                // The launcher passes on 128 + the signal that killed a rank
+                // (preemption, the OOM killer): `continue` resumes the cell.
+                (None, Some(c)) if self.nproc > 0 && (129..=192).contains(&c) => (
+                    format!("a rank was killed by signal {}; `knlp continue` resumes it", c - 128),
+                    Status::Interrupted,
+                ),
+                (None, c) => {
+                    (format!("the cell's process exited with status {}", c.unwrap_or(-1)), Status::Failed)
+                }
             };
-            let _ = run.set_status(Status::Failed, Some(&why));
-            status = Status::Failed;
+            let _ = run.set_status(st_new, Some(&why));
+            status = st_new;
             reason = Some(why);
         }
         CellResult { id: r.cell.clone(), status, reason, seconds: r.started.elapsed().as_secs_f64() }

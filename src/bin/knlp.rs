@@ -66,6 +66,9 @@ enum Command {
     Run {
         #[command(flatten)]
         limits: LimitArgs,
+        /// Run the script as N ranks of a data-parallel job on this host (docs/distributed.md)
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
         /// The script (.rhai)
         file: PathBuf,
         /// Arguments for the script (available as ARGS)
@@ -104,6 +107,9 @@ enum Command {
         /// Move an existing run of this configuration aside and start over
         #[arg(long)]
         fresh: bool,
+        /// Train each cell as N data-parallel ranks on this host (as NPROC=N)
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
     },
     /// Continue the most recent matrix (or PROJECT): done cells are skipped,
     /// interrupted cells resume from their last checkpoint, the rest run.
@@ -119,6 +125,9 @@ enum Command {
         /// Cells at once (default: as recorded)
         #[arg(long)]
         jobs: Option<usize>,
+        /// Ranks per cell (default: as recorded; a run resumes on any number)
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
     },
     /// Dry run: validate .config, build every cell's model and take one step of each on the CPU.
     Check {
@@ -141,6 +150,9 @@ enum Command {
         cell: String,
         #[arg(long)]
         resume: bool,
+        /// Run the cell as N ranks (the matrix passes NPROC)
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
     },
     /// Print the table of a project's runs (default: the most recently modified under the runs folder).
     Results {
@@ -290,8 +302,63 @@ impl LimitArgs {
 }
 
 /// Options of `knlp run` that take a value (so the script file is found).
-const RUN_VALUE_OPTIONS: &[&str] =
-    &["--max-operations", "--max-call-levels", "--max-array-size", "--max-string-size", "--timeout"];
+const RUN_VALUE_OPTIONS: &[&str] = &[
+    "--max-operations",
+    "--max-call-levels",
+    "--max-array-size",
+    "--max-string-size",
+    "--timeout",
+    "--nproc",
+];
+
+/// The command line without `--nproc N` (what each rank runs), up to the
+/// script file of `knlp run`; the script's own arguments are kept as given.
+fn without_nproc(head: &[String], tail: &[String]) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    let mut i = 1;
+    while i < head.len() {
+        let a = &head[i];
+        if a == "--nproc" {
+            i += 2;
+            continue;
+        }
+        if !a.starts_with("--nproc=") {
+            out.push(a.into());
+        }
+        i += 1;
+    }
+    out.extend(tail.iter().map(Into::into));
+    out
+}
+
+/// Launch `argv` minus `--nproc` as `n` ranks (`knlp run/cell --nproc N`).
+fn launch(n: usize, head: &[String], tail: &[String]) -> i32 {
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("knlp: cannot find this executable to launch ranks: {e}");
+            return 2;
+        }
+    };
+    match knlp::dist::launch::run(n, &exe, &without_nproc(head, tail)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("knlp: {e:#}");
+            2
+        }
+    }
+}
+
+/// A rank checks torchrun's variables before any work.
+fn check_rank_env() -> Result<(), i32> {
+    match knlp::dist::Env::from_env() {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            eprintln!("knlp: distributed environment: {e:#}");
+            Err(2)
+        }
+    }
+}
 
 /// Split `knlp run [OPTIONS] FILE ARGS...` after FILE, so that everything
 /// after the script (including `--help`) reaches the script untouched.
@@ -325,9 +392,13 @@ fn main() -> ExitCode {
         return ExitCode::from(code.clamp(0, 255) as u8);
     }
     let (head, script_args) = split_script_args(argv);
-    let cli = Cli::parse_from(head);
+    let cli = Cli::parse_from(head.clone());
     let code = match cli.command {
-        Command::Run { limits, file, args: _ } => {
+        Command::Run { nproc: Some(n), .. } | Command::Cell { nproc: Some(n), .. } => {
+            launch(n, &head, &script_args)
+        }
+        Command::Run { .. } | Command::Cell { .. } if check_rank_env().is_err() => 2,
+        Command::Run { limits, file, args: _, nproc: None } => {
             let args = script_args;
             let dir = file.parent().map(PathBuf::from).filter(|p| !p.as_os_str().is_empty());
             let dir = dir.unwrap_or_else(|| PathBuf::from("."));
@@ -395,13 +466,18 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Train { cfg, fresh } => report(knlp_train(&cfg, fresh)),
-        Command::Continue { project, retry_failed, runs_dir, jobs } => {
-            report(knlp_continue(project.as_deref(), retry_failed, &runs_dir, jobs))
+        Command::Train { mut cfg, fresh, nproc } => {
+            if let Some(n) = nproc {
+                cfg.overrides.push(format!("NPROC={n}"));
+            }
+            report(knlp_train(&cfg, fresh))
+        }
+        Command::Continue { project, retry_failed, runs_dir, jobs, nproc } => {
+            report(knlp_continue(project.as_deref(), retry_failed, &runs_dir, jobs, nproc))
         }
         Command::Check { cfg } => report(knlp_check(&cfg)),
         Command::CheckConfig { kconfig, files } => report(knlp_check_config(&kconfig, files)),
-        Command::Cell { project_dir, cell, resume } => {
+        Command::Cell { project_dir, cell, resume, nproc: None } => {
             match knlp::matrix::run_cell(&project_dir, &cell, resume) {
                 Ok(s) if s.status == knlp::runs::Status::Done => 0,
                 Ok(s) => {
@@ -436,6 +512,12 @@ fn main() -> ExitCode {
             let n = tch::Cuda::device_count();
             println!("cuda devices {n}");
             println!("cudnn {}", tch::Cuda::cudnn_is_available());
+            let yes = |b: bool| if b { "yes" } else { "no (not built)" };
+            println!(
+                "distributed: gloo {}, nccl {}",
+                yes(knlp::dist::has_gloo()),
+                yes(knlp::dist::has_nccl())
+            );
             0
         }
     };
@@ -500,7 +582,7 @@ fn knlp_train(cfg: &ConfigArgs, fresh: bool) -> anyhow::Result<i32> {
         let id = matrix::adopt_baseline(&exp.runs_dir, &exp.baseline, &dir, &m.cells)?;
         println!("baseline {} reused as cell {id}", exp.baseline);
     }
-    run_matrix(&dir, &m, false, exp.parallel_jobs.max(1) as usize)
+    run_matrix(&dir, &m, false, exp.parallel_jobs.max(1) as usize, None)
 }
 
 fn knlp_continue(
@@ -508,6 +590,7 @@ fn knlp_continue(
     retry_failed: bool,
     runs_dir: &std::path::Path,
     jobs: Option<usize>,
+    nproc: Option<usize>,
 ) -> anyhow::Result<i32> {
     use knlp::matrix::{self, MatrixFile};
     let dir = match project {
@@ -519,7 +602,7 @@ fn knlp_continue(
     let m = MatrixFile::read(&dir)?;
     println!("project {}: continuing {}", m.project, dir.display());
     let jobs = jobs.unwrap_or(m.experiment.parallel_jobs.max(1) as usize);
-    run_matrix(&dir, &m, retry_failed, jobs)
+    run_matrix(&dir, &m, retry_failed, jobs, nproc)
 }
 
 /// The headline of a finished cell: its evaluation metric and sparsity
@@ -540,6 +623,7 @@ fn run_matrix(
     m: &knlp::matrix::MatrixFile,
     retry_failed: bool,
     jobs: usize,
+    nproc: Option<usize>,
 ) -> anyhow::Result<i32> {
     use knlp::runs::Status;
     let plan = knlp::matrix::plan(dir, m, retry_failed);
@@ -555,7 +639,14 @@ fn run_matrix(
     }
     let ids: Vec<String> = plan.iter().filter(|(_, _, r)| *r).map(|(i, _, _)| i.clone()).collect();
     let exe = std::env::current_exe()?;
-    let runner = knlp::matrix::Runner { exe, project_dir: dir.to_path_buf(), jobs, resume: true };
+    let runner = knlp::matrix::Runner {
+        exe,
+        project_dir: dir.to_path_buf(),
+        jobs,
+        resume: true,
+        nproc: nproc.unwrap_or(m.experiment.nproc.max(0) as usize),
+        dist_timeout: m.experiment.dist_timeout,
+    };
     let results = runner.run(&ids)?;
     let mut failed = 0;
     println!("\nproject {}:", m.project);

@@ -243,7 +243,7 @@ fn run_children(
             let log = std::fs::File::create(dir.join("output.log")).rt()?;
             let mut cmd = Command::new(&exe);
             cmd.arg("run").arg(script).args(args).env("KNLP_MATRIX_CELL", &ids[i]);
-            crate::matrix::place_worker(&mut cmd, slot, jobs, gpus);
+            crate::matrix::place_worker(&mut cmd, slot, jobs, gpus, 1);
             cmd.stdout(Stdio::from(log.try_clone().rt()?)).stderr(Stdio::from(log));
             println!("started {}", ids[i]);
             running.push((i, slot, cmd.spawn().rt()?));
