@@ -39,12 +39,13 @@ pub fn is_floating(kind: Kind) -> bool {
     matches!(kind, Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16)
 }
 
-/// Parse `"cpu"`, `"cuda"` or `"cuda:N"`; CUDA devices must exist.
+/// Parse `"cpu"`, `"cuda"` or `"cuda:N"`; CUDA devices must exist. Plain
+/// `cuda` is the rank's own device in a distributed run (its local rank).
 pub fn parse_device(name: &str) -> Result<Device, String> {
     let lower = name.trim().to_ascii_lowercase();
     let dev = match lower.as_str() {
         "cpu" => return Ok(Device::Cpu),
-        "cuda" | "gpu" => Device::Cuda(0),
+        "cuda" | "gpu" => Device::Cuda(crate::dist::default_cuda_index()),
         s if s.starts_with("cuda:") => {
             let idx: usize =
                 s[5..].parse().map_err(|_| format!("bad device '{name}' (expected cpu, cuda or cuda:N)"))?;
@@ -67,7 +68,10 @@ pub fn parse_device(name: &str) -> Result<Device, String> {
 /// `"auto"` picks CUDA when available, else the CPU.
 pub fn parse_device_or_auto(name: &str) -> Result<Device, String> {
     if name.trim().eq_ignore_ascii_case("auto") {
-        return Ok(Device::cuda_if_available());
+        return match Device::cuda_if_available() {
+            Device::Cuda(_) => parse_device("cuda"),
+            d => Ok(d),
+        };
     }
     parse_device(name)
 }

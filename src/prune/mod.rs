@@ -339,8 +339,16 @@ impl Pruner {
     /// A sampled threshold is an estimate: everything at or below it is pruned.
     fn keep_mask(&self, scores: &Tensor, k: i64) -> Result<Tensor> {
         if self.cfg.sample_fraction > 0.0 {
-            let t = select::kth_smallest_sampled(scores, k, self.cfg.sample_fraction)?;
-            return scores.f_gt(t).map_err(te);
+            let mut t = [select::kth_smallest_sampled(scores, k, self.cfg.sample_fraction)?];
+            // The sample is random: under DDP every rank takes rank 0's
+            // estimate, so the masks agree.
+            if crate::dist::world_size() > 1 {
+                let all = crate::dist::rank() == 0;
+                let mut v = [if all { t[0] } else { f64::NEG_INFINITY }];
+                crate::dist::all_reduce_f64(&mut v, crate::dist::Op::Max)?;
+                t = v;
+            }
+            return scores.f_gt(t[0]).map_err(te);
         }
         let t = select::kth_smallest(scores, k)?;
         let keep = scores.f_gt(t).map_err(te)?;

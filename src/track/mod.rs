@@ -174,6 +174,11 @@ impl Tracker {
         Ok(t)
     }
 
+    /// No sinks at all: the ranks of a distributed run other than rank 0.
+    pub fn silent() -> Tracker {
+        Tracker { slots: Vec::new(), run_dir: None, warnings: Vec::new() }
+    }
+
     /// The spec in `TRACKER` (unset or empty: local only).
     pub fn from_env() -> Result<Tracker> {
         let spec = std::env::var(ENV).unwrap_or_default();

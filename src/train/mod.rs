@@ -119,6 +119,8 @@ pub struct TrainConfig {
     pub progress: String,
     /// Stop after this many steps, as if killed (tests of resume use it).
     pub stop_after: i64,
+    /// Distributed runs: gradients are all-reduced in buckets of this many MB.
+    pub bucket_mb: f64,
 }
 
 impl Default for TrainConfig {
@@ -139,6 +141,7 @@ impl Default for TrainConfig {
             resume: false,
             progress: "auto".into(),
             stop_after: 0,
+            bucket_mb: 25.0,
         }
     }
 }
@@ -147,6 +150,9 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         if self.steps < 0 || self.epochs < 0 || self.grad_accum < 1 || self.log_every < 1 {
             bail!("train: steps and epochs must be >= 0, grad_accum and log_every >= 1");
+        }
+        if !(self.bucket_mb.is_finite() && self.bucket_mb > 0.0) {
+            bail!("train: bucket_mb must be a positive number of MB, got {}", self.bucket_mb);
         }
         if self.steps == 0 && self.epochs == 0 && self.time_limit <= 0.0 {
             bail!("train: set steps, epochs or time_limit");
@@ -200,6 +206,8 @@ pub fn perplexity(loss: f64) -> f64 {
 struct Progress {
     mode: &'static str,
     last_len: usize,
+    /// Ranks other than 0 of a distributed run: no output, no train.log.
+    quiet: bool,
 }
 
 impl Progress {
@@ -214,10 +222,13 @@ impl Progress {
             "lines" => "lines",
             _ => "off",
         };
-        Progress { mode, last_len: 0 }
+        Progress { mode, last_len: 0, quiet: false }
     }
 
     fn bar(&mut self, step: i64, total: i64, text: &str) {
+        if self.quiet {
+            return;
+        }
         if self.mode == "sink" {
             crate::output::report(crate::output::Progress::Bar { step, total, text });
             return;
@@ -237,6 +248,9 @@ impl Progress {
 
     /// A permanent line (log records, evaluations, messages).
     fn line(&mut self, run: &RunDir, text: &str) {
+        if self.quiet {
+            return;
+        }
         run.log(text);
         match self.mode {
             "off" => {}
@@ -292,11 +306,31 @@ pub fn evaluate_hooked(
     sample: &mut Option<Tensor>,
     hooks: Option<&dyn crate::hooks::Hooks>,
 ) -> Result<Map<String, Value>> {
+    let sums = eval_sums(model, data, amp, sample, hooks, (0, 1))?;
+    Ok(eval_metrics(model.task(), &sums))
+}
+
+/// Sums over evaluation batches: [loss, correct, count, batches]. A rank of
+/// `shard = (rank, world)` takes every world-th batch from its rank on, so
+/// the ranks' sums add up to one process's.
+fn eval_sums(
+    model: &dyn Model,
+    data: &mut dyn Data,
+    amp: Option<crate::shim::AutocastDtype>,
+    sample: &mut Option<Tensor>,
+    hooks: Option<&dyn crate::hooks::Hooks>,
+    shard: (i64, i64),
+) -> Result<[f64; 4]> {
     let device = model.store().device();
     let (mut loss_sum, mut correct, mut count, mut batches) = (0.0f64, 0i64, 0i64, 0i64);
     let task = model.task();
     let _guard = tch::no_grad_guard();
+    let mut index = -1i64;
     data.for_each_eval(&mut |x, y| {
+        index += 1;
+        if index % shard.1 != shard.0 {
+            return Ok(());
+        }
         let x = x.f_to_device(device).map_err(te)?;
         let y = y.f_to_device(device).map_err(te)?;
         if sample.is_none() {
@@ -326,23 +360,28 @@ pub fn evaluate_hooked(
         batches += 1;
         Ok(())
     })?;
+    Ok([loss_sum, correct as f64, count as f64, batches as f64])
+}
+
+fn eval_metrics(task: Task, sums: &[f64; 4]) -> Map<String, Value> {
+    let [loss_sum, correct, count, batches] = *sums;
     let mut m = Map::new();
-    if batches == 0 {
-        return Ok(m);
+    if batches == 0.0 {
+        return m;
     }
     match task {
         Task::Classify { .. } => {
-            let n = count.max(1) as f64;
+            let n = count.max(1.0);
             m.insert("test_loss".into(), json!(loss_sum / n));
-            m.insert("test_acc".into(), json!(correct as f64 / n));
+            m.insert("test_acc".into(), json!(correct / n));
         }
         Task::LanguageModel { .. } => {
-            let l = loss_sum / batches as f64;
+            let l = loss_sum / batches;
             m.insert("val_loss".into(), json!(l));
             m.insert("val_ppl".into(), json!(perplexity(l)));
         }
     }
-    Ok(m)
+    m
 }
 
 /// Everything the loop needs, borrowed from the caller.
@@ -381,6 +420,47 @@ impl Trainer<'_> {
         self.model.store().device()
     }
 
+    /// Ranks 1.. of a distributed run keep quiet and write nothing.
+    fn lead(&self) -> bool {
+        crate::dist::rank() == 0
+    }
+
+    /// Every rank starts from rank 0's parameters and buffers.
+    fn sync_start(&mut self) -> Result<()> {
+        for g in self.model.store().groups() {
+            crate::dist::broadcast(&g.data, 0)?;
+        }
+        self.sync_buffers()
+    }
+
+    /// Buffers (BatchNorm's running statistics) are updated on each rank's
+    /// slice; rank 0's are the model's, as with PyTorch DDP's buffer
+    /// broadcast. Boolean and byte buffers are derived, never trained.
+    fn sync_buffers(&self) -> Result<()> {
+        if crate::dist::world_size() < 2 {
+            return Ok(());
+        }
+        for (_, b) in self.model.store().buffers() {
+            if matches!(
+                b.kind(),
+                Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16 | Kind::Int64 | Kind::Int
+            ) {
+                crate::dist::broadcast(b, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sum the ranks' gradients (each rank's loss is already weighted by its
+    /// share of the global batch, so the sum is the global mean's gradient).
+    fn all_reduce_grads(&self) -> Result<()> {
+        let bucket = (self.cfg.bucket_mb * (1 << 20) as f64) as i64;
+        for g in self.model.store().groups() {
+            crate::dist::all_reduce_buckets(&g.grad, bucket)?;
+        }
+        Ok(())
+    }
+
     fn schedule(&self, total: i64) -> Schedule {
         let base = self.opt.cfg.lr;
         let min_lr = self.cfg.min_lr.unwrap_or(base / 10.0);
@@ -404,7 +484,14 @@ impl Trainer<'_> {
     fn evaluate(&mut self) -> Result<Map<String, Value>> {
         let amp = amp_dtype(&self.cfg, self.device());
         let mut sample = None;
-        let mut m = evaluate_hooked(&*self.model, &mut *self.data, amp, &mut sample, self.fwd_hooks)?;
+        let shard =
+            if crate::dist::is_active() { (crate::dist::rank(), crate::dist::world_size()) } else { (0, 1) };
+        self.sync_buffers()?;
+        let mut sums = eval_sums(&*self.model, &mut *self.data, amp, &mut sample, self.fwd_hooks, shard)?;
+        if shard.1 > 1 {
+            crate::dist::all_reduce_f64(&mut sums, crate::dist::Op::Sum)?;
+        }
+        let mut m = eval_metrics(self.model.task(), &sums);
         let extra = {
             let _g = tch::no_grad_guard();
             let model = &mut *self.model;
@@ -439,6 +526,10 @@ impl Trainer<'_> {
     }
 
     fn save(&mut self, which: &str, step: i64, epoch: i64, progress: &Value) -> Result<()> {
+        self.sync_buffers()?;
+        if !self.lead() {
+            return Ok(());
+        }
         let mut extra = Vec::new();
         let mut hook_state = Map::new();
         for h in self.hooks.iter() {
@@ -537,7 +628,14 @@ impl Trainer<'_> {
             Some(spec) => Tracker::from_spec(spec)?,
             None => Tracker::from_env()?,
         };
+        let lead = self.lead();
+        let (dist, world) = (crate::dist::is_active(), crate::dist::world_size());
+        let multi = world > 1;
+        if !lead {
+            tracker = Tracker::silent();
+        }
         let mut progress = Progress::new(&self.cfg.progress);
+        progress.quiet = !lead;
         let (mut step, mut epoch) = (0i64, 0i64);
         let mut best: Map<String, Value> = Map::new();
         let mut last_eval: Map<String, Value> = Map::new();
@@ -566,7 +664,9 @@ impl Trainer<'_> {
                 .ok()
                 .and_then(|rs| rs.iter().filter_map(|r| r.get("step")?.as_i64()).max());
             replayed_through = logged.filter(|&s| s > step);
-            self.run.truncate_metrics_after(step)?;
+            if lead {
+                self.run.truncate_metrics_after(step)?;
+            }
             progress.line(&self.run, &format!("resumed from {} at step {step}", last.display()));
         }
         // The local sink writes config.json and starts a new metrics.jsonl
@@ -574,7 +674,21 @@ impl Trainer<'_> {
         let mut info = RunInfo::new(&self.run.path, self.record.clone(), resumed);
         info.logged_through = replayed_through;
         tracker.start(&info)?;
-        self.run.set_status(Status::Running, None)?;
+        if lead {
+            self.run.set_status(Status::Running, None)?;
+        }
+        if dist {
+            // After every rank has read the checkpoint: rank 0's state wins.
+            self.sync_start()?;
+            if multi {
+                // Dropout differs per rank (as each rank's slice does); the
+                // data order, drawn from the loaders' own generators, does not.
+                let base = Tensor::f_randint(i64::MAX, [1], (Kind::Int64, Device::Cpu))
+                    .and_then(|t| t.f_int64_value(&[0]))
+                    .map_err(te)?;
+                tch::manual_seed(base.wrapping_add(crate::dist::rank()));
+            }
+        }
         // A time budget's length is unknown until the step time is measured:
         // until then the schedule runs as if the budget were endless (the
         // warm-up, then the full rate), not as if it were one step long.
@@ -598,14 +712,25 @@ impl Trainer<'_> {
             if (step_budget || self.cfg.epochs == 0) && total > 0 && step >= total {
                 break;
             }
-            if self.cfg.time_limit > 0.0 && elapsed(&start) >= self.cfg.time_limit {
+            // Ranks stop together: a Ctrl-C on any rank and rank 0's clock
+            // are agreed on before each step (a host all-reduce, no device sync).
+            let mut flags = [
+                f64::from(u8::from(crate::interrupt::requested())),
+                f64::from(u8::from(
+                    lead && self.cfg.time_limit > 0.0 && elapsed(&start) >= self.cfg.time_limit,
+                )),
+            ];
+            if multi {
+                crate::dist::all_reduce_f64(&mut flags, crate::dist::Op::Max)?;
+            }
+            if flags[1] > 0.0 {
                 progress.line(
                     &self.run,
                     &format!("time budget of {} s reached at step {step}", self.cfg.time_limit),
                 );
                 break;
             }
-            if crate::interrupt::requested() {
+            if flags[0] > 0.0 {
                 failure = Some("interrupted (Ctrl-C)".into());
                 break;
             }
@@ -654,6 +779,20 @@ impl Trainer<'_> {
                     Task::LanguageModel { .. } => x.numel() as f64,
                     Task::Classify { .. } => x.size()[0] as f64,
                 };
+                // Each rank trains on its rows of the global batch, its loss
+                // weighted by its share, so the summed gradient is the mean's.
+                let (x, y, share) = if multi {
+                    let n = x.size()[0];
+                    if n < world {
+                        bail!("train: a batch of {n} cannot be split over {world} ranks (batch size < world size)");
+                    }
+                    let (lo, len) = crate::dist::shard(n, crate::dist::rank(), world);
+                    let x = x.f_narrow(0, lo, len).map_err(te)?;
+                    let y = y.f_narrow(0, lo, len).map_err(te)?;
+                    (x, y, len as f64 / n as f64)
+                } else {
+                    (x, y, 1.0)
+                };
                 let x = x.f_to_device(device).map_err(te)?;
                 let y = y.f_to_device(device).map_err(te)?;
                 let logits = match amp {
@@ -681,11 +820,12 @@ impl Trainer<'_> {
                     None => cross_entropy(&logits.f_to_kind(Kind::Float).map_err(te)?, &y).map_err(te)?,
                 };
                 let scaled = loss.f_div_scalar(self.cfg.grad_accum as f64).map_err(te)?;
+                let scaled = if multi { scaled.f_mul_scalar(share).map_err(te)? } else { scaled };
                 // Auxiliary terms (RA balance, routing penalty) train the
                 // model; the logged train loss stays the cross-entropy.
                 let objective = match self.model.take_aux_loss() {
                     Some(aux) => scaled
-                        .f_add(&aux.f_div_scalar(self.cfg.grad_accum as f64).map_err(te)?)
+                        .f_add(&aux.f_div_scalar(self.cfg.grad_accum as f64 / share).map_err(te)?)
                         .map_err(te)?,
                     None => scaled.shallow_clone(),
                 };
@@ -723,6 +863,10 @@ impl Trainer<'_> {
                 window_items += n_items;
                 items_done += n_items;
                 micro += 1;
+            }
+            // Only the last micro-step's gradients travel between ranks.
+            if dist {
+                self.all_reduce_grads()?;
             }
             // The optimizer step, with hooks around it; skipped (as
             // GradScaler does) when scaled float16 gradients overflowed.
@@ -762,6 +906,12 @@ impl Trainer<'_> {
                 let per_step = start.elapsed().as_secs_f64() / step as f64;
                 let remaining = (self.cfg.time_limit - elapsed(&start)).max(0.0);
                 total = step + (remaining / per_step) as i64;
+                if multi {
+                    // One schedule for all ranks: the slowest rank's estimate.
+                    let mut t = [total as f64];
+                    crate::dist::all_reduce_f64(&mut t, crate::dist::Op::Min)?;
+                    total = t[0] as i64;
+                }
                 schedule = self.schedule(total.max(1));
                 progress.line(
                     &self.run,
@@ -770,6 +920,15 @@ impl Trainer<'_> {
             }
             // Logging (the only host synchronisation in the loop).
             if step % self.cfg.log_every == 0 || step == total {
+                if multi {
+                    // Every rank logged its weighted share: the sums are global.
+                    for t in [loss_acc.as_ref(), acc_hits.as_ref()].into_iter().flatten() {
+                        crate::dist::all_reduce(t, crate::dist::Op::Sum)?;
+                    }
+                    let mut c = [acc_count as f64];
+                    crate::dist::all_reduce_f64(&mut c, crate::dist::Op::Sum)?;
+                    acc_count = c[0] as i64;
+                }
                 let train_loss = loss_acc.take().map(|t| t.f_double_value(&[])).transpose().map_err(te)?;
                 let train_loss = train_loss.map(|l| l * 1.0 / window_steps.max(1) as f64);
                 if let Some(l) = train_loss {
@@ -883,7 +1042,9 @@ impl Trainer<'_> {
                 let p = progress_state(&best, &last_eval, secs, items_done, total);
                 self.save("last", step, epoch, &p)?;
             }
-            self.run.set_status(status, Some(&reason))?;
+            if lead {
+                self.run.set_status(status, Some(&reason))?;
+            }
             let s = self.summary(
                 status,
                 Some(reason),
@@ -933,7 +1094,9 @@ impl Trainer<'_> {
             device,
         )?;
         tracker.finish(&serde_json::to_value(&s)?, "done")?;
-        self.run.set_status(Status::Done, None)?;
+        if lead {
+            self.run.set_status(Status::Done, None)?;
+        }
         progress.line(&self.run, &format!("done: {}", format_record(&s.final_metrics)));
         Ok(s)
     }
