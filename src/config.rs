@@ -180,6 +180,16 @@ pub struct Experiment {
     pub parallel_jobs: i64,
     pub baseline: String,
     pub auto_graphs: bool,
+    /// Ranks per cell (0: one process without a process group).
+    #[serde(default)]
+    pub nproc: i64,
+    /// Seconds a rank waits for the others.
+    #[serde(default = "default_dist_timeout")]
+    pub dist_timeout: i64,
+}
+
+fn default_dist_timeout() -> i64 {
+    300
 }
 
 fn enabled<T: Clone>(r: &Reader, prefix: &str, table: &[(&str, T)]) -> Result<Vec<T>> {
@@ -377,6 +387,7 @@ impl Experiment {
             min_lr: Some(r.float("MIN_LR")?),
             amp: chosen(r, "AMP_", &amps)?.unwrap_or("bf16").into(),
             tf32: r.bool("TF32")?,
+            bucket_mb: r.int("DIST_BUCKET_MB")? as f64,
             ..TrainConfig::default()
         };
         let devices = [("AUTO", "auto"), ("CPU", "cpu"), ("CUDA", "cuda")];
@@ -417,6 +428,8 @@ impl Experiment {
             parallel_jobs: r.int("PARALLEL_JOBS")?,
             baseline: r.string("BASELINE")?,
             auto_graphs: r.bool("AUTO_GRAPHS")?,
+            nproc: r.int("DIST_NPROC")?,
+            dist_timeout: r.int("DIST_TIMEOUT")?,
         })
     }
 }
@@ -431,6 +444,7 @@ pub const OVERRIDES: &[(&str, &str, Apply)] = &[
     ("LR", "LEARNING_RATE", |kc, v| set(kc, "LEARNING_RATE", v)),
     ("BATCH_SIZE", "BATCH_SIZE", |kc, v| set(kc, "BATCH_SIZE", v)),
     ("PARALLEL_JOBS", "PARALLEL_JOBS", |kc, v| set(kc, "PARALLEL_JOBS", v)),
+    ("NPROC", "DIST_NPROC (ranks per run)", |kc, v| set(kc, "DIST_NPROC", v)),
     ("BASELINE", "BASELINE", |kc, v| set(kc, "BASELINE", v)),
     ("PROJECT", "TRACKER_PROJECT", |kc, v| set(kc, "TRACKER_PROJECT", v)),
     ("DEVICE", "DEVICE_AUTO|CPU|CUDA", |kc, v| set(kc, &format!("DEVICE_{}", v.to_ascii_uppercase()), "y")),
