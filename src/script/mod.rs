@@ -8,6 +8,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod display;
+pub mod dist;
 pub mod errors;
 pub mod helpers;
 pub mod kv_circuit;
@@ -88,6 +89,7 @@ impl ScriptError {
 pub fn register_all(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     tensor::register(engine, docs);
     device::register(engine, docs);
+    dist::register(engine, docs);
     helpers::register(engine, docs);
     display::register(engine, docs);
     data::register(engine, docs);
@@ -470,6 +472,13 @@ mod tests {
         for d in &docs {
             assert!(!d.doc.is_empty() && d.doc.ends_with('.'), "{}: doc should be a sentence", d.signature);
             assert!(seen.insert(d.signature.clone()), "{} is registered twice", d.signature);
+            // The reference shows only the listed groups.
+            assert!(
+                api::GROUPS.iter().any(|(g, _)| *g == d.group),
+                "{}: group '{}' is missing from api::GROUPS",
+                d.signature,
+                d.group
+            );
         }
     }
 
