@@ -1,5 +1,7 @@
 //! The training loop, checkpoints, exact resume and pruning, on a tiny MLP
 //! and synthetic data (fast, CPU).
+mod dist;
+
 use std::path::PathBuf;
 
 use anyhow::Result;
