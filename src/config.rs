@@ -59,10 +59,13 @@ impl<'a> Reader<'a> {
         Ok(self.sym(name, &[SymbolType::String])?.str_value())
     }
 
-    /// A float kept in a string symbol (`"3e-3"`).
+    /// A float kept in a string symbol (`"3e-3"`): finite, and inside the
+    /// symbol's interval in [`FLOAT_RULES`].
     pub fn float(&self, name: &str) -> Result<f64> {
         let v = self.string(name)?;
-        v.trim().parse::<f64>().map_err(|_| anyhow!("CONFIG_{name}=\"{v}\": not a number"))
+        let x = v.trim().parse::<f64>().map_err(|_| anyhow!("CONFIG_{name}=\"{v}\": not a number"))?;
+        check_float(name, x).map_err(|why| anyhow!("CONFIG_{name}=\"{v}\": {why}"))?;
+        Ok(x)
     }
 
     /// An int, or None when the symbol has no value (its menu is disabled).
@@ -86,6 +89,41 @@ impl<'a> Reader<'a> {
     pub fn read(&self) -> BTreeSet<String> {
         self.read.borrow().clone()
     }
+}
+
+/// The interval each float option must lie in: (symbol, low, high, high
+/// included). Every float is also finite; a symbol not listed only needs
+/// to be >= 0.
+pub const FLOAT_RULES: &[(&str, f64, f64, bool)] = &[
+    ("LEARNING_RATE", f64::MIN_POSITIVE, f64::MAX, true),
+    ("ADAM_EPS", f64::MIN_POSITIVE, f64::MAX, true),
+    ("ADAM_BETA1", 0.0, 1.0, false),
+    ("ADAM_BETA2", 0.0, 1.0, false),
+    ("SGD_MOMENTUM", 0.0, 1.0, false),
+    ("GPT2_DROPOUT", 0.0, 1.0, false),
+    ("PRUNING_SAMPLE_FRACTION", 0.0, 1.0, true),
+    ("KVSPLICE_RATIO", f64::MIN_POSITIVE, 1.0, true),
+    ("RA_ROUTE_HEAD_FRAC", 0.0, 1.0, true),
+    ("RA_ROUTE_WARMUP_DROP", 0.0, 1.0, true),
+];
+
+/// Why `x` is not a valid value of float option `name`, if it is not.
+pub fn check_float(name: &str, x: f64) -> std::result::Result<(), String> {
+    if !x.is_finite() {
+        return Err("must be a finite number".into());
+    }
+    let (lo, hi, closed) =
+        FLOAT_RULES.iter().find(|r| r.0 == name).map(|r| (r.1, r.2, r.3)).unwrap_or((0.0, f64::MAX, true));
+    let fits = x >= lo && if closed { x <= hi } else { x < hi };
+    if fits {
+        return Ok(());
+    }
+    let low = if lo == f64::MIN_POSITIVE { "> 0".to_string() } else { format!(">= {lo}") };
+    Err(match (hi == f64::MAX, closed) {
+        (true, _) => format!("must be {low}"),
+        (false, true) => format!("must be {low} and <= {hi}"),
+        (false, false) => format!("must be {low} and < {hi}"),
+    })
 }
 
 /// (suffix, name) tables for the multi-select menus.
@@ -475,12 +513,29 @@ pub const OVERRIDES: &[(&str, &str, Apply)] = &[
 ];
 
 fn set(kc: &mut Kconfig, sym: &str, v: &str) -> Result<()> {
-    kc.set_value(sym, v).map_err(|e| anyhow!("{e}"))
+    if v.contains(['\n', '\r']) {
+        bail!("{sym}: a value cannot hold a line break");
+    }
+    let Err(e) = kc.set_value(sym, v) else { return Ok(()) };
+    // Say which values are allowed rather than kconfiglib's "was assigned
+    // ... but got ...".
+    let ranges: Vec<String> = kc
+        .symbol(sym)
+        .map(|s| s.ranges().into_iter().map(|r| r.value.replace(' ', " to ")).collect())
+        .unwrap_or_default();
+    match ranges.first() {
+        Some(r) if ranges.len() == 1 => bail!("{sym}={v}: outside the allowed range {r}"),
+        _ => Err(anyhow!("{e}")),
+    }
 }
 
 /// Enable exactly the listed members of a multi-select menu.
 fn set_list(kc: &mut Kconfig, var: &str, v: &str, prefix: &str, table: &[(&str, &str)]) -> Result<()> {
     let wanted: Vec<&str> = v.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    if wanted.is_empty() {
+        let valid: Vec<&str> = table.iter().map(|(_, n)| *n).collect();
+        bail!("{var}= is empty: give one or more of {} (comma separated)", valid.join(", "));
+    }
     for w in &wanted {
         if !table.iter().any(|(_, n)| n == w) {
             let valid: Vec<&str> = table.iter().map(|(_, n)| *n).collect();

@@ -265,3 +265,111 @@ fn magnitude_cells_record_no_variant() {
     let state = knlp::matrix::Cell { pruning: "state".into(), variant: Some("bitter3".into()), ..base };
     assert_eq!(knlp::matrix::prune_config(&exp, &state).unwrap().variant, "bitter3");
 }
+
+/// Bad values fail in the config layer with the option and what is allowed,
+/// never later in a cell: every float option against non-finite, negative
+/// and out-of-interval values, every integer override against its range,
+/// empty lists, and line breaks (which would corrupt .config).
+#[test]
+fn bad_values_are_refused_with_what_is_allowed() {
+    let d = std::env::temp_dir().join(format!("knlp-badvalues-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let k = root().join("Kconfig");
+    let base = std::fs::read_to_string(root().join("defconfigs/gpt2-brown-small")).unwrap();
+    let cfg = d.join(".config");
+    let read = |text: &str| -> Result<Experiment, String> {
+        std::fs::write(&cfg, text).unwrap();
+        let (kc, _) = config::load(&k, &cfg, &[]).map_err(|e| format!("{e:#}"))?;
+        Experiment::read(&Reader::new(&kc)).map_err(|e| format!("{e:#}"))
+    };
+    read(&base).unwrap();
+    // Every float (string) symbol of the tree the code reads.
+    let kc = tree();
+    let floats: Vec<String> = kc
+        .symbols()
+        .filter(|s| {
+            s.orig_type() == kconfig::SymbolType::String
+                && s.defaults().first().is_some_and(|d| d.value.trim_matches('"').parse::<f64>().is_ok())
+        })
+        .map(|s| s.name().to_string())
+        .collect();
+    assert!(floats.len() >= 10 && floats.contains(&"LEARNING_RATE".to_string()), "{floats:?}");
+    let mut tried = 0;
+    for sym in &floats {
+        for bad in ["nan", "inf", "-inf", "-1", "1e400", "abc"] {
+            // Symbols behind a disabled menu are not read: enable what the
+            // symbol needs by trying it in a preset where it is visible.
+            let text = format!("{base}CONFIG_{sym}=\"{bad}\"\nCONFIG_OPTIMIZER_SGD=y\nCONFIG_OPTIMIZER_ADAMWSPAM=y\nCONFIG_PRUNING_MAGNITUDE=y\nCONFIG_PRUNING_MOVEMENT=y\n");
+            let (kc, _) = {
+                std::fs::write(&cfg, &text).unwrap();
+                config::load(&k, &cfg, &[]).unwrap()
+            };
+            if kc.symbol(sym).unwrap().str_value() != bad {
+                continue; // not visible in this configuration
+            }
+            tried += 1;
+            let e = Experiment::read(&Reader::new(&kc)).err().map(|e| format!("{e:#}"));
+            let e = e.unwrap_or_else(|| panic!("CONFIG_{sym}=\"{bad}\" was accepted"));
+            assert!(e.contains(&format!("CONFIG_{sym}")), "{sym}={bad}: {e}");
+        }
+    }
+    eprintln!("{tried} bad float values tried over {} float options", floats.len());
+    assert!(tried >= 40, "only {tried} bad floats were visible");
+    for bad in ["0", "-3e-3", "nan"] {
+        let ov = config::parse_overrides(&[format!("LR={bad}")]).unwrap();
+        std::fs::write(&cfg, &base).unwrap();
+        let (kc, _) = config::load(&k, &cfg, &ov).unwrap();
+        let e = format!("{:#}", Experiment::read(&Reader::new(&kc)).unwrap_err());
+        assert!(e.contains("LEARNING_RATE") && (e.contains("> 0") || e.contains("finite")), "LR={bad}: {e}");
+    }
+    // Integer overrides name their range.
+    for (var, bad, range) in [
+        ("EPOCHS", "-3", "0 to"),
+        ("BATCH_SIZE", "0", "1 to"),
+        ("STEPS", "-1", "0 to"),
+        ("PARALLEL_JOBS", "0", "1 to 64"),
+        ("NPROC", "-2", "0 to 1024"),
+    ] {
+        let ov = config::parse_overrides(&[format!("{var}={bad}")]).unwrap();
+        std::fs::write(&cfg, &base).unwrap();
+        let e = format!("{:#}", config::load(&k, &cfg, &ov).unwrap_err());
+        assert!(
+            e.contains(&format!("{var}={bad}"))
+                && e.contains("outside the allowed range")
+                && e.contains(range),
+            "{e}"
+        );
+    }
+    for var in ["SPARSITY", "MODELS", "OPTIMIZERS", "PRUNING", "VARIANTS"] {
+        let ov = config::parse_overrides(&[format!("{var}=")]).unwrap();
+        let e = format!("{:#}", config::load(&k, &cfg, &ov).unwrap_err());
+        assert!(e.contains(&format!("{var}= is empty")), "{e}");
+    }
+    let ov = config::parse_overrides(&["PROJECT=a\nCONFIG_X=y".into()]).unwrap();
+    assert!(format!("{:#}", config::load(&k, &cfg, &ov).unwrap_err()).contains("line break"));
+    // `knlp config set` refuses a line break and leaves .config as it was.
+    std::fs::write(&cfg, &base).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_knlp"))
+        .args(["config", "set", "--kconfig"])
+        .arg(&k)
+        .args(["TRACKER_PROJECT", "x\nCONFIG_SEED=5"])
+        .env("KCONFIG_CONFIG", &cfg)
+        .env("srctree", root())
+        .output()
+        .unwrap();
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("line break"));
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), base);
+    // `knlp check-config` checks $KCONFIG_CONFIG, not only ./.config.
+    std::fs::write(&cfg, format!("{base}CONFIG_LEARNING_RATE=\"nan\"\n")).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_knlp"))
+        .args(["check-config", "--kconfig"])
+        .arg(&k)
+        .env("KCONFIG_CONFIG", &cfg)
+        .env("srctree", root())
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success() && out.contains("FAIL") && out.contains("LEARNING_RATE"), "{out}");
+    let _ = std::fs::remove_dir_all(&d);
+}

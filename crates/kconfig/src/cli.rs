@@ -602,6 +602,14 @@ fn apply_assignments(
             let _ = writeln!(err, "error: no '=' in assignment: '{}'", raw[i]);
             return 1;
         }
+        // A .config line cannot hold a line break: it would corrupt the file.
+        if value.contains(['\n', '\r']) {
+            let _ = writeln!(
+                err,
+                "error: the value for {name} holds a line break, which a .config line cannot store"
+            );
+            return 1;
+        }
         let Some(sym) = kc.symbol(name) else {
             if !check_exists {
                 continue;
