@@ -44,3 +44,36 @@ pub fn clear() {
 pub fn raise() {
     FLAG.store(true, Ordering::SeqCst);
 }
+
+thread_local! {
+    static DEFERRED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// While alive, the script engine on this thread leaves a Ctrl-C to the
+/// native loop that polls it at a safe point (the training loop, whose
+/// forward may run script closures): the flag is not consumed mid-step.
+pub struct Defer(());
+
+impl Defer {
+    pub fn new() -> Defer {
+        DEFERRED.with(|d| d.set(d.get() + 1));
+        Defer(())
+    }
+}
+
+impl Default for Defer {
+    fn default() -> Self {
+        Defer::new()
+    }
+}
+
+impl Drop for Defer {
+    fn drop(&mut self) {
+        DEFERRED.with(|d| d.set(d.get().saturating_sub(1)));
+    }
+}
+
+/// Whether a native loop on this thread handles Ctrl-C itself.
+pub fn deferred() -> bool {
+    DEFERRED.with(|d| d.get() > 0)
+}

@@ -189,7 +189,7 @@ impl Runtime {
         let deadline: Rc<Cell<Option<Instant>>> = Rc::new(Cell::new(None));
         let dl = deadline.clone();
         engine.on_progress(move |ops| {
-            if crate::interrupt::take() {
+            if !crate::interrupt::deferred() && crate::interrupt::take() {
                 return Some(Dynamic::from("interrupted".to_string()));
             }
             if ops % 1024 == 0 {

@@ -597,6 +597,9 @@ impl Trainer<'_> {
     /// status `failed` and the run directory says why.
     pub fn run(mut self) -> Result<Summary> {
         self.cfg.validate()?;
+        // Ctrl-C stops this loop at a step boundary, even while a script
+        // closure (a script model's forward) is running.
+        let _defer = crate::interrupt::Defer::new();
         let device = self.device();
         if device.is_cuda() {
             crate::shim::set_tf32(self.cfg.tf32).map_err(|e| anyhow!(e))?;
