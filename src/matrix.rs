@@ -449,7 +449,18 @@ pub fn run_cell(project_dir: &Path, cell_id: &str, resume: bool) -> Result<Summa
         fwd_hooks: None,
         loss_fn: None,
     };
-    t.run()
+    let res = t.run();
+    // A set-up error inside the loop (a truncated checkpoint, a bad data
+    // file) is the cell's recorded reason, not "exited with status 1".
+    if let Err(e) = &res {
+        if crate::dist::rank() == 0 {
+            let run = RunDir { path: project_dir.join(&cell.id) };
+            let reason = format!("{e:#}");
+            run.log(&format!("cell {}: {reason}", cell.id));
+            let _ = run.set_status(Status::Failed, Some(&reason));
+        }
+    }
+    res
 }
 
 /// `knlp check`: build every cell's model, optimizer and pruner and take one
@@ -524,7 +535,24 @@ impl Runner {
         let tty = std::io::stdout().is_terminal();
         let mut drawn = 0usize;
         let total = ids.len();
+        // Cells run in process groups of their own, so the runner alone
+        // sees a terminal's Ctrl-C and passes it on once (a second one at a
+        // cell would abort it without a checkpoint).
+        crate::interrupt::install();
+        let mut forwarded = false;
         while !queue.is_empty() || !running.is_empty() {
+            if crate::interrupt::requested() {
+                if !forwarded {
+                    for r in &running {
+                        // SAFETY: kill(2) on a child we have not reaped.
+                        unsafe {
+                            libc::kill(r.child.id() as libc::pid_t, libc::SIGINT);
+                        }
+                    }
+                    forwarded = true;
+                }
+                queue.clear();
+            }
             while running.len() < self.jobs && !queue.is_empty() {
                 let id = queue.pop_front().unwrap_or_default();
                 let slot = (0..self.jobs).find(|s| !running.iter().any(|r| r.slot == *s)).unwrap_or(0);
@@ -567,6 +595,20 @@ impl Runner {
     fn spawn(&self, id: &str, slot: usize, gpus: usize, quiet: bool) -> Result<Child> {
         let mut cmd = Command::new(&self.exe);
         cmd.arg("cell").arg(&self.project_dir).arg(id);
+        let runner = std::process::id() as libc::pid_t;
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                libc::setpgid(0, 0);
+                // A cell never outlives its runner (a SIGKILLed make).
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::getppid() != runner {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
         if self.resume {
             cmd.arg("--resume");
         }
@@ -645,34 +687,111 @@ impl Runner {
     }
 }
 
-/// Hold `runs/<project>/.lock` while a matrix runs there.
-pub struct Lock(PathBuf);
+/// Hold `runs/<project>/.lock` while a matrix runs there: one writer per
+/// project. The lock names its owner (host, pid and the pid's start time,
+/// so a pid reused by an unrelated process is not mistaken for the owner);
+/// it is created atomically and removed only by the process that owns it.
+pub struct Lock {
+    path: PathBuf,
+    token: String,
+}
+
+/// Start time of a process in clock ticks since boot (`/proc/<pid>/stat`
+/// field 22), None when it is gone.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
+fn own_token() -> String {
+    let pid = std::process::id() as i32;
+    format!("pid {pid} start {} host {}\n", start_time(pid).unwrap_or(0), hostname())
+}
+
+/// Who holds a lock file: (pid, start time, host); an older lock holds only a pid.
+fn parse_token(text: &str) -> Option<(i32, Option<u64>, Option<String>)> {
+    let t = text.trim();
+    if let Ok(pid) = t.parse::<i32>() {
+        return Some((pid, None, None));
+    }
+    let f: Vec<&str> = t.split_whitespace().collect();
+    match f.as_slice() {
+        ["pid", pid, "start", st, "host", host] => {
+            Some((pid.parse().ok()?, st.parse().ok(), Some(host.to_string())))
+        }
+        ["pid", pid, "start", st, "host"] => Some((pid.parse().ok()?, st.parse().ok(), Some(String::new()))),
+        _ => None,
+    }
+}
 
 impl Lock {
     pub fn take(project_dir: &Path) -> Result<Lock> {
         fs::create_dir_all(project_dir)?;
-        let p = project_dir.join(".lock");
-        if let Ok(text) = fs::read_to_string(&p) {
-            if let Ok(pid) = text.trim().parse::<i32>() {
-                // Signal 0 tests whether the process exists.
-                let alive = Command::new("kill")
-                    .args(["-0", &pid.to_string()])
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success());
-                if alive && pid as u32 != std::process::id() {
-                    bail!("{} is being run by process {pid}", project_dir.display());
+        let path = project_dir.join(".lock");
+        let token = own_token();
+        for _ in 0..3 {
+            match fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    f.write_all(token.as_bytes()).with_context(|| format!("{}", path.display()))?;
+                    return Ok(Lock { path, token });
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e).with_context(|| format!("{}", path.display())),
+            }
+            let text = fs::read_to_string(&path).unwrap_or_default();
+            if text == token {
+                // Already ours (a second take by the same process).
+                return Ok(Lock { path, token });
+            }
+            let clear = format!("if no knlp runs there, remove it: rm {}", path.display());
+            let Some((pid, start, host)) = parse_token(&text) else {
+                bail!(
+                    "{}: a lock this knlp cannot read ({:?}); {clear}",
+                    path.display(),
+                    text.chars().take(80).collect::<String>()
+                );
+            };
+            if let Some(h) = host.as_ref().filter(|h| !h.is_empty() && **h != hostname()) {
+                bail!("{} is locked by process {pid} on host {h}; {clear}", project_dir.display());
+            }
+            let alive = start_time(pid);
+            let owner_alive = match (alive, start) {
+                (None, _) => false,
+                (Some(now), Some(then)) => now == then,
+                (Some(_), None) => true,
+            };
+            if owner_alive {
+                bail!(
+                    "{} is being run by process {pid}; wait for it to finish or stop it (Ctrl-C, or kill {pid})",
+                    project_dir.display()
+                );
+            }
+            eprintln!(
+                "knlp: {}: process {pid} that held the lock is gone{}; taking it over",
+                project_dir.display(),
+                if alive.is_some() { " (its pid now belongs to another process)" } else { "" }
+            );
+            // Remove only the stale lock we read, not one taken meanwhile.
+            if fs::read_to_string(&path).is_ok_and(|t| t == text) {
+                let _ = fs::remove_file(&path);
             }
         }
-        fs::write(&p, std::process::id().to_string())?;
-        Ok(Lock(p))
+        bail!("{}: could not take the lock (others keep taking it)", path.display())
     }
 }
 
 impl Drop for Lock {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
+        // Never remove a lock another process owns (after a move, a takeover).
+        if fs::read_to_string(&self.path).is_ok_and(|t| t == self.token) {
+            let _ = fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -774,5 +893,61 @@ mod tests {
         );
         assert_eq!(cell_id("lenet5", "adamw", "none", None, 0.0), "lenet5_adamw_none");
         assert_eq!(cell_id("gpt2", "adamw", "magnitude", None, 0.5), "gpt2_adamw_magnitude_50");
+    }
+
+    fn lock_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("knlp-lock-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    /// One writer per project: a live owner (by pid and start time) keeps
+    /// its lock; a dead one, a reused pid and an old pid-only lock of a dead
+    /// process are taken over; nobody removes a lock it does not own.
+    #[test]
+    fn locks_know_their_owner() {
+        let d = lock_dir("owner");
+        let lock = d.join(".lock");
+        let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = sleeper.id() as i32;
+        let start = start_time(pid).unwrap();
+        let host = hostname();
+        let cases = [
+            (format!("pid {pid} start {start} host {host}\n"), false, "a live owner"),
+            (format!("{pid}\n"), false, "an old lock of a live pid"),
+            (format!("pid {pid} start {} host {host}\n", start + 1), true, "a reused pid"),
+            ("pid 2147483646 start 1 host x\n".replace(" x", &format!(" {host}")), true, "a dead owner"),
+            ("2147483646\n".to_string(), true, "an old lock of a dead pid"),
+            (format!("pid {pid} start {start} host another-host\n"), false, "another host"),
+            ("garbage".to_string(), false, "an unreadable lock"),
+        ];
+        for (text, taken, what) in cases {
+            fs::create_dir_all(&d).unwrap();
+            fs::write(&lock, &text).unwrap();
+            match Lock::take(&d) {
+                Ok(l) => {
+                    assert!(taken, "{what}: taken over");
+                    assert_eq!(fs::read_to_string(&lock).unwrap(), own_token(), "{what}");
+                    drop(l);
+                    assert!(!lock.exists(), "{what}: released");
+                }
+                Err(e) => {
+                    assert!(!taken, "{what}: refused: {e}");
+                    let msg = e.to_string();
+                    assert!(msg.contains("rm ") || msg.contains(&pid.to_string()), "{what}: {msg}");
+                    assert_eq!(fs::read_to_string(&lock).unwrap(), text, "{what}: the lock is untouched");
+                }
+            }
+        }
+        // A lock replaced under its holder is not removed by it.
+        fs::remove_file(&lock).unwrap();
+        let l = Lock::take(&d).unwrap();
+        let theirs = format!("pid {pid} start {start} host {host}\n");
+        fs::write(&lock, &theirs).unwrap();
+        drop(l);
+        assert_eq!(fs::read_to_string(&lock).unwrap(), theirs);
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        let _ = fs::remove_dir_all(&d);
     }
 }

@@ -290,3 +290,110 @@ CONFIG_AUTO_GRAPHS=n
     assert!(ks.iter().any(|x| x == "kvsplice/avg_reconstruction_error"), "{ks:?}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Ctrl-C at a terminal reaches `knlp train` (the whole foreground process
+/// group): each running cell stops at a step boundary with a checkpoint and
+/// `interrupted`, the lock is released, the exit status is 130, and no cell
+/// process is left.
+#[test]
+fn ctrl_c_interrupts_cells_cleanly() {
+    let dir = workdir("ctrlc");
+    let mut args = train_args("ctrlc");
+    args.extend(["--set".into(), "STEPS=100000".into(), "--set".into(), "MODELS=lenet5".into()]);
+    let mut child = knlp(&dir).args(&args).process_group(0).spawn().unwrap();
+    let proj = dir.join("runs/ctrlc");
+    let first = proj.join(CELLS[0]);
+    let t0 = Instant::now();
+    while !first.join("metrics.jsonl").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "training never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pgid = child.id() as i32;
+    assert!(Command::new("kill").args(["-INT", "--", &format!("-{pgid}")]).status().unwrap().success());
+    let sent = Instant::now();
+    let st = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(sent.elapsed() < Duration::from_secs(30), "knlp train did not stop after Ctrl-C");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(st.code(), Some(130));
+    let status: Value =
+        serde_json::from_str(&std::fs::read_to_string(first.join("status.json")).unwrap()).unwrap();
+    assert_eq!(status["status"], "interrupted", "{status}");
+    let ck: Value =
+        serde_json::from_str(&std::fs::read_to_string(first.join("checkpoints/last.json")).unwrap()).unwrap();
+    let logged = metrics(&first).iter().filter_map(|r| r["step"].as_i64()).max().unwrap_or(0);
+    let at = ck["step"].as_i64().unwrap_or(0);
+    assert!(at >= logged && at > 0, "checkpoint at step {at}, logged through {logged}: {ck}");
+    assert!(!proj.join(".lock").exists(), "the lock is released");
+    for c in &CELLS[1..] {
+        assert!(!proj.join(c).join("status.json").exists(), "{c} was started after the interrupt");
+    }
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("cmdline")).ok())
+        .filter(|c| c.contains(proj.to_str().unwrap()) || c.contains("runs/ctrlc"))
+        .collect();
+    assert!(left.is_empty(), "processes left: {left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--fresh` never moves a project another process holds; a checkpoint that
+/// cannot be read is the cell's recorded failure reason, naming the file.
+#[test]
+fn fresh_respects_the_lock_and_failures_name_their_cause() {
+    let dir = workdir("fresh");
+    let proj = dir.join("runs/fresh");
+    std::fs::create_dir_all(&proj).unwrap();
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    std::fs::write(proj.join(".lock"), format!("{}\n", sleeper.id())).unwrap();
+    let mut args = train_args("fresh");
+    args.push("--fresh".into());
+    let o = knlp(&dir).args(&args).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains(&format!("is being run by process {}", sleeper.id())),
+        "{err}"
+    );
+    let moved = std::fs::read_dir(dir.join("runs"))
+        .unwrap()
+        .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().starts_with("fresh.old")));
+    assert_eq!(moved.count(), 0, "the project was moved while locked");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    std::fs::remove_file(proj.join(".lock")).unwrap();
+
+    // Stop the first cell mid-run, damage its checkpoint, continue.
+    let marker = dir.join("paused");
+    let mut args = train_args("fresh");
+    args.extend(["--set".into(), "MODELS=lenet5".into()]);
+    let mut child = knlp(&dir)
+        .args(&args)
+        .env("KNLP_TEST_PAUSE", "step:15")
+        .env("KNLP_TEST_PAUSE_FILE", &marker)
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !marker.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "never reached step 15");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pgid = child.id() as i32;
+    assert!(Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).status().unwrap().success());
+    let _ = child.wait();
+    let ck = proj.join(CELLS[0]).join("checkpoints/last.safetensors");
+    let bytes = std::fs::read(&ck).unwrap();
+    std::fs::write(&ck, &bytes[..bytes.len() / 2]).unwrap();
+    let o = knlp(&dir).args(["continue", "fresh"]).output().unwrap();
+    assert!(!o.status.success());
+    let status: Value =
+        serde_json::from_str(&std::fs::read_to_string(proj.join(CELLS[0]).join("status.json")).unwrap())
+            .unwrap();
+    assert_eq!(status["status"], "failed", "{status}");
+    let reason = status["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("last.safetensors") && !reason.contains("exited with status"), "{reason}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
