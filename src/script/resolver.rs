@@ -51,6 +51,19 @@ impl Resolver {
         for d in dirs {
             let p = d.join(&file);
             if p.is_file() {
+                // A symbolic link must not lead outside the folder searched.
+                let root = if d.as_os_str().is_empty() { Path::new(".") } else { d.as_path() };
+                let inside = match (p.canonicalize(), root.canonicalize()) {
+                    (Ok(real), Ok(root)) => real.starts_with(&root),
+                    _ => false,
+                };
+                if !inside {
+                    return Err(format!(
+                        "import \"{path}\": {} leads outside {} (through a symbolic link); imports read only files below the script's folder",
+                        display(&p),
+                        display(root)
+                    ));
+                }
                 let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
                 return Ok(Some((display(&p), text)));
             }
@@ -157,5 +170,28 @@ mod tests {
         for good in ["util", "lib/stats", "my-mod.rhai"] {
             assert!(check_import_path(good).is_ok(), "{good}");
         }
+    }
+
+    #[test]
+    fn symbolic_links_do_not_lead_out_of_the_tree() {
+        let root = std::env::temp_dir().join(format!("knlp-resolver-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (tree, outside) = (root.join("tree"), root.join("outside"));
+        std::fs::create_dir_all(tree.join("lib")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret.rhai"), "let x = 1;").unwrap();
+        std::fs::write(tree.join("lib/ok.rhai"), "let y = 2;").unwrap();
+        std::os::unix::fs::symlink(outside.join("secret.rhai"), tree.join("evil.rhai")).unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("ext")).unwrap();
+        std::os::unix::fs::symlink(tree.join("lib/ok.rhai"), tree.join("alias.rhai")).unwrap();
+        let r = Resolver::new(tree.clone(), Sources::default());
+        for bad in ["evil", "ext/secret"] {
+            let e = r.find(None, bad).unwrap_err();
+            assert!(e.contains("symbolic link") && !e.contains("let x"), "{bad}: {e}");
+        }
+        // A link that stays inside the tree is fine.
+        assert_eq!(r.find(None, "alias").unwrap().unwrap().1, "let y = 2;");
+        assert_eq!(r.find(None, "lib/ok").unwrap().unwrap().1, "let y = 2;");
+        let _ = std::fs::remove_dir_all(&root);
     }
 }
