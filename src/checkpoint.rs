@@ -59,7 +59,8 @@ pub fn save(
     let json = serde_json::to_string(state)?;
     let mut meta = BTreeMap::new();
     meta.insert(STATE_KEY.to_string(), json.clone());
-    crate::safetensors::save(path, &refs, &meta).map_err(|e| anyhow!(e))?;
+    crate::safetensors::save(path, &refs, &meta, crate::safetensors::Target::OWNED)
+        .map_err(|e| anyhow!(e))?;
     let copy = path.with_extension("json");
     crate::runs::write_atomic(&copy, serde_json::to_string_pretty(state)?.as_bytes())?;
     Ok(())

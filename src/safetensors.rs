@@ -50,14 +50,94 @@ impl Loaded {
     }
 }
 
+/// What [`save`] may do at its destination besides replacing a regular
+/// file: create missing folders, write to the file a symbolic link names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Target {
+    pub create_dirs: bool,
+    pub follow_symlinks: bool,
+}
+
+impl Target {
+    /// A script's `save`: nothing beyond a regular file in an existing folder.
+    pub const STRICT: Target = Target { create_dirs: false, follow_symlinks: false };
+    /// knlp's own outputs (checkpoints, exports) in folders it lays out.
+    pub const OWNED: Target = Target { create_dirs: true, follow_symlinks: false };
+}
+
+fn kind_of(ft: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    match () {
+        _ if ft.is_dir() => "a folder",
+        _ if ft.is_symlink() => "a symbolic link",
+        _ if ft.is_char_device() => "a character device",
+        _ if ft.is_block_device() => "a block device",
+        _ if ft.is_fifo() => "a FIFO",
+        _ if ft.is_socket() => "a socket",
+        _ => "not a regular file",
+    }
+}
+
+/// The file [`save`] writes for `path`: an existing path must be a regular
+/// file (never a device, FIFO, socket or folder); a symbolic link is
+/// refused unless followed (one level, to a regular file or nothing); a
+/// missing folder is an error unless created.
+pub fn target_path(path: &Path, t: Target) -> Result<PathBuf, String> {
+    let show = crate::tensor::short_path(path);
+    let mut p = path.to_path_buf();
+    match fs::symlink_metadata(&p) {
+        Ok(md) if md.file_type().is_symlink() => {
+            if !t.follow_symlinks {
+                return Err(format!(
+                    "{show}: is a symbolic link; refusing to replace it (follow_symlinks: true writes to the file it names)"
+                ));
+            }
+            let dest = fs::read_link(&p).map_err(|e| format!("{show}: {e}"))?;
+            p = if dest.is_relative() { p.parent().unwrap_or(Path::new(".")).join(dest) } else { dest };
+            if let Ok(md) = fs::symlink_metadata(&p) {
+                if !md.is_file() {
+                    return Err(format!(
+                        "{show}: links to {}, which is {}; save writes regular files only",
+                        crate::tensor::short_path(&p),
+                        kind_of(md.file_type())
+                    ));
+                }
+            }
+        }
+        Ok(md) if !md.is_file() => {
+            return Err(format!(
+                "{show}: exists and is {}; save writes regular files only",
+                kind_of(md.file_type())
+            ));
+        }
+        _ => {}
+    }
+    if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.is_dir() {
+            if !t.create_dirs {
+                return Err(format!(
+                    "{show}: the folder {} does not exist (mkdir: true creates it)",
+                    crate::tensor::short_path(dir)
+                ));
+            }
+            fs::create_dir_all(dir).map_err(|e| format!("{show}: {e}"))?;
+        }
+    }
+    Ok(p)
+}
+
 /// Write `tensors` (any device, any layout) and `metadata` to `path`
-/// atomically: a temporary file in the same folder, fsync, rename.
+/// atomically: a temporary file in the same folder, fsync, rename. The
+/// destination is checked first ([`target_path`]).
 pub fn save(
     path: &Path,
     tensors: &[(String, &Tensor)],
     metadata: &BTreeMap<String, String>,
+    target: Target,
 ) -> Result<(), String> {
-    let ctx = |e: std::io::Error| format!("{}: {e}", path.display());
+    let real = target_path(path, target)?;
+    let path = real.as_path();
+    let ctx = |e: std::io::Error| format!("{}: {e}", crate::tensor::short_path(path));
     let mut header = Map::new();
     if !metadata.is_empty() {
         header.insert("__metadata__".into(), json!(metadata));
@@ -92,9 +172,6 @@ pub fn save(
     let mut head = serde_json::to_vec(&Value::Object(header)).map_err(|e| e.to_string())?;
     while head.len() % 8 != 0 {
         head.push(b' ');
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(ctx)?;
     }
     let tmp = temp_path(path);
     let result = (|| -> Result<(), String> {
@@ -242,7 +319,7 @@ mod tests {
         let at = a.transpose(0, 1); // non-contiguous input
         let mut meta = BTreeMap::new();
         meta.insert("step".to_string(), "7".to_string());
-        save(&path, &[("a".into(), &at), ("b".into(), &b)], &meta).unwrap();
+        save(&path, &[("a".into(), &at), ("b".into(), &b)], &meta, Target::OWNED).unwrap();
         let l = load(&path).unwrap();
         assert_eq!(l.metadata.get("step").unwrap(), "7");
         assert!(l.get("a").unwrap().equal(&at));
@@ -254,7 +331,7 @@ mod tests {
         let dir = tempdir();
         let path = dir.join("t.safetensors");
         let a = Tensor::ones([100], (Kind::Float, Device::Cpu));
-        save(&path, &[("w".into(), &a)], &BTreeMap::new()).unwrap();
+        save(&path, &[("w".into(), &a)], &BTreeMap::new(), Target::OWNED).unwrap();
         let bytes = fs::read(&path).unwrap();
         fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
         let e = load(&path).err().unwrap();

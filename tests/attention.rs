@@ -306,7 +306,7 @@ fn checkpoints_round_trip_every_variant() {
         let path = dir.join(format!("{att}.safetensors"));
         let named = a.store().named_tensors();
         let refs: Vec<(String, &Tensor)> = named.iter().map(|(n, t)| (n.clone(), t)).collect();
-        knlp::safetensors::save(&path, &refs, &Default::default()).unwrap();
+        knlp::safetensors::save(&path, &refs, &Default::default(), knlp::safetensors::Target::OWNED).unwrap();
         tch::manual_seed(99);
         let b = small(att, |_| {});
         let loaded = knlp::safetensors::load(&path).unwrap();

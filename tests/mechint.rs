@@ -123,7 +123,13 @@ fn save_hf_round_trips_through_transformers() {
     gpt2_hf::save_hf(&m, &dir).unwrap();
     let tokens = Tensor::randint(50, [2, 10], (Kind::Int64, Device::Cpu));
     let tok_file = dir.join("tokens.safetensors");
-    knlp::safetensors::save(&tok_file, &[("tokens".into(), &tokens)], &Default::default()).unwrap();
+    knlp::safetensors::save(
+        &tok_file,
+        &[("tokens".into(), &tokens)],
+        &Default::default(),
+        knlp::safetensors::Target::OWNED,
+    )
+    .unwrap();
     let out = dir.join("logits.safetensors");
     let o = Command::new(python())
         .arg(root().join("tests/oracle/hf_gpt2.py"))
@@ -173,7 +179,13 @@ fn bad_hf_folders_are_clear_errors() {
     let mut t = knlp::safetensors::load(&src.join("model.safetensors")).unwrap().tensors;
     t[0].0 = "transformer.h.0.attn.c_attn.wrong".into();
     let refs: Vec<(String, &Tensor)> = t.iter().map(|(n, x)| (n.clone(), x)).collect();
-    knlp::safetensors::save(&d.join("model.safetensors"), &refs, &Default::default()).unwrap();
+    knlp::safetensors::save(
+        &d.join("model.safetensors"),
+        &refs,
+        &Default::default(),
+        knlp::safetensors::Target::OWNED,
+    )
+    .unwrap();
     assert!(err(&d).contains("c_attn.wrong"), "{}", err(&d));
     std::fs::write(d.join("model.safetensors"), b"garbage").unwrap();
     assert!(err(&d).contains("model.safetensors"), "{}", err(&d));

@@ -111,7 +111,7 @@ fn edited(src: &Path, dst: &Path, edit: impl Fn(&mut Vec<(String, Tensor)>)) {
     let mut t = l.tensors;
     edit(&mut t);
     let refs: Vec<(String, &Tensor)> = t.iter().map(|(n, t)| (n.clone(), t)).collect();
-    knlp::safetensors::save(dst, &refs, &l.metadata).unwrap();
+    knlp::safetensors::save(dst, &refs, &l.metadata, knlp::safetensors::Target::OWNED).unwrap();
 }
 
 fn knlp_cmd(args: &[&str]) -> std::process::Output {

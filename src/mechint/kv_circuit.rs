@@ -871,7 +871,8 @@ impl Circuit {
             "knlp_kv_circuit".to_string(),
             serde_json::to_string(&json!({ "source": source, "circuit": self.summary() }))?,
         );
-        crate::safetensors::save(path, &refs, &meta).map_err(|e| anyhow!(e))?;
+        crate::safetensors::save(path, &refs, &meta, crate::safetensors::Target::OWNED)
+            .map_err(|e| anyhow!(e))?;
         Ok(path.to_path_buf())
     }
 

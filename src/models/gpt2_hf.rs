@@ -153,7 +153,8 @@ pub fn save_hf(model: &Gpt2, dir: &Path) -> Result<()> {
     let refs: Vec<(String, &Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    crate::safetensors::save(&dir.join("model.safetensors"), &refs, &meta).map_err(|e| anyhow!(e))?;
+    crate::safetensors::save(&dir.join("model.safetensors"), &refs, &meta, crate::safetensors::Target::OWNED)
+        .map_err(|e| anyhow!(e))?;
     let d = c.n_embd.unwrap_or(768);
     let config = json!({
         "architectures": ["GPT2LMHeadModel"],

@@ -197,16 +197,14 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     api.f(
         "save",
         "model, path",
-        "Write a model's parameters and buffers to a safetensors file, atomically.",
-        |m: RModel, path: &str| -> RResult<()> {
-            let m = m.borrow()?;
-            let named = m.store().named_tensors();
-            let refs: Vec<(String, &tch::Tensor)> = named.iter().map(|(n, t)| (n.clone(), t)).collect();
-            let mut meta = BTreeMap::new();
-            meta.insert("arch".to_string(), m.arch().to_string());
-            meta.insert("config".to_string(), m.config().to_string());
-            crate::safetensors::save(Path::new(path), &refs, &meta).rt()
-        },
+        "Write a model's parameters and buffers to a safetensors file, atomically (an existing path must be a regular file, its folder must exist).",
+        |m: RModel, path: &str| -> RResult<()> { save_model(&m, path, &Map::new()) },
+    );
+    api.f(
+        "save",
+        "model, path, options",
+        "Write a model's weights with `#{ mkdir, follow_symlinks }` as save(tensor, path, options).",
+        |m: RModel, path: &str, opts: Map| -> RResult<()> { save_model(&m, path, &opts) },
     );
     api.f("load", "model, path", "Load weights into a model from a safetensors file (or a knlp checkpoint); strict: every name and shape must match.", |m: RModel, path: &str| -> RResult<()> {
         let m = m.borrow()?;
@@ -253,4 +251,15 @@ fn describe(m: &RModel) -> String {
         ),
         Err(_) => "Model(<busy>)".into(),
     }
+}
+
+fn save_model(m: &RModel, path: &str, opts: &Map) -> RResult<()> {
+    let target = super::tensor::save_target(opts)?;
+    let m = m.borrow()?;
+    let named = m.store().named_tensors();
+    let refs: Vec<(String, &tch::Tensor)> = named.iter().map(|(n, t)| (n.clone(), t)).collect();
+    let mut meta = BTreeMap::new();
+    meta.insert("arch".to_string(), m.arch().to_string());
+    meta.insert("config".to_string(), m.config().to_string());
+    crate::safetensors::save(Path::new(path), &refs, &meta, target).rt()
 }

@@ -1199,22 +1199,32 @@ fn files(api: &mut Api) {
     api.f(
         "save",
         "tensor, path",
-        "Write one tensor (named `tensor`) to a safetensors file, atomically.",
-        |t: T, path: &str| -> RResult<()> {
-            crate::safetensors::save(Path::new(path), &[("tensor".into(), &t.0)], &BTreeMap::new()).rt()
-        },
+        "Write one tensor (named `tensor`) to a safetensors file, atomically. An existing path must be a regular file; a symbolic link or a missing folder is an error (see the form with options).",
+        |t: T, path: &str| -> RResult<()> { save_tensor(&t, path, &Map::new()) },
+    );
+    api.f(
+        "save",
+        "tensor, path, options",
+        "Write one tensor with `#{ mkdir: true }` (create missing folders) and/or `#{ follow_symlinks: true }` (write to the file a symbolic link names).",
+        |t: T, path: &str, opts: Map| -> RResult<()> { save_tensor(&t, path, &opts) },
     );
     api.f(
         "save",
         "tensors, path",
         "Write a map of named tensors to a safetensors file, atomically.",
-        |m: Map, path: &str| -> RResult<()> { save_map(&m, path, &Map::new()) },
+        |m: Map, path: &str| -> RResult<()> { save_map(&m, path, &Map::new(), &Map::new()) },
     );
     api.f(
         "save",
         "tensors, path, metadata",
         "Write named tensors and string metadata to a safetensors file.",
-        |m: Map, path: &str, meta: Map| -> RResult<()> { save_map(&m, path, &meta) },
+        |m: Map, path: &str, meta: Map| -> RResult<()> { save_map(&m, path, &meta, &Map::new()) },
+    );
+    api.f(
+        "save",
+        "tensors, path, metadata, options",
+        "Write named tensors and metadata with `#{ mkdir, follow_symlinks }` as for a tensor.",
+        |m: Map, path: &str, meta: Map, opts: Map| -> RResult<()> { save_map(&m, path, &meta, &opts) },
     );
     api.f(
         "load",
@@ -1248,7 +1258,27 @@ fn files(api: &mut Api) {
     );
 }
 
-fn save_map(m: &Map, path: &str, meta: &Map) -> RResult<()> {
+/// Where `save` may write: `#{ mkdir, follow_symlinks }` (both false by default).
+pub fn save_target(opts: &Map) -> RResult<crate::safetensors::Target> {
+    let mut t = crate::safetensors::Target::STRICT;
+    for (k, v) in opts {
+        let on = v.as_bool().map_err(|_| rerr(format!("save(): option '{k}' must be true or false")))?;
+        match k.as_str() {
+            "mkdir" => t.create_dirs = on,
+            "follow_symlinks" => t.follow_symlinks = on,
+            _ => return Err(rerr(format!("save(): unknown option '{k}' (valid: mkdir, follow_symlinks)"))),
+        }
+    }
+    Ok(t)
+}
+
+fn save_tensor(t: &T, path: &str, opts: &Map) -> RResult<()> {
+    let target = save_target(opts)?;
+    crate::safetensors::save(Path::new(path), &[("tensor".into(), &t.0)], &BTreeMap::new(), target).rt()
+}
+
+fn save_map(m: &Map, path: &str, meta: &Map, opts: &Map) -> RResult<()> {
+    let target = save_target(opts)?;
     let mut named = Vec::with_capacity(m.len());
     for (k, v) in m {
         let t = v
@@ -1259,5 +1289,5 @@ fn save_map(m: &Map, path: &str, meta: &Map) -> RResult<()> {
     }
     let refs: Vec<(String, &Tensor)> = named.iter().map(|(k, t)| (k.clone(), t)).collect();
     let meta: BTreeMap<String, String> = meta.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    crate::safetensors::save(Path::new(path), &refs, &meta).rt()
+    crate::safetensors::save(Path::new(path), &refs, &meta, target).rt()
 }
