@@ -1,5 +1,7 @@
 //! Tensor helpers shared by the library and the script layer: dtype and
 //! device names, libtorch error clean-up, and PyTorch-style printing.
+use std::path::Path;
+
 use tch::{Device, Kind, Tensor};
 
 /// Names accepted for each dtype; the first one is the canonical name.
@@ -86,6 +88,48 @@ pub fn device_name(device: Device) -> String {
 }
 
 /// libtorch messages carry a C++ backtrace; keep the part a user can act on.
+/// Longest word (a path, a value) an error message shows in full.
+const LONGEST_WORD: usize = 240;
+/// Longest error message shown in full.
+const LONGEST_MESSAGE: usize = 8192;
+
+/// `s` with its middle elided when longer than `max` characters.
+fn elide(s: &str, max: usize) -> String {
+    let n = s.chars().count();
+    if n <= max {
+        return s.to_string();
+    }
+    let keep = max / 2;
+    let head: String = s.chars().take(keep).collect();
+    let tail: String = s.chars().skip(n - keep).collect();
+    format!("{head}...({} characters)...{tail}", n - 2 * keep)
+}
+
+/// A path as error messages show it: in full unless very long.
+pub fn short_path(p: &Path) -> String {
+    elide(&p.display().to_string(), LONGEST_WORD)
+}
+
+/// An error message with over-long words (a 1 MB path or value) and an
+/// over-long whole shortened, so an error stays readable.
+pub fn shorten_message(msg: &str) -> String {
+    if msg.len() <= LONGEST_WORD {
+        return msg.to_string();
+    }
+    let words: String = msg
+        .split_inclusive(char::is_whitespace)
+        .map(|w| {
+            let t = w.trim_end();
+            if t.chars().count() > LONGEST_WORD {
+                format!("{}{}", elide(t, LONGEST_WORD), &w[t.len()..])
+            } else {
+                w.to_string()
+            }
+        })
+        .collect();
+    elide(&words, LONGEST_MESSAGE)
+}
+
 pub fn clean_torch_message(msg: &str) -> String {
     let msg = msg.trim();
     let msg = msg.strip_prefix("Torch(\"").unwrap_or(msg);

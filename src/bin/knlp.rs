@@ -140,7 +140,7 @@ enum Command {
         /// The Kconfig tree
         #[arg(long, default_value = "Kconfig")]
         kconfig: PathBuf,
-        /// Files to check (default: .config if present and defconfigs/*)
+        /// Files to check (default: $KCONFIG_CONFIG or .config if present, and defconfigs/*)
         files: Vec<PathBuf>,
     },
     /// Run one cell of a matrix (what `knlp train` starts per cell).
@@ -478,6 +478,8 @@ fn main() -> ExitCode {
         Command::Check { cfg } => report(knlp_check(&cfg)),
         Command::CheckConfig { kconfig, files } => report(knlp_check_config(&kconfig, files)),
         Command::Cell { project_dir, cell, resume, nproc: None } => {
+            // Ctrl-C (forwarded by the runner) stops at a step boundary.
+            knlp::interrupt::install();
             match knlp::matrix::run_cell(&project_dir, &cell, resume) {
                 Ok(s) if s.status == knlp::runs::Status::Done => 0,
                 Ok(s) => {
@@ -529,7 +531,7 @@ fn report(r: anyhow::Result<i32>) -> i32 {
     match r {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("knlp: {e:#}");
+            eprintln!("knlp: {}", knlp::tensor::shorten_message(&format!("{e:#}")));
             1
         }
     }
@@ -555,8 +557,13 @@ fn knlp_train(cfg: &ConfigArgs, fresh: bool) -> anyhow::Result<i32> {
     let project = knlp::config::project_name(&exp, &dot_text);
     let dir = exp.runs_dir.join(&project);
     if fresh && dir.exists() {
+        // Never move a project another process is writing: hold its lock
+        // while moving it, then give up the moved copy's.
+        let held = matrix::Lock::take(&dir)?;
         let aside = dir.with_file_name(format!("{project}.old-{}", knlp::runs::now_iso().replace(':', "")));
         std::fs::rename(&dir, &aside)?;
+        drop(held);
+        let _ = std::fs::remove_file(aside.join(".lock"));
         println!("moved the earlier run to {}", aside.display());
     }
     let _lock = matrix::Lock::take(&dir)?;
@@ -679,6 +686,10 @@ fn run_matrix(
             Err(e) => eprintln!("knlp: warning: graphs: {e:#}"),
         }
     }
+    if knlp::interrupt::requested() {
+        println!("interrupted: `make continue` (knlp continue) resumes from the checkpoints");
+        return Ok(130);
+    }
     Ok(if failed > 0 { 1 } else { 0 })
 }
 
@@ -702,8 +713,10 @@ fn knlp_check(cfg: &ConfigArgs) -> anyhow::Result<i32> {
 fn knlp_check_config(kconfig: &std::path::Path, files: Vec<PathBuf>) -> anyhow::Result<i32> {
     let files = if files.is_empty() {
         let mut f: Vec<PathBuf> = Vec::new();
-        if std::path::Path::new(".config").exists() {
-            f.push(".config".into());
+        // The configuration make uses: $KCONFIG_CONFIG, else .config.
+        let dot = PathBuf::from(std::env::var("KCONFIG_CONFIG").unwrap_or_else(|_| ".config".into()));
+        if dot.exists() {
+            f.push(dot);
         }
         let mut defs: Vec<PathBuf> = std::fs::read_dir("defconfigs")?
             .filter_map(|e| e.ok().map(|e| e.path()))

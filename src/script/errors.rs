@@ -192,7 +192,7 @@ pub fn render(loc: &Located, sources: &HashMap<String, String>) -> String {
         (Some(l), None) => format!("{}:{l}", loc.source),
         _ => loc.source.clone(),
     };
-    out.push_str(&format!("{place}: error: {}\n", loc.message));
+    out.push_str(&format!("{place}: error: {}\n", crate::tensor::shorten_message(&loc.message)));
     if let (Some(l), Some(text)) = (loc.line, sources.get(&loc.source)) {
         if let Some(src_line) = text.lines().nth(l - 1) {
             let num = l.to_string();
