@@ -91,6 +91,11 @@ pub struct ParamStore {
     buffers: Vec<(String, Tensor)>,
     device: Device,
     groups: Vec<FlatGroup>,
+    /// Memory available when the first parameter was made: a model that
+    /// does not fit is refused before the kernel's OOM killer ends the process.
+    budget: Option<u64>,
+    /// Bytes of parameters made so far.
+    bytes: u64,
 }
 
 fn te(e: tch::TchError) -> anyhow::Error {
@@ -103,9 +108,42 @@ impl Default for ParamStore {
     }
 }
 
+/// Bytes of memory the process may still use: `KNLP_MEMORY_LIMIT` (bytes,
+/// or with a K, M or G suffix) when set, else the kernel's `MemAvailable`.
+pub fn available_memory() -> Option<u64> {
+    if let Ok(v) = std::env::var("KNLP_MEMORY_LIMIT") {
+        let v = v.trim();
+        let (num, mult) = match v.chars().last().map(|c| c.to_ascii_uppercase()) {
+            Some('K') => (&v[..v.len() - 1], 1u64 << 10),
+            Some('M') => (&v[..v.len() - 1], 1 << 20),
+            Some('G') => (&v[..v.len() - 1], 1 << 30),
+            _ => (v, 1),
+        };
+        if let Ok(n) = num.trim().parse::<u64>() {
+            return Some(n.saturating_mul(mult));
+        }
+    }
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// `1.50 GB (1610612736 bytes)`.
+pub fn show_bytes(b: u64) -> String {
+    format!("{:.2} GB ({b} bytes)", b as f64 / 1e9)
+}
+
 impl ParamStore {
     pub fn new() -> Self {
-        ParamStore { params: Vec::new(), buffers: Vec::new(), device: Device::Cpu, groups: Vec::new() }
+        ParamStore {
+            params: Vec::new(),
+            buffers: Vec::new(),
+            device: Device::Cpu,
+            groups: Vec::new(),
+            budget: None,
+            bytes: 0,
+        }
     }
 
     pub fn device(&self) -> Device {
@@ -114,6 +152,22 @@ impl ParamStore {
 
     /// Create a float32 parameter on the CPU. Names must be unique.
     pub fn param(&mut self, name: &str, shape: &[i64], init: Init, role: Role) -> Result<Tensor> {
+        let numel = shape.iter().try_fold(1u64, |a, &d| u64::try_from(d).ok().and_then(|d| a.checked_mul(d)));
+        let need = numel.and_then(|n| n.checked_mul(4)).unwrap_or(u64::MAX);
+        if self.params.is_empty() {
+            self.budget = available_memory();
+        }
+        if let Some(avail) = self.budget {
+            let total = self.bytes.saturating_add(need);
+            if total > avail {
+                bail!(
+                    "the model does not fit in memory: its parameters need more than {} (parameter '{name}', shape {shape:?}), \
+                     and {} are available (KNLP_MEMORY_LIMIT sets the limit)",
+                    show_bytes(total),
+                    show_bytes(avail)
+                );
+            }
+        }
         let t = tch::no_grad(|| init_tensor(shape, init))?;
         self.param_value(name, t, role)
     }
@@ -129,6 +183,7 @@ impl ParamStore {
         }
         let t = value.f_detach().and_then(|t| t.f_contiguous()).map_err(te)?;
         let t = t.f_set_requires_grad(true).map_err(te)?;
+        self.bytes = self.bytes.saturating_add((t.numel() * t.kind().elt_size_in_bytes()) as u64);
         self.params.push(Param { name: name.to_string(), tensor: t.shallow_clone(), role });
         Ok(t)
     }
@@ -147,6 +202,21 @@ impl ParamStore {
     pub fn finalize(&mut self, device: Device) -> Result<()> {
         if !self.groups.is_empty() {
             bail!("the parameter store is already finalized");
+        }
+        // The flat weights and gradients come on top of the parameters made.
+        if device == Device::Cpu {
+            if let Some(avail) = available_memory() {
+                let need = self.bytes.saturating_mul(2);
+                if need > avail {
+                    bail!(
+                        "the model does not fit in memory: its {} of parameters need {} more for the flat weights and \
+                         gradients, and {} are available",
+                        show_bytes(self.bytes),
+                        show_bytes(need),
+                        show_bytes(avail)
+                    );
+                }
+            }
         }
         let mut kinds: Vec<Kind> = Vec::new();
         for p in &self.params {
