@@ -612,3 +612,142 @@ print(`c ${run.status} ${run.summary.reason}`);
     assert!(out.contains("c failed") && out.contains("0-d tensor"), "{out}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `save` writes regular files only: an existing FIFO, socket, device node,
+/// folder or symbolic link is refused and left as it was, whatever form of
+/// `save` is used; a missing folder is an error unless `mkdir: true`; a link
+/// is written through only with `follow_symlinks: true`; a huge path is
+/// shortened in the error.
+#[test]
+fn save_never_replaces_what_is_not_a_regular_file() {
+    use std::os::unix::fs::FileTypeExt;
+    let d = scratch("save-targets");
+    let st = |p: &Path| std::fs::symlink_metadata(p).map(|m| m.file_type());
+    assert!(Command::new("mkfifo").arg(d.join("fifo")).status().unwrap().success());
+    std::fs::create_dir(d.join("folder")).unwrap();
+    std::fs::write(d.join("real.safetensors"), "not yet").unwrap();
+    std::os::unix::fs::symlink(d.join("real.safetensors"), d.join("link")).unwrap();
+    std::os::unix::fs::symlink(d.join("nowhere"), d.join("dangling")).unwrap();
+    std::os::unix::fs::symlink(d.join("fifo"), d.join("link-to-fifo")).unwrap();
+    let _sock = std::os::unix::net::UnixListener::bind(d.join("socket")).unwrap();
+    // A device node of our own (a null device), when allowed to make one.
+    let dev = Command::new("mknod")
+        .arg(d.join("nulldev"))
+        .args(["c", "1", "3"])
+        .status()
+        .is_ok_and(|s| s.success());
+    let mut targets =
+        vec!["fifo", "folder", "link", "dangling", "link-to-fifo", "socket", "missing/sub/x.safetensors"];
+    if dev {
+        targets.push("nulldev");
+    }
+    let forms = [
+        "save(ones([3]), P)",
+        "save(#{ a: ones([2]) }, P)",
+        "save(#{ a: ones([2]) }, P, #{ k: \"v\" })",
+        "save(lenet5(), P)",
+        "save(ones([3]), P, #{})",
+    ];
+    let mut script = String::from("let refused = 0;\n");
+    for t in &targets {
+        for f in forms {
+            let call = f.replace('P', &format!("{:?}", d.join(t).display().to_string()));
+            script.push_str(&format!(
+                "try {{ {call}; print(\"WROTE {t}\"); }} catch (e) {{ refused += 1; }}\n"
+            ));
+        }
+    }
+    script.push_str("print(`refused ${refused}`);\n");
+    let s = write(&d, "hostile.rhai", &script);
+    let o = knlp(&d, &["run", s.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(!out.contains("WROTE"), "{out}");
+    assert!(out.contains(&format!("refused {}", targets.len() * forms.len())), "{out}");
+    assert!(st(&d.join("fifo")).unwrap().is_fifo());
+    assert!(st(&d.join("folder")).unwrap().is_dir());
+    assert!(st(&d.join("socket")).unwrap().is_socket());
+    for l in ["link", "dangling", "link-to-fifo"] {
+        assert!(st(&d.join(l)).unwrap().is_symlink(), "{l}");
+    }
+    assert_eq!(std::fs::read_to_string(d.join("real.safetensors")).unwrap(), "not yet");
+    assert!(!d.join("missing").exists() && !d.join("nowhere").exists());
+    if dev {
+        assert!(st(&d.join("nulldev")).unwrap().is_char_device());
+    }
+    // The messages say why; the options allow what they name.
+    let ok = write(
+        &d,
+        "asked.rhai",
+        &format!(
+            r#"let e = ""; try {{ save(ones([3]), "{fifo}"); }} catch (x) {{ e = `${{x}}`; }}
+if !e.contains("FIFO") {{ throw e; }}
+try {{ save(ones([3]), "{missing}"); }} catch (x) {{ e = `${{x}}`; }}
+if !e.contains("does not exist") || !e.contains("mkdir") {{ throw e; }}
+try {{ save(ones([3]), "{link}"); }} catch (x) {{ e = `${{x}}`; }}
+if !e.contains("symbolic link") {{ throw e; }}
+try {{ save(ones([3]), "{link}", #{{ colour: true }}); }} catch (x) {{ e = `${{x}}`; }}
+if !e.contains("unknown option 'colour'") {{ throw e; }}
+save(ones([3]), "{missing}", #{{ mkdir: true }});
+save(#{{ w: ones([2]) }}, "{link}", #{{}}, #{{ follow_symlinks: true }});
+let long = "x"; for i in 0..17 {{ long += long; }}
+try {{ save(ones([3]), `{dir}/${{long}}/y`); }} catch (x) {{ e = `${{x}}`; }}
+print(`long error ${{e.len()}}`);
+"#,
+            fifo = d.join("fifo").display(),
+            missing = d.join("missing/sub/x.safetensors").display(),
+            link = d.join("link").display(),
+            dir = d.display(),
+        ),
+    );
+    let o = knlp(&d, &["run", ok.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}\n{err}");
+    assert!(d.join("missing/sub/x.safetensors").is_file());
+    assert!(st(&d.join("link")).unwrap().is_symlink());
+    assert_eq!(knlp::safetensors::load(&d.join("real.safetensors")).unwrap().tensors[0].0, "w");
+    let n: usize = out.trim().rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n < 2000, "a 131072-character path gave a {n}-character error");
+    // The CLI shortens its errors the same way.
+    let long = "y".repeat(100_000);
+    let o = knlp(&d, &["results", &long]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success() && err.len() < 2000, "{} bytes", err.len());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// A model that does not fit in memory is refused before it is allocated
+/// (not ended by the kernel's OOM killer), with its size in bytes.
+#[test]
+fn models_too_large_for_memory_are_refused() {
+    let d = scratch("too-large");
+    let s = write(
+        &d,
+        "big.rhai",
+        r#"let e = "";
+// One embedding of 50257 x 400000 floats: 80 GB, more than any test machine has.
+try { gpt2(#{ n_layer: 1, n_head: 1, n_embd: 400000, block_size: 8 }); } catch (x) { e = `${x}`; }
+if !e.contains("does not fit in memory") || !e.contains("wte") || !e.contains("bytes") { throw `huge: ${e}`; }
+// Many moderate layers against a 64 MB limit.
+e = "";
+try { gpt2(#{ n_layer: 40, n_head: 4, n_embd: 256, block_size: 8 }); } catch (x) { e = `${x}`; }
+if !e.contains("does not fit in memory") || !e.contains("KNLP_MEMORY_LIMIT") { throw `limited: ${e}`; }
+let b = model_builder(#{ arch: "mlp", classes: 10 });
+e = "";
+try { b.param("w", [100000, 100000]); } catch (x) { e = `${x}`; }
+if !e.contains("does not fit in memory") { throw `script: ${e}`; }
+// What fits still builds.
+let small = gpt2(#{ n_layer: 1, n_head: 2, n_embd: 32, block_size: 8 });
+print(`ok ${small.num_params}`);
+"#,
+    );
+    let o = Command::new(KNLP)
+        .args(["run", s.to_str().unwrap()])
+        .env("KNLP_MEMORY_LIMIT", "64M")
+        .current_dir(&d)
+        .output()
+        .unwrap();
+    let (out, err) = text(&o);
+    assert!(o.status.success() && out.contains("ok "), "{out}\n{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}
