@@ -198,7 +198,7 @@ pub struct Experiment {
     /// Shared optimizer settings (lr, betas, weight decay, SPAM, ...).
     pub opt: OptConfig,
     pub adamwprune_base: OptKind,
-    /// GRAD_CLIP_NORM: None is `auto` (see [`crate::matrix::opt_config`]).
+    /// GRAD_CLIP_NORM: None is `auto` (see `matrix::opt_config`).
     #[serde(default)]
     pub clip_norm: Option<f64>,
     pub pruning: Vec<String>,
@@ -644,9 +644,9 @@ pub fn project_name(exp: &Experiment, dot_config_text: &str) -> String {
 
 /// Check one configuration file: every line must assign a known symbol a
 /// value it keeps (no unknown symbols, unmet dependencies or out-of-range
-/// values), and the experiment it describes must have cells.
-/// Returns the number of cells.
-pub fn check_file(kconfig: &Path, file: &Path) -> Result<usize> {
+/// values). Returns the experiment it describes (`matrix::check_file` also
+/// requires cells).
+pub fn check_file(kconfig: &Path, file: &Path) -> Result<Experiment> {
     let mut kc = Kconfig::load(kconfig, None).map_err(|e| anyhow!("{e}"))?;
     let loaded = kc.load_config(file).map_err(|e| anyhow!("{e}"))?;
     let mut problems: Vec<String> = loaded.warnings.iter().map(|w| w.to_string()).collect();
@@ -670,6 +670,5 @@ pub fn check_file(kconfig: &Path, file: &Path) -> Result<usize> {
     if !problems.is_empty() {
         bail!("{}", problems.join("\n        "));
     }
-    let exp = Experiment::read(&Reader::new(&kc))?;
-    Ok(crate::matrix::cells(&exp)?.len())
+    Experiment::read(&Reader::new(&kc))
 }

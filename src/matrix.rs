@@ -23,7 +23,7 @@ use crate::data::{self, Loader, LoaderOptions, Split};
 use crate::models::{self, Model};
 use crate::optim::{OptConfig, OptKind, Optimizer};
 use crate::prune::{PruneConfig, PruneHook, Pruner};
-use crate::runs::{RunDir, Status};
+use crate::runs::{hostname, RunDir, Status};
 use crate::train::feed::{ImageFeed, TextFeed};
 use crate::train::{Data, Hook, Summary, TrainConfig, Trainer};
 
@@ -409,6 +409,12 @@ pub fn set_cell_threads(configured: i64) {
     }
 }
 
+/// `knlp check-config` for one file: it checks out ([`crate::config::check_file`])
+/// and describes at least one cell. Returns the number of cells.
+pub fn check_file(kconfig: &Path, file: &Path) -> Result<usize> {
+    Ok(cells(&crate::config::check_file(kconfig, file)?)?.len())
+}
+
 /// Run one cell in this process (what `knlp cell` does).
 pub fn run_cell(project_dir: &Path, cell_id: &str, resume: bool) -> Result<Summary> {
     let m = MatrixFile::read(project_dir)?;
@@ -703,10 +709,6 @@ fn start_time(pid: i32) -> Option<u64> {
     // The command name may hold spaces and parentheses: fields follow the last ')'.
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-fn hostname() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
 }
 
 fn own_token() -> String {

@@ -124,7 +124,7 @@ impl RunDir {
             reason: reason.map(String::from),
             updated: now_iso(),
             pid: running.then(std::process::id),
-            host: running.then(crate::track::sysinfo::hostname),
+            host: running.then(hostname),
         };
         self.write_json(STATUS, &serde_json::to_value(rec)?)
     }
@@ -208,6 +208,15 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
         }
     }
     Ok(out)
+}
+
+/// This machine's name, as status files, locks and system.json record it.
+pub fn hostname() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()))
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 #[cfg(test)]

@@ -290,7 +290,7 @@ fn kconfig_symbols_and_preset() {
     assert!(unread.is_empty(), "MECHINT symbols Settings::read ignores: {unread:?}");
 
     let preset = root().join("defconfigs/gpt2-mechint-kv");
-    assert!(knlp::config::check_file(&root().join("Kconfig"), &preset).unwrap() > 0);
+    assert!(knlp::matrix::check_file(&root().join("Kconfig"), &preset).unwrap() > 0);
     let mut kc = kconfig::Kconfig::load(&root().join("Kconfig"), Some(&root())).unwrap();
     kc.load_config(&preset).unwrap();
     let s = Settings::read(&knlp::config::Reader::new(&kc)).unwrap();

@@ -730,7 +730,7 @@ fn knlp_check_config(kconfig: &std::path::Path, files: Vec<PathBuf>) -> anyhow::
     };
     let mut bad = 0;
     for f in &files {
-        match knlp::config::check_file(kconfig, f) {
+        match knlp::matrix::check_file(kconfig, f) {
             Ok(cells) => println!("  ok    {:<40} {cells} cell(s)", f.display()),
             Err(e) => {
                 bad += 1;

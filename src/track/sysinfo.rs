@@ -63,7 +63,7 @@ impl SystemInfo {
             cuda_device_count: tch::Cuda::device_count(),
             cpu_model,
             cpu_cores,
-            hostname: hostname(),
+            hostname: crate::runs::hostname(),
             os: os(),
             knlp_version: env!("CARGO_PKG_VERSION").to_string(),
             libtorch_version: crate::shim::torch_version(),
@@ -110,14 +110,6 @@ fn parse_gpus(out: &str) -> Vec<DeviceInfo> {
 }
 
 /// This machine's name.
-pub fn hostname() -> String {
-    ["/proc/sys/kernel/hostname", "/etc/hostname"]
-        .iter()
-        .find_map(|p| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()))
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "unknown".into())
-}
-
 fn os() -> String {
     let pretty = std::fs::read_to_string("/etc/os-release").ok().and_then(|t| {
         t.lines().find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string()))
