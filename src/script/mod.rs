@@ -238,6 +238,9 @@ impl Runtime {
         self.scope.push_constant("SCRIPT", name.clone());
         matrix::SCRIPT.with(|s| *s.borrow_mut() = Some((path.to_path_buf(), args.to_vec())));
         match self.run_text(&text, &name) {
+            // A Ctrl-C that a native loop (train()) honoured at its last
+            // statement still ends the run as interrupted.
+            Ok(_) if crate::interrupt::requested() => Ok(130),
             Ok(_) => Ok(0),
             Err(e) if matches!(e.ending, Ending::Exit(_)) => Ok(e.exit_code()),
             Err(e) => Err(e),

@@ -341,6 +341,7 @@ train(m, sgd(m, #{ lr: 0.01 }), loader(images, #{ batch_size: 32, shuffle: true,
         }
     };
     assert!(sent.elapsed() < Duration::from_secs(20), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.status.code(), Some(130), "{}", String::from_utf8_lossy(&o.stderr));
     let status: Value =
         serde_json::from_str(&std::fs::read_to_string(run.join("status.json")).unwrap()).unwrap();
     assert_eq!(status["status"], "interrupted", "{status}");
