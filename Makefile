@@ -7,6 +7,7 @@
 #   make defconfig-<name>     start from a preset (make list-defconfigs)
 #   make menuconfig           change it
 #   make                      run it: one run or the test matrix (= knlp train)
+#   make dry-run              list the cells `make` would run (YES=1: no question for big matrices)
 #   make continue             pick up an interrupted matrix
 #   make results / update-graphs
 #   make notebook             the knlp Jupyter kernel, JupyterLab on notebooks/
@@ -45,11 +46,11 @@ export PATH                := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 
 .PHONY: run test setup build bench docs check-docs fmt lint clean distclean help \
-        train continue check results update-graphs menuconfig olddefconfig savedefconfig \
+        train dry-run continue check results update-graphs menuconfig olddefconfig savedefconfig \
         list-defconfigs check-config notebook
 
 help:
-	@sed -n '3,18p' Makefile
+	@sed -n '3,20p' Makefile
 
 # ---- set-up -----------------------------------------------------------------
 
@@ -143,7 +144,11 @@ OVERRIDE_VARS := TIME EPOCHS STEPS SEED LR BATCH_SIZE PARALLEL_JOBS BASELINE PRO
 OVERRIDES := $(foreach v,$(OVERRIDE_VARS),$(if $(filter command line,$(origin $(v))),--set $(v)=$($(v))))
 
 train: build
-	$(KNLP) train $(strip $(OVERRIDES) $(if $(FRESH),--fresh))
+	$(KNLP) train $(strip $(OVERRIDES) $(if $(FRESH),--fresh) $(if $(YES),--yes))
+
+# The numbered cells `make` would run, what each computes and its state.
+dry-run: build
+	$(KNLP) train --dry-run $(strip $(OVERRIDES))
 
 continue: build
 	$(KNLP) continue $(if $(PROJECT),$(PROJECT)) $(if $(RETRY_FAILED),--retry-failed) $(if $(NPROC),--nproc $(NPROC))

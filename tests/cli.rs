@@ -751,3 +751,20 @@ print(`ok ${small.num_params}`);
     assert!(o.status.success() && out.contains("ok "), "{out}\n{err}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `knlp doc | head -1`: a closed pipe ends the command quietly, never with
+/// a panic.
+#[test]
+fn a_closed_pipe_is_not_a_panic() {
+    let mut child = Command::new(KNLP)
+        .arg("doc")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes away before knlp writes anything.
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -397,3 +397,34 @@ fn fresh_respects_the_lock_and_failures_name_their_cause() {
     assert!(reason.contains("last.safetensors") && !reason.contains("exited with status"), "{reason}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `knlp train --dry-run` (`make dry-run`) lists the numbered cells with
+/// what each computes and its state, and starts nothing.
+#[test]
+fn dry_run_lists_cells_and_starts_nothing() {
+    let dir = workdir("dry");
+    let mut args = train_args("dry");
+    args.push("--dry-run".into());
+    let o = knlp(&dir).args(&args).stdout(Stdio::piped()).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}\n{}", String::from_utf8_lossy(&o.stderr));
+    for (i, c) in CELLS.iter().enumerate() {
+        assert!(out.contains(&format!("{}. {c}", i + 1)), "{out}");
+    }
+    assert!(out.contains("lenet5, adamwprune, state pruning (bitter7) to 50%; 30 steps, batch 32"), "{out}");
+    assert!(out.contains("3 of 3 cell(s) would run; nothing was started"), "{out}");
+    assert!(!dir.join("runs").exists(), "a dry run wrote {}", dir.join("runs").display());
+    // A finished cell would be skipped, an interrupted one resumed.
+    let run = knlp::runs::RunDir::open(&dir.join("runs/dry").join(CELLS[0])).unwrap();
+    run.set_status(knlp::runs::Status::Done, None).unwrap();
+    let run = knlp::runs::RunDir::open(&dir.join("runs/dry").join(CELLS[1])).unwrap();
+    run.set_status(knlp::runs::Status::Interrupted, None).unwrap();
+    let o = knlp(&dir).args(&args).stdout(Stdio::piped()).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("done, would be skipped") && out.contains("would resume from its checkpoint"),
+        "{out}"
+    );
+    assert!(out.contains("2 of 3 cell(s) would run"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -110,6 +110,12 @@ enum Command {
         /// Train each cell as N data-parallel ranks on this host (as NPROC=N)
         #[arg(long, value_name = "N")]
         nproc: Option<usize>,
+        /// List the cells that would run, what each computes and its state, then exit
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not ask before a large matrix (YES=1)
+        #[arg(long)]
+        yes: bool,
     },
     /// Continue the most recent matrix (or PROJECT): done cells are skipped,
     /// interrupted cells resume from their last checkpoint, the rest run.
@@ -382,6 +388,15 @@ fn split_script_args(argv: Vec<String>) -> (Vec<String>, Vec<String>) {
 
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
+    // `knlp results | head` ends quietly, as other command-line tools do,
+    // instead of panicking on a closed pipe. The Jupyter kernel keeps
+    // SIGPIPE ignored: its sockets report a gone peer as an error.
+    if argv.get(1).map(String::as_str) != Some("jupyter") {
+        // SAFETY: restoring the default disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // The Kconfig tools take kconfiglib's command lines verbatim.
     if argv.get(1).map(String::as_str) == Some("menuconfig") {
         let code = menuconfig::main_from_args(&argv[2..]);
@@ -466,11 +481,15 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Train { mut cfg, fresh, nproc } => {
+        Command::Train { mut cfg, fresh, nproc, dry_run, yes } => {
             if let Some(n) = nproc {
                 cfg.overrides.push(format!("NPROC={n}"));
             }
-            report(knlp_train(&cfg, fresh))
+            if dry_run {
+                report(knlp_dry_run(&cfg))
+            } else {
+                report(knlp_train(&cfg, fresh, yes))
+            }
         }
         Command::Continue { project, retry_failed, runs_dir, jobs, nproc } => {
             report(knlp_continue(project.as_deref(), retry_failed, &runs_dir, jobs, nproc))
@@ -550,12 +569,87 @@ fn experiment(cfg: &ConfigArgs) -> anyhow::Result<(knlp::config::Experiment, Str
     Ok((exp, text))
 }
 
-fn knlp_train(cfg: &ConfigArgs, fresh: bool) -> anyhow::Result<i32> {
+/// Matrices larger than this ask before they start, on a terminal.
+const ASK_ABOVE_CELLS: usize = 16;
+
+/// One line per cell: what it trains and how long.
+fn describe_cell(exp: &knlp::config::Experiment, c: &knlp::matrix::Cell) -> String {
+    let mut what = vec![c.model.clone()];
+    if let Some(a) = &c.attention {
+        what.push(format!("attention {a}"));
+    }
+    what.push(c.optimizer.clone());
+    match (c.pruning.as_str(), &c.variant) {
+        ("none", _) => what.push("dense".into()),
+        (p, Some(v)) => what.push(format!("{p} pruning ({v}) to {:.0}%", c.sparsity * 100.0)),
+        (p, None) => what.push(format!("{p} pruning to {:.0}%", c.sparsity * 100.0)),
+    }
+    let t = &exp.train;
+    let budget = match (t.steps, t.epochs, t.time_limit) {
+        (s, _, _) if s > 0 => format!("{s} steps"),
+        (_, e, _) if e > 0 => format!("{e} epoch(s)"),
+        (_, _, l) => format!("{l} s"),
+    };
+    let limit = if t.time_limit > 0.0 && (t.steps > 0 || t.epochs > 0) {
+        format!(" (at most {} s)", t.time_limit)
+    } else {
+        String::new()
+    };
+    format!("{}; {budget}{limit}, batch {}", what.join(", "), exp.data.batch_size)
+}
+
+/// `knlp train --dry-run`: the numbered cells `make` would run, then exit.
+fn knlp_dry_run(cfg: &ConfigArgs) -> anyhow::Result<i32> {
+    use knlp::runs::{RunDir, Status};
+    let (exp, dot_text) = experiment(cfg)?;
+    let cells = knlp::matrix::cells(&exp)?;
+    let project = knlp::config::project_name(&exp, &dot_text);
+    let dir = exp.runs_dir.join(&project);
+    let ranks = if exp.nproc > 0 { format!(", {} rank(s) each", exp.nproc) } else { String::new() };
+    println!(
+        "dry run: project {project} ({}), {} cell(s), {} at once{ranks}, device {}",
+        dir.display(),
+        cells.len(),
+        exp.parallel_jobs.max(1),
+        exp.device
+    );
+    let mut to_run = 0;
+    for (i, c) in cells.iter().enumerate() {
+        let st = RunDir { path: dir.join(&c.id) }.status().map(|s| s.status).unwrap_or(Status::Pending);
+        let state = match st {
+            Status::Done => "done, would be skipped",
+            Status::Failed => "failed earlier, skipped (continue --retry-failed)",
+            Status::Pending => "would run",
+            _ => "would resume from its checkpoint",
+        };
+        if !matches!(st, Status::Done | Status::Failed) {
+            to_run += 1;
+        }
+        println!("{:>4}. {:<48} {}\n      {state}", i + 1, c.id, describe_cell(&exp, c));
+    }
+    println!("{to_run} of {} cell(s) would run; nothing was started", cells.len());
+    Ok(0)
+}
+
+fn knlp_train(cfg: &ConfigArgs, fresh: bool, yes: bool) -> anyhow::Result<i32> {
     use knlp::matrix::{self, MatrixFile};
+    use std::io::IsTerminal;
     let (exp, dot_text) = experiment(cfg)?;
     let cells = matrix::cells(&exp)?;
     let project = knlp::config::project_name(&exp, &dot_text);
     let dir = exp.runs_dir.join(&project);
+    // A large matrix is a lot of machine time: ask on a terminal.
+    let yes = yes || std::env::var("YES").is_ok_and(|v| v == "1");
+    if cells.len() > ASK_ABOVE_CELLS && !yes && std::io::stdin().is_terminal() {
+        print!("{} cells in project {project} (`make dry-run` lists them). Run them? [y/N] ", cells.len());
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("nothing started");
+            return Ok(1);
+        }
+    }
     if fresh && dir.exists() {
         // Never move a project another process is writing: hold its lock
         // while moving it, then give up the moved copy's.
