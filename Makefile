@@ -9,7 +9,7 @@
 #   make                      run it: one run or the test matrix (= knlp train)
 #   make dry-run              list the cells `make` would run (YES=1: no question for big matrices)
 #   make continue             pick up an interrupted matrix
-#   make results / update-graphs
+#   make results / update-graphs / archive NAME=...
 #   make notebook             the knlp Jupyter kernel, JupyterLab on notebooks/
 # One-invocation overrides: make TIME=3600 EPOCHS=3 STEPS=500 TRACKER=trackio
 #   MODELS=lenet5,gpt2 OPTIMIZERS=... PRUNING=... SPARSITY=50,70 VARIANTS=bitter7
@@ -46,7 +46,7 @@ export PATH                := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 
 .PHONY: run test setup build bench docs check-docs fmt lint clean distclean help \
-        train dry-run continue check results update-graphs menuconfig olddefconfig savedefconfig \
+        train dry-run archive continue check results update-graphs menuconfig olddefconfig savedefconfig \
         list-defconfigs check-config notebook
 
 help:
@@ -145,6 +145,11 @@ OVERRIDES := $(foreach v,$(OVERRIDE_VARS),$(if $(filter command line,$(origin $(
 
 train: build
 	$(KNLP) train $(strip $(OVERRIDES) $(if $(FRESH),--fresh) $(if $(YES),--yes))
+
+# Keep the results (not checkpoints) of PROJECT (default: the latest) in key_results/NAME/.
+archive: build
+	@[ -n "$(NAME)" ] || { echo "make archive NAME=<name> [PROJECT=<project>]"; exit 2; }
+	$(KNLP) archive $(NAME) $(if $(PROJECT),$(PROJECT))
 
 # The numbered cells `make` would run, what each computes and its state.
 dry-run: build

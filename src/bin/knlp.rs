@@ -186,6 +186,20 @@ enum Command {
         #[arg(long, default_value = "runs")]
         runs_dir: PathBuf,
     },
+    /// Keep projects' results (not checkpoints) with graphs, report.md and an
+    /// index.md in <OUT>/<NAME>/.
+    Archive {
+        /// The archive's name (a folder under --out)
+        name: String,
+        /// Project names under the runs folder, or project folders (default: the most recent)
+        projects: Vec<String>,
+        /// Folder of projects
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+        /// Folder of archives
+        #[arg(long, default_value = "key_results")]
+        out: PathBuf,
+    },
     /// Draw a project's graphs (PNG and SVG) and report.md into <project>/graphs/.
     Graphs {
         /// A project name under the runs folder, or a project folder (default: the most recent)
@@ -526,6 +540,22 @@ fn main() -> ExitCode {
                 .map(|set| i32::from(!set.warnings.is_empty())),
         ),
         Command::Mechint(args) => report(knlp_mechint(&args)),
+        Command::Archive { name, projects, runs_dir, out } => report((|| {
+            let dirs: Vec<PathBuf> = if projects.is_empty() {
+                vec![::report::resolve_project(None, &runs_dir)?]
+            } else {
+                projects
+                    .iter()
+                    .map(|p| ::report::resolve_project(Some(p), &runs_dir))
+                    .collect::<anyhow::Result<_>>()?
+            };
+            let a = ::report::archive(&name, &dirs, &out)?;
+            for (p, runs, done) in &a.projects {
+                println!("  {p:<40} {runs} run(s), {done} done");
+            }
+            println!("archived {} file(s), {} bytes, in {} (index.md)", a.files, a.bytes, a.dir.display());
+            Ok(0)
+        })()),
         Command::Info => {
             println!("knlp {}", env!("CARGO_PKG_VERSION"));
             println!("libtorch {}", knlp::shim::torch_version());

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use polars::prelude::DataFrame;
 
+pub mod archive;
 pub mod frame;
 pub mod graphs;
 pub mod heatmap;
@@ -25,6 +26,7 @@ pub mod util;
 
 pub use polars;
 
+pub use archive::{archive, Archived};
 pub use frame::{Agg, Cell, Filter, Op};
 pub use graphs::{write_graphs, GraphSet};
 pub use load::{list_projects, load_project, resolve_project, History, Project, RunInfo};

@@ -534,3 +534,66 @@ fn aggregations_skip_missing_values() {
     let f = |s: &str| frame::filter(&df, &[frame::Filter::parse(s).unwrap()]).unwrap().height();
     assert_eq!((f("x>=3"), f("x<3"), f("x!=3"), f("x=null"), f("s>fig")), (3, 1, 4, 1, 1));
 }
+
+/// `knlp archive`: results, graphs, report and an index, no weights, no
+/// links out, never over an existing archive, nothing left on failure.
+#[test]
+fn archives_keep_results_not_weights() {
+    let root = common::temp_dir("archive");
+    let p = common::build(&root, "proj");
+    let run = fs::read_dir(&p)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|d| d.join("status.json").exists())
+        .unwrap();
+    fs::create_dir_all(run.join("checkpoints")).unwrap();
+    fs::write(run.join("checkpoints/last.safetensors"), vec![0u8; 4096]).unwrap();
+    fs::write(p.join(".lock"), "pid 1 start 1 host h\n").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", run.join("leak")).unwrap();
+    let src = load_project(&p).unwrap();
+    let (runs, done) = (src.runs.len(), src.runs.iter().filter(|r| r.status == "done").count());
+    assert!(runs > done && done > 0);
+    fn listing(d: &Path, out: &mut Vec<(String, u64)>) {
+        for e in fs::read_dir(d).unwrap() {
+            let e = e.unwrap();
+            let md = fs::symlink_metadata(e.path()).unwrap();
+            out.push((e.path().display().to_string(), md.len()));
+            if md.is_dir() {
+                listing(&e.path(), out);
+            }
+        }
+        out.sort();
+    }
+    let mut before = Vec::new();
+    listing(&p, &mut before);
+    let out = root.join("key_results");
+    let a = report::archive("first", std::slice::from_ref(&p), &out).unwrap();
+    let kept = out.join("first/proj");
+    let index = fs::read_to_string(out.join("first/index.md")).unwrap();
+    assert!(
+        index.contains("## proj")
+            && index.contains(&format!("{runs} run(s), {done} done"))
+            && index.contains("| cell"),
+        "{index}"
+    );
+    assert!(kept.join("graphs/report.md").is_file());
+    assert_eq!(a.projects, vec![("proj".to_string(), runs, done)]);
+    let name = run.file_name().unwrap();
+    assert!(kept.join(name).join("metrics.jsonl").is_file() && kept.join(name).join("status.json").is_file());
+    assert!(!kept.join(name).join("checkpoints").exists() && !kept.join(".lock").exists());
+    assert!(fs::symlink_metadata(kept.join(name).join("leak")).is_err(), "a link was archived");
+    // The source is untouched (no graphs drawn into it).
+    let mut after = Vec::new();
+    listing(&p, &mut after);
+    assert_eq!(before, after);
+    let e = report::archive("first", std::slice::from_ref(&p), &out).unwrap_err().to_string();
+    assert!(e.contains("already exists"), "{e}");
+    for bad in ["", "../x", "a/b", ".hidden"] {
+        assert!(report::archive(bad, std::slice::from_ref(&p), &out).is_err(), "{bad}");
+    }
+    let e = report::archive("second", &[root.join("missing")], &out).unwrap_err();
+    assert!(format!("{e:#}").contains("missing"), "{e:#}");
+    let left: Vec<_> = fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("first")], "a failed archive left {left:?}");
+    common::cleanup(&root);
+}
