@@ -8,6 +8,7 @@ use std::path::PathBuf;
 fn main() {
     embed_stdlib();
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/guard.h");
     println!("cargo:rerun-if-changed=build.rs");
     let lib = PathBuf::from(
         env::var("DEP_TCH_LIBTORCH_LIB")

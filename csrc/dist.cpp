@@ -3,6 +3,7 @@
 // Every entry point catches C++ exceptions and reports them through an error
 // buffer, so a c10d error (a peer gone, a timeout) never unwinds into Rust.
 #include <ATen/ATen.h>
+#include "guard.h"
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #ifdef KNLP_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -23,15 +24,7 @@ thread_local std::string dist_error;
 
 template <typename F>
 int guarded(F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    dist_error = e.what();
-  } catch (...) {
-    dist_error = "unknown C++ exception";
-  }
-  return 1;
+  return knlp_shim::guarded(dist_error, std::forward<F>(f));
 }
 
 struct Store {

@@ -2,6 +2,7 @@
 // Every entry point catches C++ exceptions and reports them through an error
 // buffer, so a libtorch error never unwinds into Rust.
 #include <ATen/ATen.h>
+#include "guard.h"
 #include <ATen/Context.h>
 #include <ATen/DeviceAccelerator.h>
 #include <ATen/autocast_mode.h>
@@ -16,15 +17,7 @@ thread_local std::string last_error;
 
 template <typename F>
 int guarded(F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-  } catch (...) {
-    last_error = "unknown C++ exception";
-  }
-  return 1;
+  return knlp_shim::guarded(last_error, std::forward<F>(f));
 }
 }  // namespace
 

@@ -601,20 +601,8 @@ impl Runner {
     fn spawn(&self, id: &str, slot: usize, gpus: usize, quiet: bool) -> Result<Child> {
         let mut cmd = Command::new(&self.exe);
         cmd.arg("cell").arg(&self.project_dir).arg(id);
-        let runner = std::process::id() as libc::pid_t;
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            cmd.pre_exec(move || {
-                libc::setpgid(0, 0);
-                // A cell never outlives its runner (a SIGKILLed make).
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                if libc::getppid() != runner {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
+        // The runner forwards Ctrl-C; a cell never outlives its runner.
+        crate::dist::launch::tie_to_parent(&mut cmd);
         if self.resume {
             cmd.arg("--resume");
         }

@@ -49,6 +49,26 @@ fn signal(child: &Child, sig: libc::c_int) {
     }
 }
 
+/// Start `cmd` in a process group of its own (a terminal's Ctrl-C reaches
+/// only this process, which passes it on once) and have it killed when this
+/// process dies (`PR_SET_PDEATHSIG`), so it never outlives its parent.
+/// Used for ranks and for matrix cells.
+pub fn tie_to_parent(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setpgid(0, 0);
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // The parent may have died before prctl took effect.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Run `program args` as `nproc` ranks on this host; returns the exit status
 /// for the launcher (0 when every rank succeeded).
 pub fn run(nproc: usize, program: &Path, args: &[OsString]) -> Result<i32> {
@@ -67,7 +87,6 @@ pub fn run(nproc: usize, program: &Path, args: &[OsString]) -> Result<i32> {
     unsafe {
         libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t);
     }
-    let launcher = std::process::id() as libc::pid_t;
     // The ranks share the cores (torchrun sets 1; a share keeps CPU runs fast).
     let threads = std::env::var_os("OMP_NUM_THREADS").is_none().then(|| {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -89,18 +108,7 @@ pub fn run(nproc: usize, program: &Path, args: &[OsString]) -> Result<i32> {
         if let Some(t) = &threads {
             cmd.env("OMP_NUM_THREADS", t);
         }
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::setpgid(0, 0);
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                // The launcher may have died before prctl took effect.
-                if libc::getppid() != launcher {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
+        tie_to_parent(&mut cmd);
         match cmd.spawn() {
             Ok(c) => ranks.push(Some(c)),
             Err(e) => {
