@@ -130,7 +130,9 @@ pub fn run(nproc: usize, program: &Path, args: &[OsString]) -> Result<i32> {
             let Some(c) = slot else { continue };
             match c.try_wait()? {
                 Some(st) => {
-                    if !st.success() && failed.is_none() {
+                    // After a forwarded Ctrl-C, ranks ending with 130 is the
+                    // stop asked for: the others must finish their checkpoint.
+                    if !st.success() && failed.is_none() && !int_sent {
                         failed = Some((r, st));
                     }
                     last_code = last_code.max(exit_code(st));

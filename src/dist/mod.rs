@@ -160,16 +160,6 @@ pub fn default_cuda_index() -> usize {
     env().map_or(0, |e| e.local_rank.max(0) as usize)
 }
 
-/// Check the environment and connect to the store now (the launchers call
-/// this at start-up, so a bad variable fails before any work).
-pub fn init() -> Result<bool> {
-    let Some(_) = Env::from_env()? else {
-        return Ok(false);
-    };
-    with_state(|_| Ok(()))?;
-    Ok(true)
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
     Sum,
