@@ -91,8 +91,9 @@ pub struct ParamStore {
     buffers: Vec<(String, Tensor)>,
     device: Device,
     groups: Vec<FlatGroup>,
-    /// Memory available when the first parameter was made: a model that
-    /// does not fit is refused before the kernel's OOM killer ends the process.
+    /// Memory for parameters, taken when `param` first runs (what is free
+    /// then plus what earlier parameters hold): a model that does not fit is
+    /// refused before the kernel's OOM killer ends the process.
     budget: Option<u64>,
     /// Bytes of parameters made so far.
     bytes: u64,
@@ -154,8 +155,10 @@ impl ParamStore {
     pub fn param(&mut self, name: &str, shape: &[i64], init: Init, role: Role) -> Result<Tensor> {
         let numel = shape.iter().try_fold(1u64, |a, &d| u64::try_from(d).ok().and_then(|d| a.checked_mul(d)));
         let need = numel.and_then(|n| n.checked_mul(4)).unwrap_or(u64::MAX);
-        if self.params.is_empty() {
-            self.budget = available_memory();
+        // What is free now plus what earlier parameters (made here or
+        // handed in) already hold.
+        if self.budget.is_none() {
+            self.budget = available_memory().map(|a| a.saturating_add(self.bytes));
         }
         if let Some(avail) = self.budget {
             let total = self.bytes.saturating_add(need);
