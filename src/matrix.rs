@@ -786,8 +786,8 @@ impl Drop for Lock {
 }
 
 /// What to do with each cell when (re)starting a matrix.
-pub fn plan(project_dir: &Path, m: &MatrixFile, retry_failed: bool) -> Vec<(String, Status, bool)> {
-    m.cells
+pub fn plan(project_dir: &Path, cells: &[Cell], retry_failed: bool) -> Vec<(String, Status, bool)> {
+    cells
         .iter()
         .map(|c| {
             let run = RunDir { path: project_dir.join(&c.id) };

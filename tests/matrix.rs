@@ -107,6 +107,30 @@ fn check_against(reference: &Path, project: &Path, what: &str) {
     }
 }
 
+/// Run `knlp args` until it reaches the pause point `pause`, then SIGKILL
+/// its whole process group (the runner, and with it its cells).
+fn kill_at_pause(dir: &Path, args: &[String], pause: &str, marker: &Path, within: Duration) {
+    let mut child = knlp(dir)
+        .args(args)
+        .env("KNLP_TEST_PAUSE", pause)
+        .env("KNLP_TEST_PAUSE_FILE", marker)
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !marker.exists() {
+        assert!(t0.elapsed() < within, "{pause}: never reached");
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("{pause}: finished ({st}) before the pause point");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pgid = child.id() as i32;
+    let st = Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).status().unwrap();
+    assert!(st.success());
+    let _ = child.wait();
+}
+
 #[test]
 fn sigkill_anywhere_then_continue_completes_every_cell_once() {
     // The reference: the same matrix, never interrupted.
@@ -117,27 +141,13 @@ fn sigkill_anywhere_then_continue_completes_every_cell_once() {
 
     for (n, pause) in ["step:15", "cell-done:1", "checkpoint:3", "step:28"].iter().enumerate() {
         let project = format!("crash{n}");
-        let marker = dir.join(format!("paused-{n}"));
-        let mut child = knlp(&dir)
-            .args(train_args(&project))
-            .env("KNLP_TEST_PAUSE", pause)
-            .env("KNLP_TEST_PAUSE_FILE", &marker)
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        let t0 = Instant::now();
-        while !marker.exists() {
-            assert!(t0.elapsed() < Duration::from_secs(240), "{pause}: never reached");
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!("{pause}: finished ({st}) before the pause point");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // SIGKILL the whole process group: the runner and its cell.
-        let pgid = child.id() as i32;
-        let st = Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).status().unwrap();
-        assert!(st.success());
-        let _ = child.wait();
+        kill_at_pause(
+            &dir,
+            &train_args(&project),
+            pause,
+            &dir.join(format!("paused-{n}")),
+            Duration::from_secs(240),
+        );
         let proj = dir.join("runs").join(&project);
         let done_before: Vec<&&str> = CELLS
             .iter()
@@ -366,24 +376,9 @@ fn fresh_respects_the_lock_and_failures_name_their_cause() {
     std::fs::remove_file(proj.join(".lock")).unwrap();
 
     // Stop the first cell mid-run, damage its checkpoint, continue.
-    let marker = dir.join("paused");
     let mut args = train_args("fresh");
     args.extend(["--set".into(), "MODELS=lenet5".into()]);
-    let mut child = knlp(&dir)
-        .args(&args)
-        .env("KNLP_TEST_PAUSE", "step:15")
-        .env("KNLP_TEST_PAUSE_FILE", &marker)
-        .process_group(0)
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    while !marker.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "never reached step 15");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let pgid = child.id() as i32;
-    assert!(Command::new("kill").args(["-KILL", "--", &format!("-{pgid}")]).status().unwrap().success());
-    let _ = child.wait();
+    kill_at_pause(&dir, &args, "step:15", &dir.join("paused"), Duration::from_secs(120));
     let ck = proj.join(CELLS[0]).join("checkpoints/last.safetensors");
     let bytes = std::fs::read(&ck).unwrap();
     std::fs::write(&ck, &bytes[..bytes.len() / 2]).unwrap();

@@ -630,7 +630,7 @@ fn describe_cell(exp: &knlp::config::Experiment, c: &knlp::matrix::Cell) -> Stri
 
 /// `knlp train --dry-run`: the numbered cells `make` would run, then exit.
 fn knlp_dry_run(cfg: &ConfigArgs) -> anyhow::Result<i32> {
-    use knlp::runs::{RunDir, Status};
+    use knlp::runs::Status;
     let (exp, dot_text) = experiment(cfg)?;
     let cells = knlp::matrix::cells(&exp)?;
     let project = knlp::config::project_name(&exp, &dot_text);
@@ -643,18 +643,16 @@ fn knlp_dry_run(cfg: &ConfigArgs) -> anyhow::Result<i32> {
         exp.parallel_jobs.max(1),
         exp.device
     );
-    let mut to_run = 0;
-    for (i, c) in cells.iter().enumerate() {
-        let st = RunDir { path: dir.join(&c.id) }.status().map(|s| s.status).unwrap_or(Status::Pending);
-        let state = match st {
-            Status::Done => "done, would be skipped",
-            Status::Failed => "failed earlier, skipped (continue --retry-failed)",
-            Status::Pending => "would run",
+    // The plan `make` itself follows, so the two cannot disagree.
+    let plan = knlp::matrix::plan(&dir, &cells, false);
+    let to_run = plan.iter().filter(|(_, _, run)| *run).count();
+    for (i, (c, (_, st, run))) in cells.iter().zip(&plan).enumerate() {
+        let state = match (st, run) {
+            (Status::Done, _) => "done, would be skipped",
+            (Status::Failed, false) => "failed earlier, skipped (continue --retry-failed)",
+            (Status::Pending, true) => "would run",
             _ => "would resume from its checkpoint",
         };
-        if !matches!(st, Status::Done | Status::Failed) {
-            to_run += 1;
-        }
         println!("{:>4}. {:<48} {}\n      {state}", i + 1, c.id, describe_cell(&exp, c));
     }
     println!("{to_run} of {} cell(s) would run; nothing was started", cells.len());
@@ -757,7 +755,7 @@ fn run_matrix(
     nproc: Option<usize>,
 ) -> anyhow::Result<i32> {
     use knlp::runs::Status;
-    let plan = knlp::matrix::plan(dir, m, retry_failed);
+    let plan = knlp::matrix::plan(dir, &m.cells, retry_failed);
     for (id, st, run) in &plan {
         let what = match (st, run) {
             (Status::Done, _) => "done, skipped",
