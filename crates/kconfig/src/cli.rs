@@ -9,7 +9,11 @@
 //! | `defconfig` | `[--kconfig KCONFIG] FILE` |
 //! | `setconfig` | `[--kconfig KCONFIG] [--no-check-exists] [--no-check-value] NAME=VALUE...` |
 //! | `config get` | `[--kconfig KCONFIG] SYMBOL` |
+//! | `conf` | Linux's `scripts/kconfig/conf` command line (module [`crate::conf`]) |
 //! | `config set` | `[--kconfig KCONFIG] [--no-check-exists] [--no-check-value] SYMBOL VALUE` or `NAME=VALUE...` |
+//!
+//! Every command also takes `--allow-shell`, which lets `$(shell,...)` run
+//! commands (as Linux's `conf` always does; also `KCONFIG_ALLOW_SHELL=1`).
 //!
 //! `KCONFIG` defaults to `Kconfig` (relative to `$srctree`). The `.config`
 //! path is `$KCONFIG_CONFIG`, default `.config`; `KCONFIG_ALLCONFIG` works
@@ -35,6 +39,7 @@ pub const COMMANDS: &[&str] = &[
     "defconfig",
     "setconfig",
     "config",
+    "conf",
 ];
 
 /// Runs `args[0]` (one of [`COMMANDS`]) with the remaining arguments.
@@ -55,6 +60,7 @@ pub fn run(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> i32 {
         "defconfig" => defconfig(rest, out, err),
         "setconfig" => setconfig(rest, out, err),
         "config" => config(rest, out, err),
+        "conf" => crate::conf::run(rest, out, err),
         other => {
             let _ = writeln!(err, "unknown command '{}'; commands: {}", other, COMMANDS.join(", "));
             2
@@ -70,6 +76,10 @@ struct Opt {
 }
 
 const KCONFIG_OPT: Opt = Opt { long: "--kconfig", short: None, takes_value: true };
+
+/// Accepted by every command: lets `$(shell,...)` run (also
+/// `KCONFIG_ALLOW_SHELL=1`).
+const ALLOW_SHELL_OPT: Opt = Opt { long: "--allow-shell", short: None, takes_value: false };
 
 struct Parsed {
     opts: Vec<(&'static str, Option<String>)>,
@@ -106,6 +116,7 @@ fn parse(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> ParseOutcome {
+    let opts: Vec<&Opt> = opts.iter().chain(std::iter::once(&ALLOW_SHELL_OPT)).collect();
     let mut parsed = Parsed { opts: Vec::new(), positional: Vec::new() };
     let mut unknown = Vec::new();
     let mut i = 0;
@@ -130,14 +141,14 @@ fn parse(
             _ => (a.clone(), None),
         };
         let matches: Vec<&Opt> = if name.starts_with("--") {
-            let exact: Vec<&Opt> = opts.iter().filter(|o| o.long == name).collect();
+            let exact: Vec<&Opt> = opts.iter().copied().filter(|o| o.long == name).collect();
             if exact.is_empty() {
-                opts.iter().filter(|o| o.long.starts_with(name.as_str())).collect()
+                opts.iter().copied().filter(|o| o.long.starts_with(name.as_str())).collect()
             } else {
                 exact
             }
         } else {
-            opts.iter().filter(|o| o.short == Some(name.as_str())).collect()
+            opts.iter().copied().filter(|o| o.short == Some(name.as_str())).collect()
         };
         match matches.as_slice() {
             [o] => {
@@ -211,8 +222,9 @@ fn flush_warnings(kc: &Kconfig, err: &mut dyn Write) {
     }
 }
 
-fn load(prog: &str, kconfig: &str, err: &mut dyn Write) -> Result<Kconfig, i32> {
-    match Kconfig::load_with(Path::new(kconfig), &LoadOptions { srctree: None, env: Env::process() }) {
+fn load(prog: &str, kconfig: &str, p: &Parsed, err: &mut dyn Write) -> Result<Kconfig, i32> {
+    let options = LoadOptions { srctree: None, env: Env::process(), allow_shell: p.flag("--allow-shell") };
+    match Kconfig::load_with(Path::new(kconfig), &options) {
         Ok(kc) => {
             flush_warnings(&kc, err);
             Ok(kc)
@@ -245,7 +257,7 @@ fn standard_kconfig(
         return Err(usage_error(prog, usage, &format!("unrecognized arguments: {}", extra), err));
     }
     let kconfig = p.positional.first().cloned().unwrap_or_else(|| "Kconfig".to_string());
-    load(prog, &kconfig, err)
+    load(prog, &kconfig, &p, err)
 }
 
 /// Loads the default `.config` (or defconfig_list file) and prints the
@@ -418,7 +430,7 @@ options:
         );
     }
     let kconfig = p.positional.first().cloned().unwrap_or_else(|| "Kconfig".to_string());
-    let mut kc = match load(prog, &kconfig, err) {
+    let mut kc = match load(prog, &kconfig, &p, err) {
         Ok(kc) => kc,
         Err(c) => return c,
     };
@@ -468,7 +480,7 @@ options:
     }
     let kconfig = p.value("--kconfig").unwrap_or_else(|| "Kconfig".to_string());
     let outfile = p.value("--out").unwrap_or_else(|| "defconfig".to_string());
-    let mut kc = match load(prog, &kconfig, err) {
+    let mut kc = match load(prog, &kconfig, &p, err) {
         Ok(kc) => kc,
         Err(c) => return c,
     };
@@ -519,7 +531,7 @@ options:
         }
     }
     let kconfig = p.value("--kconfig").unwrap_or_else(|| "Kconfig".to_string());
-    let mut kc = match load(prog, &kconfig, err) {
+    let mut kc = match load(prog, &kconfig, &p, err) {
         Ok(kc) => kc,
         Err(c) => return c,
     };
@@ -590,7 +602,7 @@ fn apply_assignments(
     let kconfig = p.value("--kconfig").unwrap_or_else(|| "Kconfig".to_string());
     let check_exists = !p.flag("--no-check-exists");
     let check_value = !p.flag("--no-check-value");
-    let mut kc = match load(prog, &kconfig, err) {
+    let mut kc = match load(prog, &kconfig, p, err) {
         Ok(kc) => kc,
         Err(c) => return c,
     };
@@ -680,7 +692,7 @@ fn config_get(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> i32 
         return usage_error(prog, usage, "expected exactly one SYMBOL", err);
     }
     let kconfig = p.value("--kconfig").unwrap_or_else(|| "Kconfig".to_string());
-    let mut kc = match load(prog, &kconfig, err) {
+    let mut kc = match load(prog, &kconfig, &p, err) {
         Ok(kc) => kc,
         Err(c) => return c,
     };

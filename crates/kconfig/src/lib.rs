@@ -31,6 +31,7 @@
 
 mod api;
 pub mod cli;
+pub mod conf;
 mod config;
 mod error;
 mod eval;
@@ -62,6 +63,9 @@ pub struct LoadOptions {
     /// The environment for `$(NAME)`, `option env`, `srctree`, `CONFIG_`,
     /// `KCONFIG_CONFIG` and the other variables kconfiglib reads.
     pub env: Env,
+    /// Let `$(shell,...)` run commands (`/bin/sh -c`), as Linux's `conf`
+    /// does. Off by default; also switched on by `KCONFIG_ALLOW_SHELL=1`.
+    pub allow_shell: bool,
 }
 
 impl Kconfig {
@@ -72,7 +76,7 @@ impl Kconfig {
     pub fn load(path: &Path, srctree: Option<&Path>) -> Result<Kconfig, KconfigError> {
         Kconfig::load_with(
             path,
-            &LoadOptions { srctree: srctree.map(Path::to_path_buf), env: Env::process() },
+            &LoadOptions { srctree: srctree.map(Path::to_path_buf), env: Env::process(), allow_shell: false },
         )
     }
 
@@ -93,6 +97,7 @@ impl Kconfig {
         // KCONFIG_WARN_UNDEF_ASSIGN=y; here they are reported unless it is n.
         kc.warn_assign_undef = env.get("KCONFIG_WARN_UNDEF_ASSIGN").as_deref() != Some("n");
         kc.modules = kc.lookup_sym("MODULES");
+        kc.allow_shell = options.allow_shell || env.get("KCONFIG_ALLOW_SHELL").as_deref() == Some("1");
 
         let mut top = Node::new(Item::Menu, filename.as_str().into(), 1, Default::default());
         top.is_menuconfig = true;
@@ -479,7 +484,7 @@ fn contents_eq(path: &Path, contents: &str) -> bool {
 /// Keeps the previous file as `<path>.old` (errors ignored, as in
 /// kconfiglib). Symlinks are copied to keep the link; only regular files are
 /// moved (never a device such as `/dev/null`).
-fn save_old(path: &Path) {
+pub(crate) fn save_old(path: &Path) {
     let mut old = path.as_os_str().to_owned();
     old.push(".old");
     let old = PathBuf::from(old);

@@ -456,6 +456,11 @@ pub struct Kconfig {
     pub(crate) kconfig_filenames: Vec<String>,
     pub(crate) env_vars: BTreeSet<String>,
     pub(crate) env: Env,
+    /// Whether `$(shell,...)` may run commands (off unless asked for).
+    pub(crate) allow_shell: bool,
+    /// Follow Linux's `conf` where kconfiglib differs (set by the `conf`
+    /// front end; see README.md).
+    pub(crate) linux_semantics: bool,
     pub(crate) missing_syms: Vec<(String, String)>,
     pub(crate) warn: Cell<bool>,
     pub(crate) warn_assign_undef: bool,
@@ -495,6 +500,8 @@ impl Kconfig {
             config_header: String::new(),
             kconfig_filenames: Vec::new(),
             env_vars: BTreeSet::new(),
+            allow_shell: false,
+            linux_semantics: false,
             env,
             missing_syms: Vec::new(),
             warn: Cell::new(true),

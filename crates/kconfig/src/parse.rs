@@ -166,7 +166,22 @@ fn is_id_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'$' | b'/' | b'.' | b'-')
 }
 
-const BUILTIN_FUNCTIONS: [&str; 6] = ["info", "error-if", "filename", "lineno", "shell", "warning-if"];
+type Builtin = for<'p, 'k> fn(&'p mut Parser<'k>, &[String]) -> Result<String, KconfigError>;
+
+/// Built-in preprocessor functions: name, fewest and most arguments.
+const BUILTIN_FUNCTIONS: [(&str, usize, usize, Builtin); 7] = [
+    ("error-if", 2, 2, |p, a| p.fn_error_if(a)),
+    ("filename", 0, 0, |p, a| p.fn_filename(a)),
+    ("if", 2, 3, |p, a| p.fn_if(a)),
+    ("info", 0, 1, |p, a| p.fn_info(a)),
+    ("lineno", 0, 0, |p, a| p.fn_lineno(a)),
+    ("shell", 1, 1, |p, a| p.fn_shell(a)),
+    ("warning-if", 2, 2, |p, a| p.fn_warning_if(a)),
+];
+
+/// Calls deeper than this of one user-defined function are taken to be
+/// infinite recursion (kconfiglib's bound).
+const MAX_FUNCTION_RECURSION: usize = 100;
 
 /// One Kconfig file being read, with newlines normalised like Python's
 /// universal-newlines mode.
@@ -840,29 +855,20 @@ impl<'a> Parser<'a> {
         }
     }
 
-    /// The value of `$(args[0],args[1],...)`: a Kconfig variable, else an
-    /// environment variable, else empty. Function calls are refused: a
-    /// configuration must not run commands or print.
+    /// The value of `$(args[0],args[1],...)`: a Kconfig variable or
+    /// function, else a built-in function, else an environment variable,
+    /// else empty (Linux's `preprocess.c`).
     fn fn_val(&mut self, args: &[String]) -> Result<String, KconfigError> {
         let f = args[0].clone();
-        let refuse = |p: &Self, why: &str| {
-            let call = if args.len() > 1 { format!("$({},...)", f) } else { format!("$({})", f) };
-            p.err(ErrorKind::Preprocessor, format!("{} is not supported: {}", call, why))
-        };
-        if f == "shell" {
-            return Err(refuse(self, "configuration may not run shell commands"));
-        }
-        if args.len() > 1 {
-            return Err(refuse(
-                self,
-                "preprocessor function calls are not supported (only $(NAME) is expanded)",
-            ));
-        }
         if let Some(var) = self.kc.variables.get_mut(&f) {
-            if var.n_expansions > 0 {
+            if args.len() == 1 && var.n_expansions > 0 {
                 return Err(
                     self.parse_error(&format!("Preprocessor variable {} recursively references itself", f))
                 );
+            }
+            if var.n_expansions > MAX_FUNCTION_RECURSION {
+                return Err(self
+                    .parse_error(&format!("Preprocessor function {} seems stuck in infinite recursion", f)));
             }
             var.n_expansions += 1;
             let value = var.value.clone();
@@ -872,17 +878,82 @@ impl<'a> Parser<'a> {
             }
             return r;
         }
-        if BUILTIN_FUNCTIONS.contains(&f.as_str()) {
-            return Err(refuse(
-                self,
-                "preprocessor function calls are not supported (only $(NAME) is expanded)",
-            ));
+        if let Some(&(_, min, max, run)) = BUILTIN_FUNCTIONS.iter().find(|b| b.0 == f) {
+            let n = args.len() - 1;
+            if n < min || n > max {
+                let expected = if min == max { min.to_string() } else { format!("{}-{}", min, max) };
+                return Err(self.err(
+                    ErrorKind::Preprocessor,
+                    format!("bad number of arguments in call to {}, expected {}, got {}", f, expected, n),
+                ));
+            }
+            return run(self, &args[1..]);
         }
         if let Some(v) = self.kc.env.get(&f) {
             self.kc.env_vars.insert(f);
             return Ok(v);
         }
         Ok(String::new())
+    }
+
+    // ----- built-in functions (Linux 6.1's preprocess.c, plus `if`) -----
+
+    fn fn_filename(&mut self, _: &[String]) -> Result<String, KconfigError> {
+        Ok(self.filename.to_string())
+    }
+
+    fn fn_lineno(&mut self, _: &[String]) -> Result<String, KconfigError> {
+        Ok(self.linenr.to_string())
+    }
+
+    /// `$(info,msg)` prints `msg` on stdout, as `conf` does.
+    fn fn_info(&mut self, a: &[String]) -> Result<String, KconfigError> {
+        println!("{}", a.first().map_or("", String::as_str));
+        Ok(String::new())
+    }
+
+    fn fn_warning_if(&mut self, a: &[String]) -> Result<String, KconfigError> {
+        if a[0] == "y" {
+            self.warn_here(a[1].clone());
+        }
+        Ok(String::new())
+    }
+
+    fn fn_error_if(&mut self, a: &[String]) -> Result<String, KconfigError> {
+        if a[0] == "y" {
+            return Err(self.err(ErrorKind::Preprocessor, a[1].clone()));
+        }
+        Ok(String::new())
+    }
+
+    /// `$(if,cond,then[,else])`: `then` when `cond` is not empty (GNU make's
+    /// `if`; Linux 6.1 itself writes it with `if-success`).
+    fn fn_if(&mut self, a: &[String]) -> Result<String, KconfigError> {
+        Ok(if !a[0].trim().is_empty() { a[1].clone() } else { a.get(2).cloned().unwrap_or_default() })
+    }
+
+    /// `$(shell,cmd)`: runs `/bin/sh -c cmd` when allowed; its stdout with
+    /// trailing newlines removed and the others turned into spaces. stderr
+    /// passes through, as with `conf`.
+    fn fn_shell(&mut self, a: &[String]) -> Result<String, KconfigError> {
+        if !self.kc.allow_shell {
+            return Err(self.err(
+                ErrorKind::Preprocessor,
+                "$(shell,...) is not allowed: running commands needs --allow-shell (or KCONFIG_ALLOW_SHELL=1)"
+                    .to_string(),
+            ));
+        }
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.arg("-c").arg(&a[0]).stdin(std::process::Stdio::null());
+        if let Some(vars) = self.kc.env.fixed_vars() {
+            cmd.env_clear().envs(vars);
+        }
+        let out = cmd.output().map_err(|e| {
+            self.err(ErrorKind::Preprocessor, format!("$(shell,...) could not start /bin/sh: {}", e))
+        })?;
+        std::io::Write::write_all(&mut std::io::stderr(), &out.stderr).ok();
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(text.trim_end_matches('\n').replace('\n', " "))
     }
 
     // ----- token helpers -----

@@ -234,6 +234,11 @@ impl Env {
         Env { fixed: Some(vars) }
     }
 
+    /// The variables of a fixed environment (`None`: the process's).
+    pub fn fixed_vars(&self) -> Option<&HashMap<String, String>> {
+        self.fixed.as_ref()
+    }
+
     /// The value of `name`, if set.
     pub fn get(&self, name: &str) -> Option<String> {
         match &self.fixed {

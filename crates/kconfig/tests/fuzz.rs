@@ -308,7 +308,8 @@ fn run_fuzz() {
         configs: Vec<Vec<u8>>,
         kc: Kconfig,
     }
-    let opts = |dir: &Path| LoadOptions { srctree: Some(dir.to_path_buf()), env: env() };
+    let opts =
+        |dir: &Path| LoadOptions { srctree: Some(dir.to_path_buf()), env: env(), ..Default::default() };
     let mut ts = Vec::new();
     for (i, t) in trees.iter().enumerate() {
         let dir = work.join(format!("t{}", i));

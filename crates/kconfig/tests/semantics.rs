@@ -38,7 +38,10 @@ fn tree(files: &[(&str, &str)]) -> PathBuf {
 fn try_load_env(files: &[(&str, &str)], env: &[(&str, &str)]) -> Result<Kconfig, KconfigError> {
     let dir = tree(files);
     let env = Env::fixed(env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>());
-    let r = Kconfig::load_with(Path::new("Kconfig"), &LoadOptions { srctree: Some(dir.clone()), env });
+    let r = Kconfig::load_with(
+        Path::new("Kconfig"),
+        &LoadOptions { srctree: Some(dir.clone()), env, ..Default::default() },
+    );
     let _ = std::fs::remove_dir_all(&dir);
     r
 }
@@ -544,7 +547,8 @@ fn errors_name_file_and_line() {
     assert!(e.to_string().starts_with("Kconfig:1: Dependency loop"), "{}", e);
     let dir = tree(&[("Kconfig", "")]);
     std::fs::write(dir.join("Kconfig"), b"config A\n\tbool \"\xff\"\n").unwrap();
-    let opts = LoadOptions { srctree: Some(dir.clone()), env: Env::fixed(HashMap::new()) };
+    let opts =
+        LoadOptions { srctree: Some(dir.clone()), env: Env::fixed(HashMap::new()), ..Default::default() };
     let e = Kconfig::load_with(Path::new("Kconfig"), &opts).unwrap_err();
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(e.kind, ErrorKind::Encoding);
@@ -554,20 +558,57 @@ fn errors_name_file_and_line() {
     assert!(e.to_string().starts_with("Kconfig:0: could not open"), "{}", e);
 }
 
+fn load_shell(text: &str, env: &[(&str, &str)]) -> Result<Kconfig, KconfigError> {
+    let dir = tree(&[("Kconfig", text)]);
+    let env = Env::fixed(env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>());
+    let opts = LoadOptions { srctree: Some(dir.clone()), env, allow_shell: true };
+    let r = Kconfig::load_with(Path::new("Kconfig"), &opts);
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
 #[test]
-fn shell_and_other_functions_are_refused() {
-    let e = load_err(&[("Kconfig", "config A\n\tstring \"a\"\n\tdefault \"$(shell,echo hi)\"\n")]);
+fn shell_needs_the_opt_in() {
+    let text = "config A\n\tstring \"a\"\n\tdefault \"$(shell,printf 'x\\ny\\n\\n')\"\n";
+    let e = load_err(&[("Kconfig", text)]);
     assert_eq!(e.kind, ErrorKind::Preprocessor);
     assert_eq!(
         e.to_string(),
-        "Kconfig:3: $(shell,...) is not supported: configuration may not run shell commands"
+        "Kconfig:3: $(shell,...) is not allowed: running commands needs --allow-shell (or KCONFIG_ALLOW_SHELL=1)"
     );
-    let e = load_err(&[("Kconfig", "X := $(info,hello)\n")]);
-    assert!(e.to_string().starts_with("Kconfig:1: $(info,...) is not supported"), "{}", e);
-    let e = load_err(&[("Kconfig", "\n$(warning-if,y,boo)\n")]);
-    assert!(e.to_string().starts_with("Kconfig:2: $(warning-if,...) is not supported"), "{}", e);
-    let e = load_err(&[("Kconfig", "config $(filename)\n\tbool\n")]);
-    assert!(e.to_string().starts_with("Kconfig:1: $(filename) is not supported"), "{}", e);
+    // Trailing newlines dropped, inner ones become spaces (Linux's do_shell).
+    let kc = load_shell(text, &[]).unwrap();
+    assert_eq!(val(&kc, "A"), "x y");
+    let kc = try_load_env(&[("Kconfig", text)], &[("KCONFIG_ALLOW_SHELL", "1")]).unwrap();
+    assert_eq!(val(&kc, "A"), "x y");
+    // The command sees the fixed environment, nothing else.
+    let kc = load_shell("config A\n\tstring \"a\"\n\tdefault \"$(shell,echo $FOO$HOME)\"\n", &[("FOO", "f")])
+        .unwrap();
+    assert_eq!(val(&kc, "A"), "f");
+}
+
+#[test]
+fn preprocessor_functions_as_in_linux() {
+    // scripts/Kconfig.include's own definitions, called with arguments.
+    let include = "if-success = $(shell,{ $(1); } >/dev/null 2>&1 && echo \"$(2)\" || echo \"$(3)\")\n\
+                   success = $(if-success,$(1),y,n)\nfailure = $(if-success,$(1),n,y)\n\
+                   comma := ,\n";
+    let text = format!(
+        "{}$(error-if,$(failure,true),never)\nconfig T\n\tdef_bool $(success,true)\nconfig F\n\tdef_bool $(success,false)\n\
+         config W\n\tstring\n\tdefault \"$(filename):$(lineno) $(if,$(comma),yes,no)$(if,,yes,no)$(if,,x)\"\n$(info,hello)\n$(warning-if,n,never)\n",
+        include
+    );
+    let kc = load_shell(&text, &[]).unwrap();
+    assert_eq!(val(&kc, "T"), "y");
+    assert_eq!(val(&kc, "F"), "n");
+    assert_eq!(val(&kc, "W"), "Kconfig:12 yesno");
+    let e =
+        load_shell(&format!("{}\n$(error-if,$(success,true),Sorry$(comma) no)\n", include), &[]).unwrap_err();
+    assert_eq!(e.to_string(), "Kconfig:6: Sorry, no");
+    let e = load_shell("$(error-if,y)\n", &[]).unwrap_err();
+    assert_eq!(e.to_string(), "Kconfig:1: bad number of arguments in call to error-if, expected 2, got 1");
+    let e = load_shell("f = $(f,$(1))\nX := $(f,a)\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("Preprocessor function f seems stuck in infinite recursion"), "{}", e);
     let e = load_err(&[("Kconfig", "A = $(A)\nB := $(A)\n")]);
     assert!(e.to_string().contains("Preprocessor variable A recursively references itself"), "{}", e);
 }
