@@ -13,8 +13,9 @@ use knlp::script::{self, Limits, Runtime};
     about = "Kernel-style ML research shell: Rhai scripts over libtorch",
     after_help = "Kconfig commands, with kconfiglib's arguments and environment (KCONFIG_CONFIG, srctree):\n  \
                   olddefconfig, alldefconfig, allnoconfig, allyesconfig, allmodconfig, listnewconfig,\n  \
-                  savedefconfig, defconfig, setconfig, config get|set SYMBOL [VALUE], menuconfig [KCONFIG]\n  \
-                  (see docs/config.md)"
+                  savedefconfig, defconfig, setconfig, config get|set SYMBOL [VALUE], menuconfig [KCONFIG];\n  \
+                  conf --alldefconfig|--defconfig FILE|... KCONFIG, with Linux's conf arguments and output.\n  \
+                  --allow-shell lets $(shell,...) run (see docs/config.md)"
 )]
 struct Cli {
     #[command(subcommand)]

@@ -168,9 +168,16 @@ impl Kconfig {
                                 break;
                             }
                         }
-                        // imply only acts when the direct dependencies hold.
+                        // kconfiglib: imply only acts when the direct
+                        // dependencies hold. Linux: an active imply always
+                        // writes the symbol, its value capped by them.
                         let dep_val = self.eval(&sym.weak_rev_dep);
-                        if dep_val != 0 && self.eval(&sym.direct_dep) != 0 {
+                        if self.linux_semantics {
+                            if dep_val != 0 {
+                                val = val.max(dep_val).min(self.eval(&sym.direct_dep));
+                                write = true;
+                            }
+                        } else if dep_val != 0 && self.eval(&sym.direct_dep) != 0 {
                             val = val.max(dep_val);
                             write = true;
                         }
@@ -185,7 +192,7 @@ impl Kconfig {
                     val = val.max(dep_val);
                     write = true;
                 }
-                if val == 1 && (self.sym_type(s) == SymbolType::Bool || self.eval(&sym.weak_rev_dep) == 2) {
+                if val == 1 && (self.sym_type(s) == SymbolType::Bool || self.imply_forces_y(s)) {
                     val = 2;
                 }
             }
@@ -542,8 +549,7 @@ impl Kconfig {
             if sym.choice.is_some() {
                 return vec![2];
             }
-            let boolish =
-                |kc: &Kconfig| kc.sym_type(s) == SymbolType::Bool || kc.eval(&sym.weak_rev_dep) == 2;
+            let boolish = |kc: &Kconfig| kc.sym_type(s) == SymbolType::Bool || kc.imply_forces_y(s);
             return match rev {
                 0 => {
                     if boolish(self) {
@@ -565,7 +571,7 @@ impl Kconfig {
         // vis == 1: must be a tristate (bool m-visibility becomes y).
         match rev {
             0 => {
-                if self.eval(&sym.weak_rev_dep) != 2 {
+                if !self.imply_forces_y(s) {
                     vec![0, 1]
                 } else {
                     vec![0, 2]
@@ -596,6 +602,12 @@ impl Kconfig {
                 }
             }
         }
+    }
+
+    /// kconfiglib 14.1's rule that a tristate implied to y cannot be m;
+    /// Linux 6.1's `symbol.c` has no such rule.
+    fn imply_forces_y(&self, s: SymId) -> bool {
+        !self.linux_semantics && self.eval(&self.syms[s].weak_rev_dep) == 2
     }
 
     /// `Symbol._str_default`: the value the symbol would have without a
