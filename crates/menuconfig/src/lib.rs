@@ -31,6 +31,8 @@ use std::fmt;
 use std::io::Write;
 use std::path::Path;
 
+use kconfig::LoadOptions;
+
 pub use state::{Action, Key, State};
 
 /// How a session ended.
@@ -90,14 +92,19 @@ impl std::error::Error for Error {
 /// shown in a window), runs the interface on the terminal, and writes
 /// `config_path` with the engine's `write_config` when the user saves.
 pub fn run(kconfig_path: &Path, config_path: &Path) -> Result<Outcome, Error> {
-    let mut state = State::load(kconfig_path, config_path, None)?;
+    run_with(kconfig_path, config_path, &LoadOptions::default())
+}
+
+/// [`run`] with explicit load options (environment, `$(shell,...)`).
+pub fn run_with(kconfig_path: &Path, config_path: &Path, options: &LoadOptions) -> Result<Outcome, Error> {
+    let mut state = State::load_with(kconfig_path, config_path, options)?;
     term::run_ui(&mut state)
 }
 
-const USAGE: &str = "usage: menuconfig [-h] [kconfig]";
+const USAGE: &str = "usage: menuconfig [-h] [--allow-shell] [kconfig]";
 
 const HELP: &str = "\
-usage: menuconfig [-h] [kconfig]
+usage: menuconfig [-h] [--allow-shell] [kconfig]
 
 Interactive terminal interface for configuring a Kconfig tree.
 
@@ -105,7 +112,9 @@ positional arguments:
   kconfig     Top-level Kconfig file (default: Kconfig)
 
 options:
-  -h, --help  show this help message and exit
+  -h, --help     show this help message and exit
+  --allow-shell  let $(shell,...) in the Kconfig files run commands (as Linux's
+                 conf does; also KCONFIG_ALLOW_SHELL=1)
 
 The configuration file is $KCONFIG_CONFIG, else .config; $srctree sets the
 directory Kconfig paths are relative to.";
@@ -117,8 +126,11 @@ directory Kconfig paths are relative to.";
 pub fn main_from_args(args: &[String]) -> i32 {
     let mut positional = Vec::new();
     let mut only_positional = false;
+    let mut options = LoadOptions::default();
     for a in args {
-        if !only_positional && a == "--" {
+        if !only_positional && a == "--allow-shell" {
+            options.allow_shell = true;
+        } else if !only_positional && a == "--" {
             only_positional = true;
         } else if !only_positional && (a == "-h" || a == "--help") {
             println!("{}", HELP);
@@ -136,7 +148,7 @@ pub fn main_from_args(args: &[String]) -> i32 {
     }
     let kconfig = positional.first().copied().unwrap_or("Kconfig");
     let config = std::env::var("KCONFIG_CONFIG").ok().filter(|s| !s.is_empty()).unwrap_or(".config".into());
-    match run(Path::new(kconfig), Path::new(&config)) {
+    match run_with(Path::new(kconfig), Path::new(&config), &options) {
         Ok(outcome) => {
             println!("{}", outcome.message);
             let _ = std::io::stdout().flush();

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use kconfig::{Kconfig, NodeKind, SymbolType, Tristate};
+use kconfig::{Kconfig, LoadOptions, NodeKind, SymbolType, Tristate};
 
 use crate::info::{self, Lines, Tone};
 use crate::tree::{is_bool_like, is_y_mode_choice_sym, snapshot, Tree, TOP};
@@ -229,7 +229,13 @@ impl State {
     /// `defconfig_list` fallback applies; otherwise a missing file means
     /// default values. Warnings are shown in a window at start.
     pub fn load(kconfig_path: &Path, config_path: &Path, srctree: Option<&Path>) -> Result<State, Error> {
-        let mut kc = Kconfig::load(kconfig_path, srctree).map_err(Error::Kconfig)?;
+        let options = LoadOptions { srctree: srctree.map(Path::to_path_buf), ..Default::default() };
+        State::load_with(kconfig_path, config_path, &options)
+    }
+
+    /// [`State::load`] with explicit options (environment, `$(shell,...)`).
+    pub fn load_with(kconfig_path: &Path, config_path: &Path, options: &LoadOptions) -> Result<State, Error> {
+        let mut kc = Kconfig::load_with(kconfig_path, options).map_err(Error::Kconfig)?;
         let mut warnings: Vec<String> = kc.take_warnings().iter().map(|w| w.to_string()).collect();
         let path_str = config_path.to_string_lossy().into_owned();
         let message = if path_str == kc.standard_config_filename() {

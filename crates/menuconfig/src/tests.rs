@@ -971,3 +971,87 @@ fn perf_big_tree() {
     st.handle(Key::Char('?'));
     eprintln!("help {:?}", t.elapsed());
 }
+
+// ----- the Linux kernel's tree -----
+
+/// Linux 6.1's x86 tree (`make test` sets KNLP_LINUX_SRC), loaded with the
+/// environment the kernel's Makefile exports and `$(shell,...)` allowed.
+fn linux_state(dir: &Scratch) -> Option<State> {
+    let src = std::env::var_os("KNLP_LINUX_SRC")?;
+    let env: std::collections::HashMap<String, String> = [
+        ("srctree", src.to_str().unwrap()),
+        ("SRCARCH", "x86"),
+        ("ARCH", "x86_64"),
+        ("KERNELVERSION", "6.1"),
+        ("CC", "gcc"),
+        ("LD", "ld"),
+        ("PATH", &std::env::var("PATH").unwrap_or_default()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let options = kconfig::LoadOptions { srctree: None, env: kconfig::Env::fixed(env), allow_shell: true };
+    let mut st = State::load_with(Path::new("Kconfig"), &dir.config(), &options).unwrap();
+    st.resize(120, 40);
+    // kconfiglib's sanity warnings about the tree open in a window first.
+    assert!(help_text(&st).contains("warning: "));
+    st.handle(Key::Esc);
+    Some(st)
+}
+
+#[test]
+fn linux_tree_search_jump_and_help() {
+    let dir = Scratch::new();
+    let Some(mut st) = linux_state(&dir) else {
+        eprintln!("skipped: KNLP_LINUX_SRC is not set (make test sets it)");
+        return;
+    };
+    assert!(screen(&st).contains("Linux/x86_64 6.1 Kernel Configuration"), "{}", screen(&st));
+    st.handle(Key::Char('/'));
+    typ(&mut st, "usb4");
+    let s = screen(&st);
+    assert!(s.contains("USB4 [=n] \"Unified support for USB4 and Thunderbolt\""), "{s}");
+    // Invisible without PCI: Enter explains why, then shows it greyed out.
+    st.handle(Key::Enter);
+    let h = help_text(&st);
+    assert!(h.contains("CONFIG_USB4: Unified support for USB4 and Thunderbolt"), "{h}");
+    assert!(h.contains("Visible: no. It is invisible because:"), "{h}");
+    assert!(h.contains("Defined at drivers/thunderbolt/Kconfig"), "{h}");
+    st.handle(Key::Esc);
+    assert!(st.show_all);
+    assert!(st.rows[st.sel].text.contains("Unified support for USB4 and Thunderbolt"));
+    assert!(screen(&st).contains("(Top) > Device Drivers"), "{}", screen(&st));
+}
+
+/// Timings on the Linux tree for docs/config.md (run by
+/// benchmarks/kconfig_linux.sh; not asserted).
+#[test]
+#[ignore]
+fn perf_linux_tree() {
+    let dir = Scratch::new();
+    let t = std::time::Instant::now();
+    let Some(mut st) = linux_state(&dir) else { return };
+    let load = t.elapsed();
+    st.handle(Key::Char('/'));
+    let t = std::time::Instant::now();
+    typ(&mut st, "usb");
+    let search = t.elapsed() / 3;
+    let t = std::time::Instant::now();
+    let _ = screen(&st);
+    let render = t.elapsed();
+    let t = std::time::Instant::now();
+    st.handle(Key::Enter);
+    let jump = t.elapsed();
+    let t = std::time::Instant::now();
+    st.handle(Key::Char('?'));
+    let help = t.elapsed();
+    st.handle(Key::Esc);
+    let t = std::time::Instant::now();
+    st.handle(Key::Down);
+    let down = t.elapsed();
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "{{\"what\": \"menuconfig_linux_x86_64\", \"load_ms\": {:.0}, \"search_key_ms\": {:.1}, \"render_ms\": {:.1}, \"jump_ms\": {:.1}, \"help_ms\": {:.1}, \"down_ms\": {:.1}}}",
+        ms(load), ms(search), ms(render), ms(jump), ms(help), ms(down)
+    );
+}
