@@ -34,3 +34,4 @@ for l in sys.stdin:
     if l.startswith('{'):
         d = json.loads(l); d.update(date='$(date -u +%FT%TZ)', machine='$host'); print(json.dumps(d))
 " >> "$out"
+benchmarks/kconfig_linux.sh
