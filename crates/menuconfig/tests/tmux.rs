@@ -330,7 +330,9 @@ fn refuses_without_a_terminal_and_reports_load_errors() {
 
     let out = Command::new(BIN).arg("--nope").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).starts_with("usage: menuconfig [-h] [--allow-shell] [kconfig]"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with("usage: menuconfig [-h] [--allow-shell] [kconfig]")
+    );
 }
 
 #[test]
