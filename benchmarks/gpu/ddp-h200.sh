@@ -4,14 +4,7 @@
 # call. From the repository root on the device machine, with gpu-bin/knlp.xz
 # and .deps/cache/brown carried.
 set -u
-TORCH_LIB=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
-export LD_LIBRARY_PATH=$TORCH_LIB
-export KNLP_CACHE_DIR=$PWD/.deps/cache NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
-[ -x gpu-bin/knlp ] || { xz -d -c gpu-bin/knlp.xz > gpu-bin/knlp && chmod +x gpu-bin/knlp; }
-K=gpu-bin/knlp
-OUT=${OUT:-/tmp}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a $OUT/card.txt
-date -u | tee -a $OUT/card.txt
+. benchmarks/gpu/common.sh
 $K info | tee -a $OUT/card.txt
 for b in ${BATCHES:-16 32}; do
     python3 benchmarks/ddp_torch.py --batch $b 2>>$OUT/torch.err | tee -a $OUT/ddp.jsonl

@@ -4,13 +4,7 @@
 # then with deterministic kernels. From the repository root on the device
 # machine, with gpu-bin/knlp.xz and .deps/cache/brown carried.
 set -u
-export LD_LIBRARY_PATH=$(python3 -c 'import torch,os;print(os.path.dirname(torch.__file__))')/lib
-export KNLP_CACHE_DIR=$PWD/.deps/cache NCCL_NVLS_ENABLE=0
-[ -x gpu-bin/knlp ] || { xz -d -c gpu-bin/knlp.xz > gpu-bin/knlp && chmod +x gpu-bin/knlp; }
-K=gpu-bin/knlp
-OUT=${OUT:-/tmp}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a $OUT/card.txt
-date -u | tee -a $OUT/card.txt
+. benchmarks/gpu/common.sh
 S=${STEPS:-40}
 for i in 1 2; do
     $K run benchmarks/ddp_gpu.rhai --steps $S --tag plain-$i --out $OUT/runs 2>>$OUT/knlp.err | grep '^{' | tee -a $OUT/repeat.jsonl
