@@ -426,6 +426,7 @@ impl Experiment {
             amp: chosen(r, "AMP_", &amps)?.unwrap_or("bf16").into(),
             tf32: r.bool("TF32")?,
             bucket_mb: r.int("DIST_BUCKET_MB")? as f64,
+            fused_loss: r.bool("FUSED_LOSS")?,
             ..TrainConfig::default()
         };
         let devices = [("AUTO", "auto"), ("CPU", "cpu"), ("CUDA", "cuda")];

@@ -13,6 +13,7 @@ pub mod hooks;
 pub mod interrupt;
 pub mod jupyter;
 pub mod layers;
+pub mod loss;
 pub mod matrix;
 pub mod mechint;
 pub mod models;

@@ -642,6 +642,20 @@ impl Gpt2 {
         &self,
         idx: &Tensor,
         train: bool,
+        cache: Option<&mut Cache>,
+        last_only: bool,
+        hooks: Option<&dyn Hooks>,
+    ) -> Result<Tensor, TchError> {
+        let h = self.hidden(idx, train, cache, last_only, hooks)?;
+        h.f_linear(&self.lm_head, self.lm_head_bias.as_ref())
+    }
+
+    /// [`Self::run`] up to the input of the output projection: ln_f's
+    /// output (through `out_proj` when there is one).
+    fn hidden(
+        &self,
+        idx: &Tensor,
+        train: bool,
         mut cache: Option<&mut Cache>,
         last_only: bool,
         hooks: Option<&dyn Hooks>,
@@ -696,7 +710,6 @@ impl Gpt2 {
         if let Some(op) = &self.out_proj {
             h = op.forward(&h)?;
         }
-        let logits = h.f_linear(&self.lm_head, self.lm_head_bias.as_ref())?;
         if let Some(c) = cache {
             c.len += t;
         }
@@ -709,7 +722,7 @@ impl Gpt2 {
                 }
             }
         }
-        Ok(logits)
+        Ok(h)
     }
 
     /// A cache for `batch` sequences of up to `capacity` tokens; each layer's
@@ -842,6 +855,18 @@ impl Model for Gpt2 {
         hooks: Option<&dyn Hooks>,
     ) -> Result<Tensor, TchError> {
         self.run(idx, train, None, false, hooks)
+    }
+
+    fn train_loss(&self, idx: &Tensor, targets: &Tensor) -> Option<Result<Tensor, TchError>> {
+        Some(self.hidden(idx, true, None, false, None).and_then(|h| {
+            crate::loss::linear_cross_entropy(
+                &h,
+                &self.lm_head,
+                self.lm_head_bias.as_ref(),
+                targets,
+                crate::loss::CHUNK_ROWS,
+            )
+        }))
     }
 
     fn hook_names(&self) -> Vec<String> {

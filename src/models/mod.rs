@@ -43,6 +43,13 @@ pub trait Model {
             Some(_) => Err(TchError::Kind(format!("{} has no hook points (GPT-2 has)", self.arch()))),
         }
     }
+    /// The mean training cross-entropy of `x` against `y` computed without
+    /// materialising the logits ([`crate::loss`]), where the model can;
+    /// `None`: the caller runs `forward` and [`cross_entropy`].
+    fn train_loss(&self, x: &Tensor, y: &Tensor) -> Option<Result<Tensor, TchError>> {
+        let _ = (x, y);
+        None
+    }
     /// Every hook point of the model, in forward order.
     fn hook_names(&self) -> Vec<String> {
         Vec::new()

@@ -146,6 +146,24 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
         },
     );
     api.f(
+        "train_loss",
+        "self, x, targets",
+        "Training-mode forward and mean cross-entropy against `targets` (-1 ignored), ready for `backward()`; GPT-2 computes it without materialising the logits (docs/gpu.md), other models and hooked ones through `forward(x, true)`.",
+        |ctx: NativeCallContext, m: &mut RModel, x: RTensor, t: RTensor| -> RResult<RTensor> {
+            if super::mechint::ScriptHooks::of_model(&ctx, m).is_none() {
+                let model = m.borrow()?;
+                let dev = model.store().device();
+                let (x, t) = (x.0.f_to_device(dev).rt()?, t.0.f_to_device(dev).rt()?);
+                if let Some(r) = model.train_loss(&x, &t) {
+                    return tensor_result(r);
+                }
+            }
+            let logits = forward(&ctx, m, &x, true)?;
+            let t = t.0.f_to_device(logits.0.device()).rt()?;
+            tensor_result(crate::models::cross_entropy(&logits.0.f_to_kind(tch::Kind::Float).rt()?, &t))
+        },
+    );
+    api.f(
         "parameters",
         "self",
         "The parameters in model order: `[#{ name, shape, numel, role }]`.",

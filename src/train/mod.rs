@@ -121,6 +121,9 @@ pub struct TrainConfig {
     pub stop_after: i64,
     /// Distributed runs: gradients are all-reduced in buckets of this many MB.
     pub bucket_mb: f64,
+    /// Language models that can (GPT-2) compute the cross-entropy chunk by
+    /// chunk without materialising the logits (`crate::loss`).
+    pub fused_loss: bool,
 }
 
 impl Default for TrainConfig {
@@ -142,6 +145,7 @@ impl Default for TrainConfig {
             progress: "auto".into(),
             stop_after: 0,
             bucket_mb: 25.0,
+            fused_loss: true,
         }
     }
 }
@@ -191,6 +195,14 @@ pub struct Summary {
 }
 
 /// A custom loss's value as the loop needs it: one float element.
+/// Runs `f` under autocast to `amp` when given.
+fn with_amp<T>(amp: Option<crate::shim::AutocastDtype>, f: impl FnOnce() -> T) -> Result<T> {
+    match amp {
+        Some(d) => crate::shim::with_autocast(d, f).map_err(|e| anyhow!(e)),
+        None => Ok(f()),
+    }
+}
+
 fn scalar_loss(l: Tensor) -> Result<Tensor> {
     if l.numel() != 1 || !matches!(l.kind(), Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16) {
         bail!("it must return one floating-point value (a 0-d tensor), got {:?} {:?}", l.kind(), l.size());
@@ -798,29 +810,43 @@ impl Trainer<'_> {
                 };
                 let x = x.f_to_device(device).map_err(te)?;
                 let y = y.f_to_device(device).map_err(te)?;
-                let logits = match amp {
-                    Some(d) => {
-                        crate::shim::with_autocast(d, || self.model.forward_hooked(&x, true, self.fwd_hooks))
-                            .map_err(|e| anyhow!(e))?
-                    }
-                    None => self.model.forward_hooked(&x, true, self.fwd_hooks),
+                // The cross-entropy without logits where the model has it
+                // (crate::loss); a custom loss or forward hooks need them.
+                let fused = self.cfg.fused_loss && self.loss_fn.is_none() && self.fwd_hooks.is_none();
+                let fused_loss = match fused {
+                    true => with_amp(amp, || self.model.train_loss(&x, &y))?,
+                    false => None,
                 };
-                let logits = match logits {
-                    Ok(l) => l,
-                    Err(e) => {
+                let (logits, loss) = match fused_loss {
+                    Some(Ok(l)) => (None, l),
+                    Some(Err(e)) => {
                         failure = Some(torch_error(&e));
                         break 'outer;
                     }
-                };
-                let loss = match self.loss_fn {
-                    Some(f) => match f(&logits, &y).and_then(scalar_loss) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            failure = Some(format!("the loss function failed at step {}: {e:#}", step + 1));
-                            break 'outer;
-                        }
-                    },
-                    None => cross_entropy(&logits.f_to_kind(Kind::Float).map_err(te)?, &y).map_err(te)?,
+                    None => {
+                        let logits =
+                            match with_amp(amp, || self.model.forward_hooked(&x, true, self.fwd_hooks))? {
+                                Ok(l) => l,
+                                Err(e) => {
+                                    failure = Some(torch_error(&e));
+                                    break 'outer;
+                                }
+                            };
+                        let loss = match self.loss_fn {
+                            Some(f) => match f(&logits, &y).and_then(scalar_loss) {
+                                Ok(l) => l,
+                                Err(e) => {
+                                    failure =
+                                        Some(format!("the loss function failed at step {}: {e:#}", step + 1));
+                                    break 'outer;
+                                }
+                            },
+                            None => {
+                                cross_entropy(&logits.f_to_kind(Kind::Float).map_err(te)?, &y).map_err(te)?
+                            }
+                        };
+                        (Some(logits), loss)
+                    }
                 };
                 let scaled = loss.f_div_scalar(self.cfg.grad_accum as f64).map_err(te)?;
                 let scaled = if multi { scaled.f_mul_scalar(share).map_err(te)? } else { scaled };
@@ -849,7 +875,7 @@ impl Trainer<'_> {
                     None => l,
                     Some(a) => a.f_add(&l).map_err(te)?,
                 });
-                if let Task::Classify { .. } = task {
+                if let (Task::Classify { .. }, Some(logits)) = (task, &logits) {
                     let hits = tch::no_grad(|| {
                         logits
                             .f_argmax(-1, false)
