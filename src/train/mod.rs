@@ -194,7 +194,6 @@ pub struct Summary {
     pub extra: Map<String, Value>,
 }
 
-/// A custom loss's value as the loop needs it: one float element.
 /// Runs `f` under autocast to `amp` when given.
 fn with_amp<T>(amp: Option<crate::shim::AutocastDtype>, f: impl FnOnce() -> T) -> Result<T> {
     match amp {
@@ -203,6 +202,7 @@ fn with_amp<T>(amp: Option<crate::shim::AutocastDtype>, f: impl FnOnce() -> T) -
     }
 }
 
+/// A custom loss's value as the loop needs it: one float element.
 fn scalar_loss(l: Tensor) -> Result<Tensor> {
     if l.numel() != 1 || !matches!(l.kind(), Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16) {
         bail!("it must return one floating-point value (a 0-d tensor), got {:?} {:?}", l.kind(), l.size());
@@ -348,12 +348,7 @@ fn eval_sums(
         if sample.is_none() {
             *sample = Some(x.shallow_clone());
         }
-        let logits = match amp {
-            Some(d) => crate::shim::with_autocast(d, || model.forward_hooked(&x, false, hooks))
-                .map_err(|e| anyhow!(e))?,
-            None => model.forward_hooked(&x, false, hooks),
-        }
-        .map_err(te)?;
+        let logits = with_amp(amp, || model.forward_hooked(&x, false, hooks))?.map_err(te)?;
         let logits = logits.f_to_kind(Kind::Float).map_err(te)?;
         let loss = cross_entropy(&logits, &y).map_err(te)?.f_double_value(&[]).map_err(te)?;
         let n = y.size()[0];
@@ -507,12 +502,7 @@ impl Trainer<'_> {
         let extra = {
             let _g = tch::no_grad_guard();
             let model = &mut *self.model;
-            match amp {
-                Some(d) => crate::shim::with_autocast(d, || model.on_eval(&m, sample.as_ref()))
-                    .map_err(|e| anyhow!(e))
-                    .and_then(|r| r),
-                None => model.on_eval(&m, sample.as_ref()),
-            }
+            with_amp(amp, || model.on_eval(&m, sample.as_ref())).and_then(|r| r)
         };
         // The model's own analysis must not end a run: report it and go on.
         match extra {

@@ -153,6 +153,7 @@ pub fn run(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> i32 {
 fn run_inner(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> Result<(), i32> {
     let a = parse_args(args, out, err)?;
     let env = Env::process();
+    let config_name = env.get("KCONFIG_CONFIG").filter(|s| !s.is_empty()).unwrap_or(".config".into());
     let mut rng = None;
     if a.mode == Mode::Rand {
         let seed = randconfig_seed(&env);
@@ -198,7 +199,7 @@ fn run_inner(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> Resul
             }
         }
         _ => {
-            if let Some(msg) = read_default(&mut kc, &env) {
+            if let Some(msg) = read_default(&mut kc, &config_name, &env) {
                 message(out, &msg);
             }
         }
@@ -249,10 +250,10 @@ fn run_inner(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> Resul
             })
         }
         _ => {
-            let name = env.get("KCONFIG_CONFIG").filter(|s| !s.is_empty()).unwrap_or(".config".into());
+            let name = &config_name;
             kc.config_header =
                 format!("#\n# Automatically generated file; DO NOT EDIT.\n# {}\n#\n", kc.mainmenu_text());
-            match write_config(&kc, Path::new(&name)) {
+            match write_config(&kc, Path::new(name)) {
                 Ok(true) => message(out, &format!("configuration written to {}", name)),
                 Ok(false) => message(out, &format!("No change to {}", name)),
                 Err(e) => {
@@ -266,11 +267,10 @@ fn run_inner(args: &[String], out: &mut dyn Write, err: &mut dyn Write) -> Resul
     }
 }
 
-/// `conf_read(NULL)`: `$KCONFIG_CONFIG`, else the first file of
+/// `conf_read(NULL)`: `name` (`$KCONFIG_CONFIG`), else the first file of
 /// `$KCONFIG_DEFCONFIG_LIST` that exists. Returns the message to print.
-fn read_default(kc: &mut Kconfig, env: &Env) -> Option<String> {
-    let name = env.get("KCONFIG_CONFIG").filter(|s| !s.is_empty()).unwrap_or(".config".into());
-    if let Some(p) = find_file(kc, &name) {
+fn read_default(kc: &mut Kconfig, name: &str, env: &Env) -> Option<String> {
+    if let Some(p) = find_file(kc, name) {
         kc.load_config(&p).ok();
         return None;
     }
