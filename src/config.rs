@@ -13,7 +13,7 @@ use kconfig::{Kconfig, SymbolType, Tristate};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::optim::{OptConfig, OptKind, SpamConfig};
+use crate::optim::{OptConfig, OptKind, SinkConfig, SpamConfig};
 use crate::prune::PruneConfig;
 use crate::train::TrainConfig;
 
@@ -135,6 +135,7 @@ pub const OPTIMIZERS: &[(&str, &str)] = &[
     ("ADAMW", "adamw"),
     ("ADAMWADV", "adamwadv"),
     ("ADAMWSPAM", "adamwspam"),
+    ("SINKGD", "sinkgd"),
     ("ADAMWPRUNE", "adamwprune"),
 ];
 pub const PRUNING: &[(&str, &str)] =
@@ -356,6 +357,11 @@ impl Experiment {
             spike_threshold: r.float_opt("SPAM_SPIKE_THRESHOLD")?.unwrap_or(sd.spike_threshold),
             ..sd
         };
+        let kd = SinkConfig::default();
+        let sinkgd = SinkConfig {
+            tau: r.float_opt("SINKGD_TAU")?.unwrap_or(kd.tau),
+            n_iter: r.int_opt("SINKGD_ITERATIONS")?.unwrap_or(kd.n_iter),
+        };
         let od = OptConfig::default();
         let opt = OptConfig {
             lr: r.float("LEARNING_RATE")?,
@@ -367,6 +373,7 @@ impl Experiment {
             nesterov: r.bool("SGD_NESTEROV")?,
             fused: r.bool("FUSED_ADAM")?,
             spam,
+            sinkgd,
             ..OptConfig::default()
         };
         let base = [

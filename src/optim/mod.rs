@@ -10,6 +10,7 @@
 pub mod groups;
 pub mod scaler;
 pub mod schedule;
+pub mod sinkgd;
 pub mod spam;
 
 use anyhow::{anyhow, bail, Result};
@@ -21,6 +22,7 @@ use crate::tensor::torch_error;
 
 pub use groups::ParamGroup;
 use groups::Seg;
+pub use sinkgd::SinkConfig;
 pub use spam::{SpamConfig, SpamState};
 
 fn te(e: tch::TchError) -> anyhow::Error {
@@ -38,6 +40,8 @@ pub enum OptKind {
     AdamWAdv,
     /// AdamWAdv + SPAM (spike-aware clipping, momentum reset).
     AdamWSpam,
+    /// Sinkhorn-normalised gradient descent (stateless).
+    SinkGd,
 }
 
 /// (name, kind, one-line description) for listings and errors.
@@ -47,6 +51,11 @@ pub const KINDS: &[(&str, OptKind, &str)] = &[
     ("adamw", OptKind::AdamW, "AdamW (decoupled weight decay)"),
     ("adamwadv", OptKind::AdamWAdv, "AdamW + AMSGrad + clipping at 1.0 + cosine schedule"),
     ("adamwspam", OptKind::AdamWSpam, "AdamWAdv + SPAM spike-aware clipping and momentum resets"),
+    (
+        "sinkgd",
+        OptKind::SinkGd,
+        "SinkGD: Sinkhorn row/column-normalised gradients, tanh-squashed (stateless)",
+    ),
 ];
 
 impl OptKind {
@@ -63,7 +72,7 @@ impl OptKind {
     }
 
     fn adam_family(self) -> bool {
-        !matches!(self, OptKind::Sgd)
+        !matches!(self, OptKind::Sgd | OptKind::SinkGd)
     }
 }
 
@@ -89,6 +98,7 @@ pub struct OptConfig {
     /// Use ATen's fused Adam/AdamW kernel.
     pub fused: bool,
     pub spam: SpamConfig,
+    pub sinkgd: SinkConfig,
     /// Parameter groups with their own lr factor and weight decay; the
     /// first group whose pattern matches a parameter's name takes it.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -111,6 +121,7 @@ impl Default for OptConfig {
             clip_norm: 0.0,
             fused: true,
             spam: SpamConfig::default(),
+            sinkgd: SinkConfig::default(),
             groups: Vec::new(),
         }
     }
@@ -131,6 +142,11 @@ impl OptConfig {
             OptKind::AdamWAdv | OptKind::AdamWSpam => {
                 c.amsgrad = true;
                 c.clip_norm = 1.0;
+            }
+            // The seed's SinkGD defaults (knlp-spec.md 3.5).
+            OptKind::SinkGd => {
+                c.lr = 3e-4;
+                c.weight_decay = 0.1;
             }
         }
         c
@@ -153,6 +169,7 @@ impl OptConfig {
         if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
             bail!("optimizer sgd: Nesterov momentum needs momentum > 0 and dampening 0");
         }
+        self.sinkgd.validate()?;
         groups::validate(&self.groups).map_err(|e| anyhow!("optimizer {}: {e}", self.kind.name()))
     }
 }
@@ -257,6 +274,7 @@ impl Optimizer {
         for (g, st) in store.groups().iter().zip(self.groups.iter_mut()) {
             match self.cfg.kind {
                 OptKind::Sgd => sgd_step(g, st, &self.cfg, lr, self.step)?,
+                OptKind::SinkGd => sinkgd::step(store, g, &st.segs, &self.cfg, lr)?,
                 _ => adam_step(g, st, &self.cfg, lr)?,
             }
         }

@@ -45,10 +45,10 @@ pub fn opt_config(kind: OptKind, opts: &Map) -> RResult<OptConfig> {
                     valid.join(", ")
                 )));
             }
-            if k == "spam" {
-                // Merge SPAM sub-options over their defaults.
+            if k == "spam" || k == "sinkgd" {
+                // Merge sub-options over their defaults.
                 if let (Some(bs), Some(os)) =
-                    (b.get_mut("spam").and_then(|s| s.as_object_mut()), v.as_object())
+                    (b.get_mut(k.as_str()).and_then(|s| s.as_object_mut()), v.as_object())
                 {
                     for (sk, sv) in os {
                         bs.insert(sk.clone(), sv.clone());
@@ -105,7 +105,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     engine.register_fn("to_debug", |o: &mut ROpt| describe(o));
     let mut api = Api::new(engine, docs);
     api.group("Optimizers");
-    api.f("optimizer", "model, options: map", "An optimizer over a model's parameters: `#{ kind: \"sgd\"|\"adam\"|\"adamw\"|\"adamwadv\"|\"adamwspam\", lr, beta1, beta2, eps, weight_decay, momentum, nesterov, amsgrad, clip_norm, fused, spam: #{ theta, interval, warmup, enable_clip, spike_threshold }, groups: [#{ params: \"glob\"|[globs], lr | lr_scale, weight_decay }] }`; unset keys take the kind's defaults. A parameter group's `lr` is scaled by the schedule like the base lr; its `weight_decay` applies to every parameter it holds (docs/optim.md).", |m: RModel, o: Map| -> RResult<ROpt> {
+    api.f("optimizer", "model, options: map", "An optimizer over a model's parameters: `#{ kind: \"sgd\"|\"adam\"|\"adamw\"|\"adamwadv\"|\"adamwspam\"|\"sinkgd\", lr, beta1, beta2, eps, weight_decay, momentum, nesterov, amsgrad, clip_norm, fused, spam: #{ theta, interval, warmup, enable_clip, spike_threshold }, sinkgd: #{ tau, n_iter }, groups: [#{ params: \"glob\"|[globs], lr | lr_scale, weight_decay }] }`; unset keys take the kind's defaults. A parameter group's `lr` is scaled by the schedule like the base lr; its `weight_decay` applies to every parameter it holds (docs/optim.md).", |m: RModel, o: Map| -> RResult<ROpt> {
         let kind = match o.get("kind") {
             Some(k) => OptKind::parse(&expect_str(k, "kind")?).rt()?,
             None => OptKind::AdamW,
