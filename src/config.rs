@@ -261,8 +261,9 @@ impl Experiment {
             enabled(r, "OPTIMIZER_", OPTIMIZERS)?.into_iter().map(String::from).collect();
         let pruning: Vec<String> = enabled(r, "PRUNING_", PRUNING)?.into_iter().map(String::from).collect();
         let sparsities = enabled(r, "SPARSITY_", SPARSITIES)?;
-        let variants: Vec<String> = (0..=9)
-            .map(|i| Ok((format!("bitter{i}"), r.bool(&format!("ADAMWPRUNE_VARIANT_BITTER{i}"))?)))
+        let variants: Vec<String> = crate::prune::state_variants()
+            .into_iter()
+            .map(|v| Ok((v.to_string(), r.bool(&format!("ADAMWPRUNE_VARIANT_{}", v.to_ascii_uppercase()))?)))
             .collect::<Result<Vec<_>>>()?
             .into_iter()
             .filter(|(_, on)| *on)
@@ -399,6 +400,12 @@ impl Experiment {
             prune_embeddings: r.bool("PRUNING_EMBEDDINGS")?,
             mask_state: r.bool("PRUNING_MASK_STATE")?,
             regrow: r.bool("PRUNING_REGROW")?,
+            bitter10: crate::prune::bitter10::Bitter10Config {
+                snapshot_every: r
+                    .int_opt("PRUNING_BITTER10C_SNAPSHOT")?
+                    .unwrap_or(pd.bitter10.snapshot_every),
+                ..pd.bitter10.clone()
+            },
             ..PruneConfig::default()
         };
 
@@ -512,12 +519,18 @@ pub const OVERRIDES: &[(&str, &str, Apply)] = &[
         let names: Vec<(&str, &str)> = SPARSITIES.iter().map(|(s, _)| (*s, *s)).collect();
         set_list(kc, "SPARSITY", v, "SPARSITY_", &names)
     }),
-    ("VARIANTS", "ADAMWPRUNE_VARIANT_* (comma list of bitter0 ... bitter9)", |kc, v| {
-        let names: Vec<(String, String)> =
-            (0..=9).map(|i| (format!("BITTER{i}"), format!("bitter{i}"))).collect();
-        let refs: Vec<(&str, &str)> = names.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-        set_list(kc, "VARIANTS", v, "ADAMWPRUNE_VARIANT_", &refs)
-    }),
+    (
+        "VARIANTS",
+        "ADAMWPRUNE_VARIANT_* (comma list of bitter0 ... bitter9, bitter10, bitter10z/s/c)",
+        |kc, v| {
+            let names: Vec<(String, String)> = crate::prune::state_variants()
+                .into_iter()
+                .map(|v| (v.to_ascii_uppercase(), v.to_string()))
+                .collect();
+            let refs: Vec<(&str, &str)> = names.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+            set_list(kc, "VARIANTS", v, "ADAMWPRUNE_VARIANT_", &refs)
+        },
+    ),
 ];
 
 fn set(kc: &mut Kconfig, sym: &str, v: &str) -> Result<()> {

@@ -382,8 +382,8 @@ fn fp16_loss_scaling_is_exact_and_skips_overflowing_steps() {
 #[test]
 fn resume_is_bit_identical_on_cpu() {
     let _serial = serial();
-    for (name, dropout, opt_cfg, prune) in [
-        ("adamw", 0.1, adamw(), false),
+    for (name, dropout, opt_cfg, variant) in [
+        ("adamw", 0.1, adamw(), None),
         (
             "spam",
             0.0,
@@ -392,16 +392,22 @@ fn resume_is_bit_identical_on_cpu() {
                 spam: knlp::optim::SpamConfig { interval: 13, warmup: 5, ..Default::default() },
                 ..OptConfig::for_kind(OptKind::AdamWSpam)
             },
-            false,
+            None,
         ),
-        ("pruned", 0.0, adamw(), true),
+        ("pruned", 0.0, adamw(), Some("bitter7")),
+        // The trackers' state (previous weights, EMAs, snapshots) resumes too.
+        ("pruned-bitter10", 0.0, adamw(), Some("bitter10")),
+        ("pruned-bitter10c", 0.0, adamw(), Some("bitter10c")),
     ] {
+        let prune = variant.is_some();
         let pcfg = PruneConfig {
             method: "state".into(),
-            variant: "bitter7".into(),
+            variant: variant.unwrap_or("bitter7").into(),
+            bitter10: knlp::prune::bitter10::Bitter10Config { snapshot_every: 7, ..Default::default() },
             target: 0.5,
             warmup: 5,
-            ramp_end: 30,
+            // Past the resume point (30), so the masks still move after it.
+            ramp_end: 45,
             frequency: 5,
             ..Default::default()
         };
@@ -420,6 +426,15 @@ fn resume_is_bit_identical_on_cpu() {
             pr.as_mut(),
         );
         let wa = weights(&m);
+        let state = |pr: &Option<Pruner>| -> Vec<(String, Vec<f32>)> {
+            let ts = pr.as_ref().map(|p| p.tensors()).unwrap_or_default();
+            ts.iter()
+                .map(|(n, t)| {
+                    (n.clone(), Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1)).unwrap())
+                })
+                .collect()
+        };
+        let sa = state(&pr);
         // Stopped at step 30 as if killed, then resumed in a fresh process state.
         let dir_b = run_dir(&format!("resume-b-{name}"));
         let mut m = Mlp::new(1, dropout);
@@ -446,6 +461,15 @@ fn resume_is_bit_identical_on_cpu() {
         let ra = RunDir::open(&dir_a).unwrap().metrics().unwrap();
         let rb = RunDir::open(&dir_b).unwrap().metrics().unwrap();
         assert_eq!(weights(&m), wa, "{name}: final weights are bit-identical");
+        let sb = state(&pr);
+        let differ: Vec<&str> =
+            sa.iter().zip(&sb).filter(|(a, b)| a != b).map(|(a, _)| a.0.as_str()).collect();
+        assert!(
+            sa.len() == sb.len() && differ.is_empty(),
+            "{name}: pruner tensors (masks, trackers) differ after resuming: {differ:?}, {} vs {} tensors",
+            sa.len(),
+            sb.len()
+        );
         let keys = ["step", "train_loss", "test_loss", "lr", "sparsity"];
         let pick = |r: &Vec<Value>| -> Vec<Vec<Value>> {
             r.iter()
@@ -518,6 +542,10 @@ fn every_method_reaches_its_target_with_dead_weights() {
         ("state", "bitter7"),
         ("state", "bitter8"),
         ("state", "bitter9"),
+        ("state", "bitter10"),
+        ("state", "bitter10z"),
+        ("state", "bitter10s"),
+        ("state", "bitter10c"),
     ];
     for (method, variant) in variants {
         let dir = run_dir(&format!("prune-{method}-{variant}"));

@@ -9,6 +9,7 @@
 //! re-applied to the weights after every optimizer step; with `mask_state`
 //! (the default) gradients are masked before the step and the optimizer's
 //! moments after it, so pruned weights stay exactly zero with zero moments.
+pub mod bitter10;
 pub mod score;
 pub mod select;
 
@@ -30,7 +31,8 @@ fn te(e: tch::TchError) -> anyhow::Error {
 pub struct PruneConfig {
     /// `magnitude`, `movement` or `state` (AdamWPrune).
     pub method: String,
-    /// State pruning: `bitter0` ... `bitter9`. Movement: `knlp` (W * (W - W0))
+    /// State pruning: `bitter0` ... `bitter9`, `bitter10`, `bitter10z`,
+    /// `bitter10s`, `bitter10c`. Movement: `knlp` (W * (W - W0))
     /// or `sanh` (accumulated -W * grad).
     pub variant: String,
     /// Final fraction of prunable weights set to zero.
@@ -59,6 +61,8 @@ pub struct PruneConfig {
     /// come back (the Python knlp's behaviour). Off by default: pruned
     /// weights stay pruned, and the measured sparsity is the target.
     pub regrow: bool,
+    /// The bitter10 trackers' settings.
+    pub bitter10: bitter10::Bitter10Config,
 }
 
 impl Default for PruneConfig {
@@ -78,12 +82,18 @@ impl Default for PruneConfig {
             prune_embeddings: false,
             mask_state: true,
             regrow: false,
+            bitter10: Default::default(),
         }
     }
 }
 
 pub const METHODS: &[&str] = &["magnitude", "movement", "state"];
 pub const MOVEMENT_VARIANTS: &[&str] = &["knlp", "sanh"];
+
+/// The state-pruning variants: every scorer but plain magnitude.
+pub fn state_variants() -> Vec<&'static str> {
+    score::names().into_iter().filter(|n| *n != "magnitude").collect()
+}
 
 impl PruneConfig {
     pub fn validate(&self) -> Result<()> {
@@ -92,7 +102,11 @@ impl PruneConfig {
         }
         match self.method.as_str() {
             "state" if score::lookup(&self.variant).is_none() || self.variant == "magnitude" => {
-                bail!("state pruning variant must be bitter0 ... bitter9, got '{}'", self.variant)
+                bail!(
+                    "state pruning variant must be one of {}, got '{}'",
+                    state_variants().join(", "),
+                    self.variant
+                )
             }
             "movement" if !MOVEMENT_VARIANTS.contains(&self.variant.as_str()) => {
                 bail!(
@@ -118,7 +132,7 @@ impl PruneConfig {
         if !(0.0..=1.0).contains(&self.sample_fraction) {
             bail!("sample_fraction must be in [0, 1], got {}", self.sample_fraction);
         }
-        Ok(())
+        self.bitter10.validate()
     }
 
     /// The element-wise scorer this configuration uses (None for movement).
@@ -180,6 +194,8 @@ pub struct Pruner {
     masks: Vec<Tensor>,
     /// Movement: initial weights (knlp) or accumulated scores (sanh).
     movement: Vec<Tensor>,
+    /// bitter10, bitter10s, bitter10c: their per-tensor tracker.
+    tracker: Option<bitter10::Tracker>,
     pub updates: i64,
     pub last_update: i64,
     pub target_now: f64,
@@ -241,7 +257,21 @@ impl Pruner {
                 movement.push(init.and_then(|t| t.f_to_kind(Kind::Float)).map_err(te)?);
             }
         }
-        Ok(Pruner { cfg, members, ranges, masks, movement, updates: 0, last_update: 0, target_now: 0.0 })
+        let tracker = match cfg.method.as_str() {
+            "state" => bitter10::Tracker::new(&cfg.variant, &cfg.bitter10, store, &members, &ranges)?,
+            _ => None,
+        };
+        Ok(Pruner {
+            cfg,
+            members,
+            ranges,
+            masks,
+            movement,
+            tracker,
+            updates: 0,
+            last_update: 0,
+            target_now: 0.0,
+        })
     }
 
     /// The mask of tensor `name` (a bool view), if it is prunable.
@@ -305,7 +335,13 @@ impl Pruner {
                 if self.cfg.method == "state" && m.is_none() {
                     bail!("state pruning needs an Adam-family optimizer (its moments are the scores' input)");
                 }
-                score::score(name, &w, m.as_ref(), v.as_ref(), fp16).map_err(te)?
+                let mut s = score::score(name, &w, m.as_ref(), v.as_ref(), fp16).map_err(te)?;
+                if let (Some(t), Some(m), Some(v)) = (&self.tracker, &m, &v) {
+                    if let Some(f) = t.factor(ri, &w, m, v)? {
+                        let _ = s.f_mul_(&f).map_err(te)?;
+                    }
+                }
+                s
             } else if self.cfg.variant == "knlp" {
                 // Movement (knlp): W * (W - W0); positive = moving away from zero.
                 let w0 = &self.movement[ri];
@@ -557,12 +593,18 @@ impl Pruner {
     ) -> Result<()> {
         let ramp = self.cfg.ramp_end_steps(steps_per_epoch);
         let s = sparsity_at(step, self.cfg.warmup, ramp, self.cfg.target, self.cfg.schedule == "cubic");
+        if let Some(t) = self.tracker.as_mut() {
+            t.observe(store, opt)?;
+        }
         if step > self.cfg.warmup && step % self.cfg.frequency == 0 {
             tch::no_grad(|| self.update_masks(store, Some(opt), s, custom))?;
             self.last_update = step;
         }
         if self.updates > 0 {
             self.apply_all(store, Some(opt))?;
+        }
+        if let Some(t) = self.tracker.as_mut() {
+            t.settle(store, step)?;
         }
         Ok(())
     }
@@ -584,6 +626,9 @@ impl Pruner {
         }
         for (i, t) in self.movement.iter().enumerate() {
             out.push((format!("movement.{i}"), t.shallow_clone()));
+        }
+        if let Some(t) = &self.tracker {
+            out.extend(t.tensors());
         }
         out
     }
@@ -608,6 +653,9 @@ impl Pruner {
                 bail!("pruner tensor '{name}' has shape {:?}, expected {:?}", src.size(), slot.size());
             }
             *slot = src.f_to_device(slot.device()).and_then(|t| t.f_to_kind(slot.kind())).map_err(te)?;
+        }
+        if let Some(t) = self.tracker.as_mut() {
+            t.restore(tensors)?;
         }
         Ok(())
     }

@@ -67,7 +67,28 @@ pub const METHODS: &[(&str, Needs, &str, Scorer)] = &[
     ("bitter9", Needs::V, "s |w| (|v|^0.25 + ε), s = structural weight", |w, _, v, eps| {
         w.f_abs()?.f_mul(&m_of(v)?.f_abs()?.f_pow_tensor_scalar(0.25)?.f_add_scalar(eps)?)
     }),
+    // The bitter10 family: ε = 1e-12 (the seed's); the tracked ones get
+    // their per-tensor factor from bitter10.rs.
+    (
+        "bitter10",
+        Needs::M,
+        "α b × coherence of Δw (per tensor), b = |w| sqrt(|m| + 1e-12)",
+        |w, m, _, _| base10(w, m_of(m)?),
+    ),
+    ("bitter10z", Needs::MV, "b |m| / (sqrt(v) + 1e-12)", |w, m, v, _| {
+        let m = m_of(m)?;
+        base10(w, m)?.f_mul(&m.f_abs()?)?.f_div(&m_of(v)?.f_sqrt()?.f_add_scalar(super::bitter10::EPS)?)
+    }),
+    ("bitter10s", Needs::MV, "b × sketched m stability (per tensor)", |w, m, _, _| base10(w, m_of(m)?)),
+    ("bitter10c", Needs::MV, "b × alignment of m with Δw since a snapshot (per tensor)", |w, m, _, _| {
+        base10(w, m_of(m)?)
+    }),
 ];
+
+/// The bitter10 family's base score `|w| sqrt(|m| + 1e-12)`.
+fn base10(w: &Tensor, m: &Tensor) -> Result<Tensor, TchError> {
+    w.f_abs()?.f_mul(&m.f_abs()?.f_add_scalar(super::bitter10::EPS)?.f_sqrt()?)
+}
 
 pub fn names() -> Vec<&'static str> {
     METHODS.iter().map(|m| m.0).collect()

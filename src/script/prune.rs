@@ -94,7 +94,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
         }
         build(&m, None, cfg, score)
     });
-    api.f("state_pruner", "opt, options: map", "AdamWPrune's state pruner over `opt`'s moments: `#{ variant: \"bitter0\" ... \"bitter9\", target, warmup, ramp_end, frequency, ..., score: |w, m, v| ... }`; a `score` closure replaces the variant and is called once per tensor per update.", |o: ROpt, opts: Map| -> RResult<RPruner> {
+    api.f("state_pruner", "opt, options: map", "AdamWPrune's state pruner over `opt`'s moments: `#{ variant: \"bitter0\" ... \"bitter9\"|\"bitter10\"|\"bitter10z\"|\"bitter10s\"|\"bitter10c\", target, warmup, ramp_end, frequency, ..., bitter10: #{ alpha, beta_flip, beta_dir, beta_mw, beta_jitter, ema, sketch, snapshot_every }, score: |w, m, v| ... }`; a `score` closure replaces the variant and is called once per tensor per update.", |o: ROpt, opts: Map| -> RResult<RPruner> {
         let (mut cfg, score) = prune_config(&opts)?;
         if opts.get("method").is_some_and(|m| m.to_string() != "state") {
             return Err(rerr("state_pruner(): method is always \"state\""));
@@ -155,7 +155,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     api.get("options", "The pruning configuration, as a map.", |p: &mut RPruner| -> RResult<Dynamic> {
         rhai::serde::to_dynamic(&p.borrow_mut()?.cfg).map_err(|e| rerr(e.to_string()))
     });
-    api.f("importance", "method, w, m: Tensor|(), v: Tensor|()", "Importance of one weight tensor by `\"magnitude\"` or `\"bitter0\"` ... `\"bitter9\"` (bitter8/9 without their structural weight); with `()` for a missing moment the methods that need it fall back to |w|.", |method: &str, w: RTensor, m: Dynamic, v: Dynamic| -> RResult<RTensor> {
+    api.f("importance", "method, w, m: Tensor|(), v: Tensor|()", "Importance of one weight tensor by `\"magnitude\"` or `\"bitter0\"` ... `\"bitter10c\"` (bitter8/9 without their structural weight, bitter10/10s/10c without their tracked per-tensor factor); with `()` for a missing moment the methods that need it fall back to |w|.", |method: &str, w: RTensor, m: Dynamic, v: Dynamic| -> RResult<RTensor> {
         let (m, v) = (opt_tensor(&m, "m")?, opt_tensor(&v, "v")?);
         tensor_result(score::score(method, &w.0, m.as_ref(), v.as_ref(), false))
     });
