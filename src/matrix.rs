@@ -44,6 +44,17 @@ pub struct Cell {
     /// GPT-2 attention variant or ablation step (the attention axis).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention: Option<String>,
+    /// The cell's own experiment, when it differs from the matrix's (a
+    /// sweep's cells each carry their configuration's); None: the matrix's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<Box<Experiment>>,
+}
+
+impl Cell {
+    /// The experiment this cell runs: its own, else the matrix's `shared` one.
+    pub fn experiment<'a>(&'a self, shared: &'a Experiment) -> &'a Experiment {
+        self.experiment.as_deref().unwrap_or(shared)
+    }
 }
 
 /// The stable id of a cell: `<model>_<optimizer>_<pruning>[-<variant>][_<pct>]`.
@@ -95,6 +106,7 @@ pub fn cells(exp: &Experiment) -> Result<Vec<Cell>> {
                         variant,
                         sparsity,
                         attention: att.clone(),
+                        experiment: None,
                     };
                     if pr == "none" {
                         out.push(cell(None, 0.0));
@@ -170,6 +182,32 @@ impl MatrixFile {
             anyhow!("no cell '{id}' in project {} (cells: {})", self.project, ids.join(", "))
         })
     }
+}
+
+/// One line of what a cell trains and how long (`make dry-run`).
+pub fn describe_cell(exp: &Experiment, c: &Cell) -> String {
+    let mut what = vec![c.model.clone()];
+    if let Some(a) = &c.attention {
+        what.push(format!("attention {a}"));
+    }
+    what.push(c.optimizer.clone());
+    match (c.pruning.as_str(), &c.variant) {
+        ("none", _) => what.push("dense".into()),
+        (p, Some(v)) => what.push(format!("{p} pruning ({v}) to {:.0}%", c.sparsity * 100.0)),
+        (p, None) => what.push(format!("{p} pruning to {:.0}%", c.sparsity * 100.0)),
+    }
+    let t = &exp.train;
+    let budget = match (t.steps, t.epochs, t.time_limit) {
+        (s, _, _) if s > 0 => format!("{s} steps"),
+        (_, e, _) if e > 0 => format!("{e} epoch(s)"),
+        (_, _, l) => format!("{l} s"),
+    };
+    let limit = if t.time_limit > 0.0 && (t.steps > 0 || t.epochs > 0) {
+        format!(" (at most {} s)", t.time_limit)
+    } else {
+        String::new()
+    };
+    format!("{}; {budget}{limit}, batch {}", what.join(", "), exp.data.batch_size)
 }
 
 /// The device a cell runs on (CUDA_VISIBLE_DEVICES already narrowed it).
@@ -361,6 +399,8 @@ pub fn build(exp: &Experiment, cell: &Cell, device: Device, tiny: bool) -> Resul
 
 /// The full record of a cell's configuration (config.json).
 fn record(exp: &Experiment, cell: &Cell, b: &Built, train: &TrainConfig, project: &str) -> Value {
+    // The experiment is recorded whole in matrix.json; config.json has the resolved parts.
+    let cell = Cell { experiment: None, ..cell.clone() };
     json!({
         "arch": b.model.arch(),
         "model": b.model.config(),
@@ -418,8 +458,8 @@ pub fn check_file(kconfig: &Path, file: &Path) -> Result<usize> {
 /// Run one cell in this process (what `knlp cell` does).
 pub fn run_cell(project_dir: &Path, cell_id: &str, resume: bool) -> Result<Summary> {
     let m = MatrixFile::read(project_dir)?;
-    let exp = &m.experiment;
     let cell = m.cell(cell_id)?.clone();
+    let exp = cell.experiment(&m.experiment);
     set_cell_threads(exp.cpu_threads);
     if exp.deterministic {
         crate::shim::set_deterministic(true).map_err(|e| anyhow!(e))?;
@@ -802,8 +842,9 @@ pub fn plan(project_dir: &Path, cells: &[Cell], retry_failed: bool) -> Vec<(Stri
         .collect()
 }
 
-/// Copy a finished baseline run into the project as `cell`'s run.
-pub fn adopt_baseline(runs_dir: &Path, spec: &str, project_dir: &Path, cells: &[Cell]) -> Result<String> {
+/// A finished baseline run named by `BASELINE=` (`project/cell` under
+/// `runs_dir`, or a run folder): its folder and its cell id.
+pub fn baseline_run(runs_dir: &Path, spec: &str) -> Result<(PathBuf, String)> {
     let src = {
         let direct = PathBuf::from(spec);
         if direct.join("summary.json").exists() {
@@ -827,6 +868,12 @@ pub fn adopt_baseline(runs_dir: &Path, spec: &str, project_dir: &Path, cells: &[
         .map(String::from)
         .or_else(|| src.file_name().map(|n| n.to_string_lossy().to_string()))
         .ok_or_else(|| anyhow!("BASELINE={spec}: cannot tell its cell"))?;
+    Ok((src, id))
+}
+
+/// Copy a finished baseline run into the project as `cell`'s run.
+pub fn adopt_baseline(runs_dir: &Path, spec: &str, project_dir: &Path, cells: &[Cell]) -> Result<String> {
+    let (src, id) = baseline_run(runs_dir, spec)?;
     if !cells.iter().any(|c| c.id == id) {
         let ids: Vec<&str> = cells.iter().map(|c| c.id.as_str()).collect();
         bail!("BASELINE={spec}: its cell '{id}' is not in this matrix (cells: {})", ids.join(", "));
@@ -841,7 +888,8 @@ pub fn adopt_baseline(runs_dir: &Path, spec: &str, project_dir: &Path, cells: &[
     Ok(id)
 }
 
-fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
+/// Copy a folder recursively.
+pub fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
     fs::create_dir_all(dst)?;
     for e in fs::read_dir(src)? {
         let e = e?;
