@@ -27,6 +27,7 @@ pub mod safetensors;
 pub mod script;
 pub mod shell;
 pub mod shim;
+pub mod sweep;
 pub mod tensor;
 pub mod testhook;
 pub mod track;
