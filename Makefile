@@ -8,7 +8,9 @@
 #   make menuconfig           change it
 #   make                      run it: one run or the test matrix (= knlp train)
 #   make dry-run              list the cells `make` would run (YES=1: no question for big matrices)
-#   make continue             pick up an interrupted matrix
+#   make continue             pick up an interrupted matrix (or sweep)
+#   make sweep SWEEP=file     run every configuration of a sweep file over .config (BASE=file)
+#   make sweep-dry-run SWEEP=file   check and list them (or DRY_RUN=1); FORCE=1 past 10000
 #   make results / update-graphs / archive NAME=...
 #   make notebook             the knlp Jupyter kernel, JupyterLab on notebooks/
 # One-invocation overrides: make TIME=3600 EPOCHS=3 STEPS=500 TRACKER=trackio
@@ -46,11 +48,11 @@ export PATH                := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 
 .PHONY: run test setup build bench docs check-docs fmt lint clean distclean help \
-        train dry-run archive continue check results update-graphs menuconfig olddefconfig savedefconfig \
+        train dry-run sweep sweep-dry-run archive continue check results update-graphs menuconfig olddefconfig savedefconfig \
         list-defconfigs check-config notebook
 
 help:
-	@sed -n '3,20p' Makefile
+	@sed -n '3,22p' Makefile
 
 # ---- set-up -----------------------------------------------------------------
 
@@ -179,6 +181,17 @@ archive: build
 # The numbered cells `make` would run, what each computes and its state.
 dry-run: build
 	$(KNLP) train --dry-run $(strip $(OVERRIDES))
+
+# Every configuration of a sweep file (CONFIG_X=start:step:end, a|b|c) laid
+# over .config (or BASE=file), checked by Kconfig, run as cells of one project.
+SWEEP_ARGS = $(SWEEP) $(strip $(OVERRIDES) $(if $(BASE),--base $(BASE)) $(if $(YES),--yes) $(if $(FORCE),--force))
+sweep: build
+	@[ -n "$(SWEEP)" ] || { echo "make sweep SWEEP=<file> [BASE=<config>] [DRY_RUN=1] [YES=1] [FORCE=1] [VAR=value...]"; exit 2; }
+	$(KNLP) sweep $(strip $(SWEEP_ARGS) $(if $(DRY_RUN),--dry-run))
+
+sweep-dry-run: build
+	@[ -n "$(SWEEP)" ] || { echo "make sweep-dry-run SWEEP=<file> [BASE=<config>] [VAR=value...]"; exit 2; }
+	$(KNLP) sweep $(strip $(SWEEP_ARGS) --dry-run)
 
 continue: build
 	$(KNLP) continue $(if $(PROJECT),$(PROJECT)) $(if $(RETRY_FAILED),--retry-failed) $(if $(NPROC),--nproc $(NPROC))

@@ -118,6 +118,34 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
+    /// Run every configuration of a sweep file over a base .config, as cells of
+    /// one project (docs/workflow.md#9-sweeps).
+    Sweep {
+        /// Lines CONFIG_X=start:step:end (inclusive range), CONFIG_X=a|b|c or CONFIG_X=value
+        file: PathBuf,
+        /// The base configuration (default: $KCONFIG_CONFIG, else .config)
+        #[arg(long, value_name = "FILE")]
+        base: Option<PathBuf>,
+        /// The Kconfig tree
+        #[arg(long, default_value = "Kconfig")]
+        kconfig: PathBuf,
+        /// Override a setting of every configuration, as `make VAR=value` (see `train --help`);
+        /// PROJECT=name names the sweep's project
+        #[arg(long = "set", value_name = "VAR=VALUE")]
+        overrides: Vec<String>,
+        /// Check every configuration and list the cells that would run, then exit
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not ask before a large sweep (YES=1)
+        #[arg(long)]
+        yes: bool,
+        /// Allow more than 10000 configurations
+        #[arg(long)]
+        force: bool,
+        /// Train each cell as N data-parallel ranks on this host (as NPROC=N)
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
+    },
     /// Continue the most recent matrix (or PROJECT): done cells are skipped,
     /// interrupted cells resume from their last checkpoint, the rest run.
     Continue {
@@ -506,6 +534,15 @@ fn main() -> ExitCode {
                 report(knlp_train(&cfg, fresh, yes))
             }
         }
+        Command::Sweep { file, base, kconfig, mut overrides, dry_run, yes, force, nproc } => {
+            if let Some(n) = nproc {
+                overrides.push(format!("NPROC={n}"));
+            }
+            let base = base.unwrap_or_else(|| {
+                PathBuf::from(std::env::var("KCONFIG_CONFIG").unwrap_or_else(|_| ".config".into()))
+            });
+            report(knlp_sweep(&file, base, kconfig, &overrides, dry_run, yes, force))
+        }
         Command::Continue { project, retry_failed, runs_dir, jobs, nproc } => {
             report(knlp_continue(project.as_deref(), retry_failed, &runs_dir, jobs, nproc))
         }
@@ -603,32 +640,6 @@ fn experiment(cfg: &ConfigArgs) -> anyhow::Result<(knlp::config::Experiment, Str
 /// Matrices larger than this ask before they start, on a terminal.
 const ASK_ABOVE_CELLS: usize = 16;
 
-/// One line per cell: what it trains and how long.
-fn describe_cell(exp: &knlp::config::Experiment, c: &knlp::matrix::Cell) -> String {
-    let mut what = vec![c.model.clone()];
-    if let Some(a) = &c.attention {
-        what.push(format!("attention {a}"));
-    }
-    what.push(c.optimizer.clone());
-    match (c.pruning.as_str(), &c.variant) {
-        ("none", _) => what.push("dense".into()),
-        (p, Some(v)) => what.push(format!("{p} pruning ({v}) to {:.0}%", c.sparsity * 100.0)),
-        (p, None) => what.push(format!("{p} pruning to {:.0}%", c.sparsity * 100.0)),
-    }
-    let t = &exp.train;
-    let budget = match (t.steps, t.epochs, t.time_limit) {
-        (s, _, _) if s > 0 => format!("{s} steps"),
-        (_, e, _) if e > 0 => format!("{e} epoch(s)"),
-        (_, _, l) => format!("{l} s"),
-    };
-    let limit = if t.time_limit > 0.0 && (t.steps > 0 || t.epochs > 0) {
-        format!(" (at most {} s)", t.time_limit)
-    } else {
-        String::new()
-    };
-    format!("{}; {budget}{limit}, batch {}", what.join(", "), exp.data.batch_size)
-}
-
 /// `knlp train --dry-run`: the numbered cells `make` would run, then exit.
 fn knlp_dry_run(cfg: &ConfigArgs) -> anyhow::Result<i32> {
     use knlp::runs::Status;
@@ -654,30 +665,101 @@ fn knlp_dry_run(cfg: &ConfigArgs) -> anyhow::Result<i32> {
             (Status::Pending, true) => "would run",
             _ => "would resume from its checkpoint",
         };
-        println!("{:>4}. {:<48} {}\n      {state}", i + 1, c.id, describe_cell(&exp, c));
+        println!("{:>4}. {:<48} {}\n      {state}", i + 1, c.id, knlp::matrix::describe_cell(&exp, c));
     }
     println!("{to_run} of {} cell(s) would run; nothing was started", cells.len());
     Ok(0)
 }
 
+/// Ask before `cells` cells when there are many: true to go on. `--yes`,
+/// `YES=1` or a standard input that is not a terminal skip the question.
+fn confirm(cells: usize, yes: bool, question: &str) -> anyhow::Result<bool> {
+    use std::io::IsTerminal;
+    let yes = yes || std::env::var("YES").is_ok_and(|v| v == "1");
+    if cells <= ASK_ABOVE_CELLS || yes || !std::io::stdin().is_terminal() {
+        return Ok(true);
+    }
+    print!("{question} [y/N] ");
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    Ok(matches!(answer.trim(), "y" | "Y" | "yes"))
+}
+
+/// `knlp sweep` (`make sweep SWEEP=file`): expand and check every
+/// configuration, then run their cells as one matrix project.
+fn knlp_sweep(
+    file: &std::path::Path,
+    base: PathBuf,
+    kconfig: PathBuf,
+    overrides: &[String],
+    dry_run: bool,
+    yes: bool,
+    force: bool,
+) -> anyhow::Result<i32> {
+    use knlp::sweep;
+    let sweep_file = sweep::SweepFile::read(file)?;
+    let overrides = knlp::config::parse_overrides(overrides)?;
+    let explicit = overrides.iter().rev().find(|(k, _)| k == "PROJECT").map(|(_, v)| v.trim().to_string());
+    let opts = sweep::Options { kconfig, base, overrides, force };
+    let plan = sweep::expand(&sweep_file, &opts)?;
+    for w in &plan.warnings {
+        eprintln!("warning: {w}");
+    }
+    let project = sweep::project_name(file, explicit.as_deref())?;
+    let dir = plan.experiment.runs_dir.join(&project);
+    if dry_run {
+        print!("{}", plan.listing(&project, &dir));
+        return Ok(0);
+    }
+    let n = plan.cell_count();
+    let question = format!(
+        "{n} cells in {} configurations of sweep {} (`make sweep-dry-run SWEEP=...` lists them). Run them?",
+        plan.configs.len(),
+        file.display()
+    );
+    if !confirm(n, yes, &question)? {
+        println!("nothing started");
+        return Ok(1);
+    }
+    // A baseline that fits no cell stops the sweep before anything is written.
+    let baseline = &plan.experiment.baseline;
+    let adopt = if baseline.is_empty() {
+        None
+    } else {
+        Some(sweep::baseline_cells(&plan.experiment.runs_dir, baseline, &plan.matrix(&project))?)
+    };
+    let _lock = knlp::matrix::Lock::take(&dir)?;
+    let (m, continuing) = plan.write(&dir, &project)?;
+    if continuing {
+        println!("sweep {project}: continuing");
+    } else {
+        println!(
+            "sweep {project}: {} configuration(s), {} cell(s) in {}",
+            plan.configs.len(),
+            m.cells.len(),
+            dir.display()
+        );
+    }
+    if let Some((src, ids)) = adopt {
+        sweep::adopt_baseline(&src, &dir, &ids)?;
+        println!("baseline {baseline} reused as {} cell(s): {}", ids.len(), ids.join(", "));
+    }
+    run_matrix(&dir, &m, false, plan.experiment.parallel_jobs.max(1) as usize, None)
+}
+
 fn knlp_train(cfg: &ConfigArgs, fresh: bool, yes: bool) -> anyhow::Result<i32> {
     use knlp::matrix::{self, MatrixFile};
-    use std::io::IsTerminal;
     let (exp, dot_text) = experiment(cfg)?;
     let cells = matrix::cells(&exp)?;
     let project = knlp::config::project_name(&exp, &dot_text);
     let dir = exp.runs_dir.join(&project);
     // A large matrix is a lot of machine time: ask on a terminal.
-    let yes = yes || std::env::var("YES").is_ok_and(|v| v == "1");
-    if cells.len() > ASK_ABOVE_CELLS && !yes && std::io::stdin().is_terminal() {
-        print!("{} cells in project {project} (`make dry-run` lists them). Run them? [y/N] ", cells.len());
-        let _ = std::io::Write::flush(&mut std::io::stdout());
-        let mut answer = String::new();
-        std::io::stdin().read_line(&mut answer)?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            println!("nothing started");
-            return Ok(1);
-        }
+    let question =
+        format!("{} cells in project {project} (`make dry-run` lists them). Run them?", cells.len());
+    if !confirm(cells.len(), yes, &question)? {
+        println!("nothing started");
+        return Ok(1);
     }
     if fresh && dir.exists() {
         // Never move a project another process is writing: hold its lock
@@ -807,6 +889,16 @@ fn run_matrix(
                 }
             }
             Err(e) => eprintln!("knlp: warning: graphs: {e:#}"),
+        }
+    }
+    if dir.join(knlp::sweep::SWEEP_FILE).exists() {
+        // The ranked summary of a sweep, after every run or continue of it.
+        match knlp::sweep::write_summary(dir) {
+            Ok(s) => {
+                println!("\n{}", s.render(false, Some(10)).trim_end());
+                println!("(sweep summary: {} and .txt, .json)", dir.join(knlp::sweep::SUMMARY_MD).display());
+            }
+            Err(e) => eprintln!("knlp: warning: sweep summary: {e:#}"),
         }
     }
     if knlp::interrupt::requested() {
