@@ -253,6 +253,26 @@ fn chosen<T: Clone>(r: &Reader, prefix: &str, table: &[(&str, T)]) -> Result<Opt
 }
 
 impl Experiment {
+    /// INFERENCE_TEST and its settings.
+    fn inference(r: &Reader) -> Result<Option<crate::inference::InferenceConfig>> {
+        if !r.bool("INFERENCE_TEST")? {
+            return Ok(None);
+        }
+        let d = crate::inference::InferenceConfig::default();
+        let sizes = match r.string("INFERENCE_BATCH_SIZES")?.trim() {
+            "" => d.batch_sizes,
+            s => crate::inference::parse_batch_sizes(s)
+                .map_err(|e| anyhow!("CONFIG_INFERENCE_BATCH_SIZES: {e}"))?,
+        };
+        let c = crate::inference::InferenceConfig {
+            batch_sizes: sizes,
+            warmup: r.int_opt("INFERENCE_WARMUP")?.unwrap_or(d.warmup),
+            runs: r.int_opt("INFERENCE_RUNS")?.unwrap_or(d.runs),
+        };
+        c.validate().map_err(|e| anyhow!("CONFIG_INFERENCE_BATCH_SIZES: {e}"))?;
+        Ok(Some(c))
+    }
+
     /// Read the evaluated configuration. Every symbol of the tree is read
     /// (values of disabled menus are simply unused).
     pub fn read(r: &Reader) -> Result<Experiment> {
@@ -441,6 +461,7 @@ impl Experiment {
             tf32: r.bool("TF32")?,
             bucket_mb: r.int("DIST_BUCKET_MB")? as f64,
             fused_loss: r.bool("FUSED_LOSS")?,
+            inference: Self::inference(r)?,
             ..TrainConfig::default()
         };
         let devices = [("AUTO", "auto"), ("CPU", "cpu"), ("CUDA", "cuda")];

@@ -10,6 +10,7 @@ pub mod decode;
 pub mod dist;
 pub mod glob;
 pub mod hooks;
+pub mod inference;
 pub mod interrupt;
 pub mod jupyter;
 pub mod layers;

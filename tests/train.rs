@@ -595,3 +595,52 @@ fn every_method_reaches_its_target_with_dead_weights() {
         m.store().zero_grad().unwrap();
     }
 }
+
+/// INFERENCE_TEST: after the run, the model's forward pass timed at each
+/// batch size, with its sparsity counted, in inference.json and the summary.
+#[test]
+fn inference_test_times_the_trained_model() {
+    use knlp::inference::InferenceConfig;
+    let _serial = serial();
+    let dir = run_dir("inference");
+    let mut m = Mlp::new(3, 0.0);
+    let mut data = Blobs::new();
+    let mut opt = Optimizer::new(m.store(), adamw()).unwrap();
+    let pc = PruneConfig { target: 0.5, warmup: 2, ramp_end: 10, frequency: 2, ..Default::default() };
+    let mut pr = Pruner::new(m.store(), pc).unwrap();
+    let ic = InferenceConfig { batch_sizes: vec![4, 1, 16], warmup: 1, runs: 5 };
+    let c = TrainConfig { inference: Some(ic), ..cfg(20) };
+    let s = train(&mut m, &mut data, &mut opt, c, &dir, Some(&mut pr));
+    let rep: Value = serde_json::from_slice(&std::fs::read(dir.join("inference.json")).unwrap()).unwrap();
+    assert_eq!(rep["sample_shape"], json!([16]), "the shape of one training input");
+    let res = rep["results"].as_array().unwrap();
+    assert_eq!(res.iter().map(|r| r["batch_size"].as_i64().unwrap()).collect::<Vec<_>>(), vec![4, 1, 16]);
+    for r in res {
+        let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {r}"));
+        let (mean, lo, hi) = (f("latency_ms_mean"), f("latency_ms_min"), f("latency_ms_max"));
+        assert!(lo > 0.0 && lo <= mean && mean <= hi && f("latency_ms_std") >= 0.0, "{r}");
+        let b = r["batch_size"].as_f64().unwrap();
+        assert!((f("throughput_per_s") - b / (mean / 1e3)).abs() < 1e-6 * f("throughput_per_s"));
+        assert!(r.get("mem_peak_mb_mean").is_none(), "memory is measured on CUDA only");
+    }
+    // Sparsity counted from the weights themselves.
+    let zeros: i64 =
+        m.store().params().iter().map(|p| p.tensor.eq(0.0).sum(Kind::Int64).int64_value(&[])).sum();
+    let total: i64 = m.store().params().iter().map(|p| p.tensor.numel() as i64).sum();
+    assert_eq!(
+        (rep["sparsity"]["zero_params"].as_i64(), rep["sparsity"]["params"].as_i64()),
+        (Some(zeros), Some(total))
+    );
+    let wz = rep["sparsity"]["weight_sparsity"].as_f64().unwrap();
+    assert!((wz - pr.weight_sparsity(m.store()).unwrap()).abs() < 1e-9 && wz > 0.45, "{wz}");
+    // The summary's headline: latency at the smallest batch, best throughput.
+    let bs1 = res.iter().find(|r| r["batch_size"] == 1).unwrap();
+    assert_eq!(s.extra["infer_ms"], bs1["latency_ms_mean"]);
+    let best = res.iter().map(|r| r["throughput_per_s"].as_f64().unwrap()).fold(0.0, f64::max);
+    assert_eq!(s.extra["infer_per_s"].as_f64(), Some(best));
+    let bad = TrainConfig {
+        inference: Some(InferenceConfig { batch_sizes: vec![0], ..Default::default() }),
+        ..cfg(5)
+    };
+    assert!(bad.validate().unwrap_err().to_string().contains("batch sizes"));
+}

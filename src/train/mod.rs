@@ -124,6 +124,10 @@ pub struct TrainConfig {
     /// Language models that can (GPT-2) compute the cross-entropy chunk by
     /// chunk without materialising the logits (`crate::loss`).
     pub fused_loss: bool,
+    /// After a completed run of an image model, time its forward pass at
+    /// these batch sizes ([`crate::inference`]); None: no inference test.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inference: Option<crate::inference::InferenceConfig>,
 }
 
 impl Default for TrainConfig {
@@ -146,6 +150,7 @@ impl Default for TrainConfig {
             stop_after: 0,
             bucket_mb: 25.0,
             fused_loss: true,
+            inference: None,
         }
     }
 }
@@ -160,6 +165,9 @@ impl TrainConfig {
         }
         if self.steps == 0 && self.epochs == 0 && self.time_limit <= 0.0 {
             bail!("train: set steps, epochs or time_limit");
+        }
+        if let Some(i) = &self.inference {
+            i.validate()?;
         }
         let choices: [(&str, &str, &[&str]); 3] = [
             ("schedule", &self.schedule, &["auto", "constant", "warmup_cosine", "cosine_epoch"]),
@@ -706,6 +714,7 @@ impl Trainer<'_> {
         let mut acc_hits: Option<Tensor> = None;
         let mut acc_count = 0i64;
         let mut last_train_loss: Option<f64> = None;
+        let mut sample_shape: Option<Vec<i64>> = None;
         let mut failure: Option<String> = None;
         let unit = if matches!(task, Task::LanguageModel { .. }) { "tokens_per_s" } else { "samples_per_s" };
         let eval_every = self.cfg.eval_every;
@@ -745,7 +754,11 @@ impl Trainer<'_> {
             // Forward and backward over the micro-batches of this step.
             let mut micro = 0;
             while micro < self.cfg.grad_accum {
-                let Some((x, y)) = self.data.next_batch()? else {
+                let batch = self.data.next_batch()?;
+                if let (None, Some((x, _))) = (&sample_shape, &batch) {
+                    sample_shape = Some(x.size()[1..].to_vec());
+                }
+                let Some((x, y)) = batch else {
                     // End of an epoch (epoch-based data).
                     epoch += 1;
                     if eval_every == 0 {
@@ -1100,7 +1113,8 @@ impl Trainer<'_> {
         }
         let p = progress_state(&best, &last_eval, secs, items_done, total);
         self.save("last", step, epoch, &p)?;
-        let s = self.summary(
+        let inference = self.inference_test(sample_shape, &mut progress);
+        let mut s = self.summary(
             Status::Done,
             stop_reason,
             step,
@@ -1112,12 +1126,57 @@ impl Trainer<'_> {
             last_train_loss,
             device,
         )?;
+        if let Some(report) = inference {
+            s.extra.extend(crate::inference::headline(&report));
+            if lead {
+                crate::runs::write_atomic(
+                    &self.run.path.join("inference.json"),
+                    &serde_json::to_vec_pretty(&report)?,
+                )?;
+            }
+        }
         tracker.finish(&serde_json::to_value(&s)?, "done")?;
         if lead {
             self.run.set_status(Status::Done, None)?;
         }
         progress.line(&self.run, &format!("done: {}", format_record(&s.final_metrics)));
         Ok(s)
+    }
+
+    /// The inference test of a completed image-model run, if configured;
+    /// its failure is reported but does not fail the trained run.
+    fn inference_test(&mut self, sample: Option<Vec<i64>>, progress: &mut Progress) -> Option<Value> {
+        let cfg = self.cfg.inference.clone()?;
+        if !matches!(self.model.task(), Task::Classify { .. }) {
+            progress.line(&self.run, "inference test: image models only (GPT-2: the decode benchmark)");
+            return None;
+        }
+        let sample = match sample {
+            Some(s) => Some(s),
+            None => {
+                // A resumed run that had no step left: the evaluation data's shape.
+                let mut first = None;
+                let _ = self.data.for_each_eval(&mut |x, _| {
+                    first.get_or_insert_with(|| x.size()[1..].to_vec());
+                    Ok(())
+                });
+                first
+            }
+        };
+        let report = sample
+            .ok_or_else(|| anyhow!("no input to take the sample shape from"))
+            .and_then(|s| crate::inference::measure(&*self.model, &s, &cfg));
+        match report {
+            Ok(r) => {
+                let h = crate::inference::headline(&r);
+                progress.line(&self.run, &format!("inference test: {}", format_record(&h)));
+                Some(r)
+            }
+            Err(e) => {
+                progress.line(&self.run, &format!("inference test failed: {e:#}"));
+                None
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

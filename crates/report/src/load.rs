@@ -59,6 +59,9 @@ pub struct RunInfo {
     pub peak_mem_mb: Option<f64>,
     pub throughput: Option<f64>,
     pub throughput_unit: Option<String>,
+    /// The inference test: latency at its smallest batch size, best throughput.
+    pub infer_ms: Option<f64>,
+    pub infer_per_s: Option<f64>,
     /// Problems with this run's files, short.
     pub notes: Vec<String>,
 }
@@ -389,6 +392,8 @@ fn load_run(dir: &Path, warnings: &mut Vec<String>) -> (RunInfo, History) {
         .or_else(|| get_f64(pruning_cfg, "target"))
         .or_else(|| get_f64(extra, "target_sparsity"));
     info.sparsity = get_f64(extra, "sparsity").or_else(|| last_of(&records, "sparsity"));
+    info.infer_ms = get_f64(extra, "infer_ms");
+    info.infer_per_s = get_f64(extra, "infer_per_s");
 
     // Metrics: the summary when there is one, else what was logged so far.
     let evals: Vec<&Map<String, Value>> =

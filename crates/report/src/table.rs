@@ -32,6 +32,8 @@ pub const ALL_COLUMNS: &[&str] = &[
     "peak_mem_mb",
     "throughput",
     "throughput_unit",
+    "infer_ms",
+    "infer_per_s",
     "lr",
     "seed",
     "reason",
@@ -58,6 +60,8 @@ pub const DEFAULT_COLUMNS: &[&str] = &[
     "peak_mem_mb",
     "throughput",
     "throughput_unit",
+    "infer_ms",
+    "infer_per_s",
     "notes",
 ];
 
@@ -103,6 +107,8 @@ pub fn runs_frame(runs: &[RunInfo]) -> Result<DataFrame> {
         Column::new(n("peak_mem_mb"), x(&|r| r.peak_mem_mb)),
         Column::new(n("throughput"), x(&|r| r.throughput)),
         Column::new(n("throughput_unit"), s(&|r| r.throughput_unit.clone())),
+        Column::new(n("infer_ms"), x(&|r| r.infer_ms)),
+        Column::new(n("infer_per_s"), x(&|r| r.infer_per_s)),
         Column::new(n("lr"), x(&|r| r.lr)),
         Column::new(n("seed"), runs.iter().map(|r| r.seed).collect::<Vec<Option<i64>>>()),
         Column::new(n("reason"), s(&|r| r.reason.clone())),
@@ -213,6 +219,8 @@ pub fn format_cell(col: &str, v: &Cell, unit: Option<&str>) -> String {
             Some(u) => format!("{} {}", compact(x), short_unit(u)),
             None => compact(x),
         }
+    } else if c.ends_with("_ms") {
+        format!("{x:.2} ms")
     } else if c == "epochs" || c == "epoch" {
         trim_float(x, 2)
     } else if c == "lr" {
@@ -229,6 +237,7 @@ fn is_float_col(col: &str) -> bool {
         || c.ends_with("ppl")
         || c.ends_with("_s")
         || c.ends_with("mem_mb")
+        || c.ends_with("_ms")
 }
 
 /// Rendered cells: headers and rows of text, and which columns are numbers.
