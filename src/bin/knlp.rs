@@ -708,8 +708,18 @@ fn knlp_sweep(
     }
     let project = sweep::project_name(file, explicit.as_deref())?;
     let dir = plan.experiment.runs_dir.join(&project);
+    // A baseline that fits no cell stops the sweep before anything is written.
+    let baseline = &plan.experiment.baseline;
+    let adopt = if baseline.is_empty() {
+        None
+    } else {
+        Some(sweep::baseline_cells(&plan.experiment.runs_dir, baseline, &plan.matrix(&project))?)
+    };
     if dry_run {
         print!("{}", plan.listing(&project, &dir));
+        if let Some((_, ids)) = &adopt {
+            println!("baseline {baseline} would be reused as {} cell(s): {}", ids.len(), ids.join(", "));
+        }
         return Ok(0);
     }
     let n = plan.cell_count();
@@ -722,13 +732,6 @@ fn knlp_sweep(
         println!("nothing started");
         return Ok(1);
     }
-    // A baseline that fits no cell stops the sweep before anything is written.
-    let baseline = &plan.experiment.baseline;
-    let adopt = if baseline.is_empty() {
-        None
-    } else {
-        Some(sweep::baseline_cells(&plan.experiment.runs_dir, baseline, &plan.matrix(&project))?)
-    };
     let _lock = knlp::matrix::Lock::take(&dir)?;
     let (m, continuing) = plan.write(&dir, &project)?;
     if continuing {
