@@ -22,8 +22,12 @@
 //!   step and every `snapshot_every` steps; factor
 //!   `clamp(mean cos(m, w - w_snap), 0, 1) / (1 + mean sqrt(v))`.
 //!
-//! Per-tensor means are one `segment_reduce` over a flat range (the tensors
-//! of a range are contiguous), so an update is a few kernels per buffer.
+//! Every mean is over the tensor's live (unpruned) elements: pruned weights
+//! never move and have zero moments, and counting them (as the seed's code
+//! would) lowers a pruned tensor's factor, so it gets pruned further, a
+//! runaway that emptied whole LeNet-5 layers. Per-tensor means are one
+//! `segment_reduce` over a flat range (the tensors of a range are
+//! contiguous), so an update is a few kernels per buffer.
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
@@ -121,9 +125,13 @@ struct Segs {
 }
 
 impl Segs {
-    /// Per-tensor means of `x` (flat over the range).
-    fn mean(&self, x: &Tensor) -> Result<Tensor> {
-        Tensor::f_segment_reduce(x, "mean", Some(&self.lengths), None, None, 0, false, 0.0).map_err(te)
+    /// Per-tensor means of `x` (flat over the range) over the live
+    /// (unpruned) elements, `live` being 1.0 or 0.0 per element.
+    fn mean(&self, x: &Tensor, live: &Tensor) -> Result<Tensor> {
+        let sum =
+            |t: &Tensor| Tensor::f_segment_reduce(t, "sum", Some(&self.lengths), None, None, 0, false, 0.0);
+        let n = sum(live).and_then(|n| n.f_clamp_min(1.0)).map_err(te)?;
+        sum(&x.f_mul(live).map_err(te)?).and_then(|s| s.f_div(&n)).map_err(te)
     }
 
     /// A per-tensor value repeated over each tensor's elements.
@@ -250,11 +258,17 @@ impl Tracker {
     }
 
     /// After the optimizer step, before any mask update.
-    pub fn observe(&mut self, store: &ParamStore, opt: &crate::optim::Optimizer) -> Result<()> {
+    pub fn observe(
+        &mut self,
+        store: &ParamStore,
+        opt: &crate::optim::Optimizer,
+        masks: &[Tensor],
+    ) -> Result<()> {
         let ema = self.cfg.ema;
         tch::no_grad(|| -> Result<()> {
-            for r in self.ranges.iter_mut() {
+            for (r, mask) in self.ranges.iter_mut().zip(masks) {
                 let g = &store.groups()[r.group];
+                let live = mask.f_to_kind(Kind::Float).map_err(te)?;
                 match self.kind {
                     Kind10::Coherence => {
                         if r.prev.numel() == 0 {
@@ -268,10 +282,10 @@ impl Tracker {
                             r.ema_dw2 = dw2;
                             continue;
                         }
-                        let cos = r.segs.mean(&ecos(&dw, &r.ema_dw).map_err(te)?)?;
-                        let flip = r.segs.mean(&sign_flips(&dw, &r.ema_dw).map_err(te)?)?;
-                        let mean_abs = r.segs.mean(&dw.f_abs().map_err(te)?)?;
-                        let jitter = r.segs.mean(&dw2)?.f_sub(&mean_abs.f_square().map_err(te)?);
+                        let cos = r.segs.mean(&ecos(&dw, &r.ema_dw).map_err(te)?, &live)?;
+                        let flip = r.segs.mean(&sign_flips(&dw, &r.ema_dw).map_err(te)?, &live)?;
+                        let mean_abs = r.segs.mean(&dw.f_abs().map_err(te)?, &live)?;
+                        let jitter = r.segs.mean(&dw2, &live)?.f_sub(&mean_abs.f_square().map_err(te)?);
                         let jitter = jitter.and_then(|j| j.f_clamp_min(0.0)).map_err(te)?;
                         let row = Tensor::f_stack(&[cos, flip, jitter], 1).map_err(te)?;
                         Self::fold(r, row, ema)?;
@@ -287,12 +301,19 @@ impl Tracker {
                                 .and_then(|x| x.f_view([Self::n_tensors(r), k]))
                                 .map_err(te)
                         };
-                        let (ms, vs) = (pick(m)?, pick(v)?);
+                        let (ms, vs, ls) = (pick(m)?, pick(v)?, pick(&live)?);
                         if r.prev.numel() == 0 {
                             r.prev = ms;
                             continue;
                         }
-                        let mean = |t: Tensor| t.f_mean_dim(1, false, Kind::Float).map_err(te);
+                        let n = ls.f_sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
+                        let n = n.and_then(|n| n.f_clamp_min(1.0)).map_err(te)?;
+                        let mean = |t: Tensor| {
+                            t.f_mul(&ls)
+                                .and_then(|t| t.f_sum_dim_intlist([1i64].as_slice(), false, Kind::Float))
+                                .and_then(|t| t.f_div(&n))
+                                .map_err(te)
+                        };
                         let cos = mean(ecos(&ms, &r.prev).and_then(|c| c.f_abs()).map_err(te)?)?;
                         let flip = mean(sign_flips(&ms, &r.prev).map_err(te)?)?;
                         let sv = mean(vs.f_abs().and_then(|x| x.f_sqrt()).map_err(te)?)?;
@@ -332,8 +353,16 @@ impl Tracker {
 
     /// The per-element factor over range `ri` (None: 1 everywhere), given
     /// the range's weights and moments.
-    pub fn factor(&self, ri: usize, w: &Tensor, m: &Tensor, v: &Tensor) -> Result<Option<Tensor>> {
+    pub fn factor(
+        &self,
+        ri: usize,
+        w: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Option<Tensor>> {
         let r = self.ranges.get(ri).ok_or_else(|| anyhow!("bitter10: no range {ri}"))?;
+        let live = mask.f_to_kind(Kind::Float).map_err(te)?;
         let c = &self.cfg;
         let col = |i: i64| r.stats.f_select(1, i);
         let per_tensor = match self.kind {
@@ -346,7 +375,7 @@ impl Tracker {
             }
             Kind10::Coherence => {
                 let (w, m) = (w.f_to_kind(Kind::Float).map_err(te)?, m.f_to_kind(Kind::Float).map_err(te)?);
-                let cos_mw = r.segs.mean(&ecos(&m, &w).map_err(te)?)?;
+                let cos_mw = r.segs.mean(&ecos(&m, &w).map_err(te)?, &live)?;
                 let pos = |t: Tensor, beta: f64| t.f_clamp_min(0.0)?.f_pow_tensor_scalar(beta);
                 (|| -> Result<Tensor, tch::TchError> {
                     let stable = pos(col(1)?.f_neg()?.f_add_scalar(1.0)?, c.beta_flip)?;
@@ -366,9 +395,10 @@ impl Tracker {
                 let w = w.f_to_kind(Kind::Float).map_err(te)?;
                 let dw = w.f_sub(&r.snap.f_to_device(w.device()).map_err(te)?).map_err(te)?;
                 let m = m.f_to_kind(Kind::Float).map_err(te)?;
-                let cos = r.segs.mean(&ecos(&m, &dw).map_err(te)?)?.f_clamp(0.0, 1.0).map_err(te)?;
-                let sv =
-                    r.segs.mean(&v.f_to_kind(Kind::Float).and_then(|v| v.f_abs()?.f_sqrt()).map_err(te)?)?;
+                let cos = r.segs.mean(&ecos(&m, &dw).map_err(te)?, &live)?.f_clamp(0.0, 1.0).map_err(te)?;
+                let sv = r
+                    .segs
+                    .mean(&v.f_to_kind(Kind::Float).and_then(|v| v.f_abs()?.f_sqrt()).map_err(te)?, &live)?;
                 cos.f_div(&sv.f_add_scalar(1.0).map_err(te)?).map_err(te)?
             }
         };

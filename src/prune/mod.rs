@@ -337,7 +337,7 @@ impl Pruner {
                 }
                 let mut s = score::score(name, &w, m.as_ref(), v.as_ref(), fp16).map_err(te)?;
                 if let (Some(t), Some(m), Some(v)) = (&self.tracker, &m, &v) {
-                    if let Some(f) = t.factor(ri, &w, m, v)? {
+                    if let Some(f) = t.factor(ri, &w, m, v, &self.masks[ri])? {
                         let _ = s.f_mul_(&f).map_err(te)?;
                     }
                 }
@@ -594,7 +594,7 @@ impl Pruner {
         let ramp = self.cfg.ramp_end_steps(steps_per_epoch);
         let s = sparsity_at(step, self.cfg.warmup, ramp, self.cfg.target, self.cfg.schedule == "cubic");
         if let Some(t) = self.tracker.as_mut() {
-            t.observe(store, opt)?;
+            t.observe(store, opt, &self.masks)?;
         }
         if step > self.cfg.warmup && step % self.cfg.frequency == 0 {
             tch::no_grad(|| self.update_masks(store, Some(opt), s, custom))?;

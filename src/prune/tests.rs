@@ -150,6 +150,11 @@ fn tracked(
     (store, vec![a, b], opt, pr)
 }
 
+/// All 7 elements live.
+fn live7() -> Vec<Tensor> {
+    vec![Tensor::ones([7], (Kind::Bool, Device::Cpu))]
+}
+
 fn set(ps: &[Tensor], flat: &[f64]) {
     tch::no_grad(|| {
         ps[0].shallow_clone().copy_(&t(&flat[..4]).view([2, 2]));
@@ -201,13 +206,13 @@ fn bitter10_coherence_factor_matches_hand_computation() {
     let tr = |pr: &mut Pruner| pr.tracker.take().unwrap();
     let mut tk = tr(&mut pr);
     let factor = |tk: &bitter10::Tracker, w: &[f64]| -> Option<Vec<f64>> {
-        tk.factor(0, &t(w), &t(&m), &t(&v)).unwrap().map(|f| vals(&f))
+        tk.factor(0, &t(w), &t(&m), &t(&v), &live7()[0]).unwrap().map(|f| vals(&f))
     };
     set(&ps, &ws[0]);
     tk.settle(&store, 1).unwrap();
     assert_eq!(factor(&tk, &ws[0]).unwrap(), vec![2.0; 7], "alpha alone before any comparison");
     set(&ps, &ws[1]);
-    tk.observe(&store, &opt).unwrap(); // the first Δw only seeds the EMA
+    tk.observe(&store, &opt, &live7()).unwrap(); // the first Δw only seeds the EMA
     tk.settle(&store, 2).unwrap();
     let (d1, d2, d3) = (sub(&ws[1], &ws[0]), sub(&ws[2], &ws[1]), sub(&ws[3], &ws[2]));
     let stats = |d: &[f64], e: &[f64]| -> [Vec<f64>; 3] {
@@ -219,13 +224,13 @@ fn bitter10_coherence_factor_matches_hand_computation() {
         [hand_cos(d, e), per_tensor(&flips), jit]
     };
     set(&ps, &ws[2]);
-    tk.observe(&store, &opt).unwrap();
+    tk.observe(&store, &opt, &live7()).unwrap();
     tk.settle(&store, 3).unwrap();
     let s2 = stats(&d2, &d1);
     // The third Δw meets the EMA of the first two, before it enters it.
     let ema: Vec<f64> = d1.iter().zip(&d2).map(|(a, b)| 0.9 * a + 0.1 * b).collect();
     set(&ps, &ws[3]);
-    tk.observe(&store, &opt).unwrap();
+    tk.observe(&store, &opt, &live7()).unwrap();
     let s3 = stats(&d3, &ema);
     let mix = |i: usize, j: usize| 0.9 * s2[i][j] + 0.1 * s3[i][j];
     let cos_mw = hand_cos(&m, &ws[3]);
@@ -270,8 +275,11 @@ fn bitter10s_sketch_factor_matches_hand_computation() {
     };
     let w = [1.0; 7];
     set_mv(0);
-    tk.observe(&store, &opt).unwrap();
-    assert!(tk.factor(0, &t(&w), &t(&ms[0]), &t(&vs[0])).unwrap().is_none(), "1 until a comparison");
+    tk.observe(&store, &opt, &live7()).unwrap();
+    assert!(
+        tk.factor(0, &t(&w), &t(&ms[0]), &t(&vs[0]), &live7()[0]).unwrap().is_none(),
+        "1 until a comparison"
+    );
     let pick = |x: &[f64]| -> [Vec<f64>; 2] { [x[..4].to_vec(), vec![x[4], x[5], x[6], x[4]]] };
     let stat = |i: usize| -> Vec<[f64; 3]> {
         let (now, prev, v) = (pick(&ms[i]), pick(&ms[i - 1]), pick(&vs[i]));
@@ -296,9 +304,9 @@ fn bitter10s_sketch_factor_matches_hand_computation() {
             .collect()
     };
     set_mv(1);
-    tk.observe(&store, &opt).unwrap();
+    tk.observe(&store, &opt, &live7()).unwrap();
     set_mv(2);
-    tk.observe(&store, &opt).unwrap();
+    tk.observe(&store, &opt, &live7()).unwrap();
     let (s1, s2) = (stat(1), stat(2));
     let want: Vec<f64> = (0..2)
         .map(|j| {
@@ -306,7 +314,11 @@ fn bitter10s_sketch_factor_matches_hand_computation() {
             (1.0 - e(1)) * e(0) / (1.0 + e(2))
         })
         .collect();
-    close(&vals(&tk.factor(0, &t(&w), &t(&ms[2]), &t(&vs[2])).unwrap().unwrap()), &expand(&want), 1e-5);
+    close(
+        &vals(&tk.factor(0, &t(&w), &t(&ms[2]), &t(&vs[2]), &live7()[0]).unwrap().unwrap()),
+        &expand(&want),
+        1e-5,
+    );
 }
 
 #[test]
@@ -317,7 +329,10 @@ fn bitter10c_checkpoint_factor_matches_hand_computation() {
     let (w0, w1) = ([0.5, -1.0, 0.25, 2.0, 1.0, -0.5, 0.75], [0.6, -1.1, 0.3, 1.9, 0.9, -0.4, 0.8]);
     let m = [0.1, -0.2, 0.05, -0.3, 0.2, -0.1, -0.05];
     let v = [0.01, 0.04, 0.0025, 0.09, 0.04, 0.01, 0.0025];
-    assert!(tk.factor(0, &t(&w0), &t(&m), &t(&v)).unwrap().is_none(), "1 until the first snapshot");
+    assert!(
+        tk.factor(0, &t(&w0), &t(&m), &t(&v), &live7()[0]).unwrap().is_none(),
+        "1 until the first snapshot"
+    );
     set(&ps, &w0);
     tk.settle(&store, 1).unwrap(); // first snapshot
     set(&ps, &w1);
@@ -325,10 +340,30 @@ fn bitter10c_checkpoint_factor_matches_hand_computation() {
     let cos = hand_cos(&m, &sub(&w1, &w0));
     let sv = per_tensor(&v.map(f64::sqrt));
     let want: Vec<f64> = (0..2).map(|j| cos[j].clamp(0.0, 1.0) / (1.0 + sv[j])).collect();
-    close(&vals(&tk.factor(0, &t(&w1), &t(&m), &t(&v)).unwrap().unwrap()), &expand(&want), 1e-5);
+    close(&vals(&tk.factor(0, &t(&w1), &t(&m), &t(&v), &live7()[0]).unwrap().unwrap()), &expand(&want), 1e-5);
     assert!(want[0] > 0.0 && want[1] == 0.0, "one tensor aligned, one clamped at 0: {want:?}");
+    // Pruned elements are left out of the means: a's first and b's last.
+    let mut keep = [true; 7];
+    keep[0] = false;
+    keep[6] = false;
+    let mask = Tensor::from_slice(&keep);
+    let c: Vec<f64> = m
+        .iter()
+        .zip(sub(&w1, &w0))
+        .map(|(a, b)| (a * b / ((a.abs() + 1e-12) * (b.abs() + 1e-12))).clamp(-1.0, 1.0))
+        .collect();
+    let live_mean = |x: &[f64], r: std::ops::Range<usize>| {
+        let k: Vec<f64> = r.filter(|&i| keep[i]).map(|i| x[i]).collect();
+        k.iter().sum::<f64>() / k.len() as f64
+    };
+    let sq: Vec<f64> = v.iter().map(|x| x.sqrt()).collect();
+    let want: Vec<f64> = [0..4, 4..7]
+        .into_iter()
+        .map(|r| live_mean(&c, r.clone()).clamp(0.0, 1.0) / (1.0 + live_mean(&sq, r)))
+        .collect();
+    close(&vals(&tk.factor(0, &t(&w1), &t(&m), &t(&v), &mask).unwrap().unwrap()), &expand(&want), 1e-5);
     tk.settle(&store, 10).unwrap(); // a snapshot step: Δw is 0 again
-    let f = vals(&tk.factor(0, &t(&w1), &t(&m), &t(&v)).unwrap().unwrap());
+    let f = vals(&tk.factor(0, &t(&w1), &t(&m), &t(&v), &live7()[0]).unwrap().unwrap());
     assert!(f.iter().all(|x| *x == 0.0), "{f:?}");
 }
 
