@@ -335,6 +335,7 @@ pub fn opt_config(exp: &Experiment, cell: &Cell) -> Result<OptConfig> {
         nesterov: e.nesterov,
         fused: e.fused,
         spam: e.spam.clone(),
+        sinkgd: e.sinkgd.clone(),
         ..base
     };
     cfg.validate()?;
