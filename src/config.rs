@@ -225,6 +225,9 @@ pub struct Experiment {
     /// Seconds a rank waits for the others.
     #[serde(default = "default_dist_timeout")]
     pub dist_timeout: i64,
+    /// HYPER_PARAM_AUTO: batch size and accumulation chosen per cell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_batch: Option<crate::hyperparams::AutoBatch>,
 }
 
 fn default_dist_timeout() -> i64 {
@@ -504,6 +507,12 @@ impl Experiment {
             auto_graphs: r.bool("AUTO_GRAPHS")?,
             nproc: r.int("DIST_NPROC")?,
             dist_timeout: r.int("DIST_TIMEOUT")?,
+            auto_batch: match r.bool("HYPER_PARAM_AUTO")? {
+                true => Some(crate::hyperparams::AutoBatch {
+                    target: r.int_opt("TARGET_EFFECTIVE_BATCH")?.unwrap_or(0),
+                }),
+                false => None,
+            },
         })
     }
 }

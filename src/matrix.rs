@@ -467,6 +467,18 @@ pub fn run_cell(project_dir: &Path, cell_id: &str, resume: bool) -> Result<Summa
     }
     let dev = device(exp)?;
     let run = RunDir::open(&project_dir.join(&cell.id))?;
+    // HYPER_PARAM_AUTO: this cell's batch and accumulation, tried on the device.
+    let auto = exp.auto_batch.as_ref().map(|a| auto_batch(exp, &cell, dev, a)).transpose();
+    let auto = match auto {
+        Ok(a) => a,
+        Err(e) => {
+            let reason = format!("{e:#}");
+            run.log(&format!("cell {}: {reason}", cell.id));
+            run.set_status(Status::Failed, Some(&reason))?;
+            return Err(e);
+        }
+    };
+    let exp = auto.as_ref().map_or(exp, |a| &a.0);
     let mut b = match build(exp, &cell, dev, false) {
         Ok(b) => b,
         Err(e) => {
@@ -477,7 +489,10 @@ pub fn run_cell(project_dir: &Path, cell_id: &str, resume: bool) -> Result<Summa
         }
     };
     let train = TrainConfig { resume, progress: "lines".into(), ..exp.train.clone() };
-    let rec = record(exp, &cell, &b, &train, &m.project);
+    let mut rec = record(exp, &cell, &b, &train, &m.project);
+    if let (Some(r), Some((_, why))) = (rec.as_object_mut(), &auto) {
+        r.insert("hyperparams".into(), why.clone());
+    }
     let mut hook = b.pruner.as_mut().map(|p| PruneHook::new(p, None));
     let mut hooks: Vec<&mut dyn Hook> = Vec::new();
     if let Some(h) = hook.as_mut() {
@@ -508,6 +523,72 @@ pub fn run_cell(project_dir: &Path, cell_id: &str, resume: bool) -> Result<Summa
         }
     }
     res
+}
+
+/// HYPER_PARAM_AUTO for one cell (`crate::hyperparams`): the experiment
+/// with the chosen batch and accumulation, and the record of the choice.
+/// On CUDA a training step at the table's batch is tried, halving on out
+/// of memory; every rank then takes the smallest batch any rank fits.
+fn auto_batch(
+    exp: &Experiment,
+    cell: &Cell,
+    dev: Device,
+    a: &crate::hyperparams::AutoBatch,
+) -> Result<(Experiment, Value)> {
+    use crate::hyperparams as hp;
+    let ranks = crate::dist::world_size().max(1);
+    let mut c = hp::choose(&cell.model, a, ranks, hp::free_gb(dev)?)?;
+    let with = |b: i64, g: i64| {
+        let mut e = exp.clone();
+        e.data.batch_size = b;
+        e.train.grad_accum = g;
+        e
+    };
+    if dev.is_cuda() {
+        let amp = match exp.train.amp.as_str() {
+            "none" => None,
+            "fp16" => Some(crate::shim::AutocastDtype::F16),
+            _ => Some(crate::shim::AutocastDtype::BF16),
+        };
+        hp::probe(&mut c, |batch| {
+            let step = (|| -> Result<()> {
+                let b = build(&with(batch, 1), cell, dev, false)?;
+                let mut data = b.data;
+                let (x, y) = data.next_batch()?.ok_or_else(|| anyhow!("no training batch to probe with"))?;
+                let te = |e: tch::TchError| anyhow!(crate::tensor::torch_error(&e));
+                let loss = || -> Result<tch::Tensor> {
+                    let logits = b.model.forward(&x, true).map_err(te)?;
+                    crate::models::cross_entropy(&logits, &y).map_err(te)
+                };
+                let loss = match amp {
+                    Some(d) => crate::shim::with_autocast(d, loss).map_err(|e| anyhow!(e))??,
+                    None => loss()?,
+                };
+                loss.f_backward().map_err(te)?;
+                Ok(())
+            })();
+            let _ = crate::shim::empty_cache();
+            match step {
+                Ok(()) => Ok(true),
+                Err(e) if hp::is_oom(&e) => Ok(false),
+                Err(e) => Err(e),
+            }
+        })?;
+        if ranks > 1 {
+            let mut v = [c.batch as f64];
+            crate::dist::all_reduce_f64(&mut v, crate::dist::Op::Min)?;
+            c.batch = v[0] as i64;
+            c.grad_accum = (c.per_rank / c.batch).max(1);
+            c.record["batch"] = json!(c.batch);
+            c.record["grad_accum"] = json!(c.grad_accum);
+        }
+    } else {
+        c.record["probe"] =
+            json!("none: the CPU has no allocator limit to find (an OOM would kill the process)");
+        c.record["batch"] = json!(c.batch);
+        c.record["grad_accum"] = json!(c.grad_accum);
+    }
+    Ok((with(c.batch, c.grad_accum), c.record))
 }
 
 /// `knlp check`: build every cell's model, optimizer and pruner and take one
