@@ -423,3 +423,42 @@ fn dry_run_lists_cells_and_starts_nothing() {
     assert!(out.contains("2 of 3 cell(s) would run"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// HYPER_PARAM_AUTO and INFERENCE_TEST as a user sets them in .config: the
+/// cell trains with the table's batch and accumulation (BATCH_SIZE and
+/// GRAD_ACCUM ignored), records why, and its inference test reaches the
+/// run folder and the results table.
+#[test]
+fn auto_batch_and_inference_test_reach_the_run_and_the_table() {
+    let dir = workdir("auto");
+    let cfg = "CONFIG_MODEL_LENET5=y
+CONFIG_OPTIMIZER_ADAMW=y
+CONFIG_PRUNING_NONE=y
+CONFIG_BATCH_SIZE=32
+CONFIG_GRAD_ACCUM=3
+CONFIG_HYPER_PARAM_AUTO=y
+CONFIG_TARGET_EFFECTIVE_BATCH=256
+CONFIG_INFERENCE_TEST=y
+CONFIG_INFERENCE_BATCH_SIZES=\"2,1\"
+CONFIG_INFERENCE_RUNS=3
+CONFIG_TRAIN_STEPS=2
+CONFIG_DEVICE_CPU=y
+CONFIG_AUTO_GRAPHS=n
+";
+    std::fs::write(dir.join(".config"), cfg).unwrap();
+    let o = knlp(&dir).args(train_args("auto")).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run = dir.join("runs/auto/lenet5_adamw_none");
+    let c: Value = serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    // CPU rule: 16 x LeNet-5's scale 4 = 64; 256 / 64 = 4 micro-batches.
+    assert_eq!((c["data"]["batch_size"].as_i64(), c["train"]["grad_accum"].as_i64()), (Some(64), Some(4)));
+    assert_eq!(c["hyperparams"]["target_effective_batch"], 256);
+    assert!(c["hyperparams"]["probe"].as_str().unwrap().starts_with("none"), "{}", c["hyperparams"]);
+    let inf: Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("inference.json")).unwrap()).unwrap();
+    assert_eq!(inf["sample_shape"], serde_json::json!([1, 32, 32]));
+    assert_eq!(inf["results"].as_array().unwrap().len(), 2);
+    let o = Command::new(KNLP).args(["results"]).arg(dir.join("runs/auto")).output().unwrap();
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("infer_ms") && table.contains("infer_per_s"), "{table}");
+}
