@@ -24,8 +24,8 @@
 //!
 //! Every mean is over the tensor's live (unpruned) elements: pruned weights
 //! never move and have zero moments, and counting them (as the seed's code
-//! would) lowers a pruned tensor's factor, so it gets pruned further, a
-//! runaway that emptied whole LeNet-5 layers. Per-tensor means are one
+//! would) would lower the factor of the tensors pruned most. Per-tensor
+//! means are one
 //! `segment_reduce` over a flat range (the tensors of a range are
 //! contiguous), so an update is a few kernels per buffer.
 use anyhow::{anyhow, bail, Result};
