@@ -33,5 +33,6 @@ pub mod shim;
 pub mod sweep;
 pub mod tensor;
 pub mod testhook;
+pub mod tokenizer;
 pub mod track;
 pub mod train;
