@@ -106,6 +106,18 @@ fn stdlib_modules_behave_as_documented() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// PCA and spline-PCA image tokenizers from a script (issue 18): fit,
+/// partial fit, codes, quality, tiers, files and errors on Fashion-MNIST.
+#[test]
+fn pca_tokenizers_from_scripts() {
+    let d = scratch("tokenizer");
+    let script = root().join("tests/scripts/tokenizer.rhai");
+    let o = knlp(&d, &["run", script.to_str().unwrap(), d.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert!(o.status.success() && out.contains("tokenizer: ok"), "stdout:\n{out}\nstderr:\n{err}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 /// Every function of every stdlib module has a `///` comment and a line in
 /// docs/stdlib.md.
 #[test]

@@ -23,6 +23,7 @@ pub mod report;
 pub mod resolver;
 pub mod script_model;
 pub mod tensor;
+pub mod tokenizer;
 pub mod train;
 pub mod value;
 
@@ -101,6 +102,7 @@ pub fn register_all(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     kv_circuit::register(engine, docs);
     optim::register(engine, docs);
     prune::register(engine, docs);
+    tokenizer::register(engine, docs);
     train::register(engine, docs);
     matrix::register(engine, docs);
     report::register(engine, docs);
