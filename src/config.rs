@@ -427,6 +427,7 @@ impl Experiment {
                 snapshot_every: r
                     .int_opt("PRUNING_BITTER10C_SNAPSHOT")?
                     .unwrap_or(pd.bitter10.snapshot_every),
+                negate_m: r.bool("PRUNING_BITTER10_NEGATE_M")?,
                 ..pd.bitter10.clone()
             },
             ..PruneConfig::default()

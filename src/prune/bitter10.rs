@@ -53,6 +53,9 @@ pub struct Bitter10Config {
     pub sketch: i64,
     /// bitter10c: steps between weight snapshots.
     pub snapshot_every: i64,
+    /// bitter10 and bitter10c: align `-m` (the direction Adam moves w)
+    /// instead of the seed's `m` with w and with Δw (docs/pruning.md).
+    pub negate_m: bool,
 }
 
 impl Default for Bitter10Config {
@@ -66,6 +69,7 @@ impl Default for Bitter10Config {
             ema: 0.9,
             sketch: 64,
             snapshot_every: 100,
+            negate_m: false,
         }
     }
 }
@@ -374,7 +378,7 @@ impl Tracker {
                 ones.f_mul_scalar(c.alpha).map_err(te)?
             }
             Kind10::Coherence => {
-                let (w, m) = (w.f_to_kind(Kind::Float).map_err(te)?, m.f_to_kind(Kind::Float).map_err(te)?);
+                let (w, m) = (w.f_to_kind(Kind::Float).map_err(te)?, self.aligned_m(m)?);
                 let cos_mw = r.segs.mean(&ecos(&m, &w).map_err(te)?, &live)?;
                 let pos = |t: Tensor, beta: f64| t.f_clamp_min(0.0)?.f_pow_tensor_scalar(beta);
                 (|| -> Result<Tensor, tch::TchError> {
@@ -394,7 +398,7 @@ impl Tracker {
             Kind10::Checkpoint => {
                 let w = w.f_to_kind(Kind::Float).map_err(te)?;
                 let dw = w.f_sub(&r.snap.f_to_device(w.device()).map_err(te)?).map_err(te)?;
-                let m = m.f_to_kind(Kind::Float).map_err(te)?;
+                let m = self.aligned_m(m)?;
                 let cos = r.segs.mean(&ecos(&m, &dw).map_err(te)?, &live)?.f_clamp(0.0, 1.0).map_err(te)?;
                 let sv = r
                     .segs
@@ -403,6 +407,16 @@ impl Tracker {
             }
         };
         Ok(Some(r.segs.expand(&per_tensor)?))
+    }
+
+    /// m in float32, negated with `negate_m`.
+    fn aligned_m(&self, m: &Tensor) -> Result<Tensor> {
+        let m = m.f_to_kind(Kind::Float).map_err(te)?;
+        if self.cfg.negate_m {
+            m.f_neg().map_err(te)
+        } else {
+            Ok(m)
+        }
     }
 
     /// Checkpoint tensors: whatever has been set.

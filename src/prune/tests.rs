@@ -342,6 +342,21 @@ fn bitter10c_checkpoint_factor_matches_hand_computation() {
     let want: Vec<f64> = (0..2).map(|j| cos[j].clamp(0.0, 1.0) / (1.0 + sv[j])).collect();
     close(&vals(&tk.factor(0, &t(&w1), &t(&m), &t(&v), &live7()[0]).unwrap().unwrap()), &expand(&want), 1e-5);
     assert!(want[0] > 0.0 && want[1] == 0.0, "one tensor aligned, one clamped at 0: {want:?}");
+    // negate_m aligns -m instead: the other tensor is the aligned one.
+    let c = bitter10::Bitter10Config { snapshot_every: 10, negate_m: true, ..Default::default() };
+    let (store2, ps2, _opt2, mut pr2) = tracked("bitter10c", c);
+    let mut tk2 = pr2.tracker.take().unwrap();
+    set(&ps2, &w0);
+    tk2.settle(&store2, 1).unwrap();
+    let neg: Vec<f64> = m.iter().map(|x| -x).collect();
+    let cos = hand_cos(&neg, &sub(&w1, &w0));
+    let want2: Vec<f64> = (0..2).map(|j| cos[j].clamp(0.0, 1.0) / (1.0 + sv[j])).collect();
+    close(
+        &vals(&tk2.factor(0, &t(&w1), &t(&m), &t(&v), &live7()[0]).unwrap().unwrap()),
+        &expand(&want2),
+        1e-5,
+    );
+    assert!(want2[0] == 0.0 && want2[1] > 0.0, "{want2:?}");
     // Pruned elements are left out of the means: a's first and b's last.
     let mut keep = [true; 7];
     keep[0] = false;

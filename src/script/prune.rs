@@ -94,7 +94,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
         }
         build(&m, None, cfg, score)
     });
-    api.f("state_pruner", "opt, options: map", "AdamWPrune's state pruner over `opt`'s moments: `#{ variant: \"bitter0\" ... \"bitter9\"|\"bitter10\"|\"bitter10z\"|\"bitter10s\"|\"bitter10c\", target, warmup, ramp_end, frequency, ..., bitter10: #{ alpha, beta_flip, beta_dir, beta_mw, beta_jitter, ema, sketch, snapshot_every }, score: |w, m, v| ... }`; a `score` closure replaces the variant and is called once per tensor per update.", |o: ROpt, opts: Map| -> RResult<RPruner> {
+    api.f("state_pruner", "opt, options: map", "AdamWPrune's state pruner over `opt`'s moments: `#{ variant: \"bitter0\" ... \"bitter9\"|\"bitter10\"|\"bitter10z\"|\"bitter10s\"|\"bitter10c\", target, warmup, ramp_end, frequency, ..., bitter10: #{ alpha, beta_flip, beta_dir, beta_mw, beta_jitter, ema, sketch, snapshot_every, negate_m }, score: |w, m, v| ... }`; a `score` closure replaces the variant and is called once per tensor per update.", |o: ROpt, opts: Map| -> RResult<RPruner> {
         let (mut cfg, score) = prune_config(&opts)?;
         if opts.get("method").is_some_and(|m| m.to_string() != "state") {
             return Err(rerr("state_pruner(): method is always \"state\""));
