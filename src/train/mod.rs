@@ -126,7 +126,6 @@ pub struct TrainConfig {
     pub fused_loss: bool,
     /// After a completed run of an image model, time its forward pass at
     /// these batch sizes ([`crate::inference`]); None: no inference test.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub inference: Option<crate::inference::InferenceConfig>,
 }
 
