@@ -527,6 +527,11 @@ fn every_shipped_script_runs_small() {
             "plot: ",
         ),
         (s("lenet5-script.rhai"), args("--steps 20 --out", "l5s"), "lenet5-script same_numbers=true"),
+        (
+            s("pca_tokenizer.rhai"),
+            args("--train 900 --batch 800 --save", "pca.safetensors"),
+            "| 100 % | 784 |",
+        ),
         (s("mlp-fashion.rhai"), args("--steps 6 --sparsity 0.5 --out", "mlp"), "sparsity=0.500"),
         (
             s("transformer-block.rhai"),
