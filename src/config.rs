@@ -258,19 +258,22 @@ fn chosen<T: Clone>(r: &Reader, prefix: &str, table: &[(&str, T)]) -> Result<Opt
 impl Experiment {
     /// INFERENCE_TEST and its settings.
     fn inference(r: &Reader) -> Result<Option<crate::inference::InferenceConfig>> {
-        if !r.bool("INFERENCE_TEST")? {
+        // Every symbol is read, whether the menu is on or not.
+        let (on, sizes) = (r.bool("INFERENCE_TEST")?, r.string("INFERENCE_BATCH_SIZES")?);
+        let (warmup, runs) = (r.int_opt("INFERENCE_WARMUP")?, r.int_opt("INFERENCE_RUNS")?);
+        if !on {
             return Ok(None);
         }
         let d = crate::inference::InferenceConfig::default();
-        let sizes = match r.string("INFERENCE_BATCH_SIZES")?.trim() {
+        let sizes = match sizes.trim() {
             "" => d.batch_sizes,
             s => crate::inference::parse_batch_sizes(s)
                 .map_err(|e| anyhow!("CONFIG_INFERENCE_BATCH_SIZES: {e}"))?,
         };
         let c = crate::inference::InferenceConfig {
             batch_sizes: sizes,
-            warmup: r.int_opt("INFERENCE_WARMUP")?.unwrap_or(d.warmup),
-            runs: r.int_opt("INFERENCE_RUNS")?.unwrap_or(d.runs),
+            warmup: warmup.unwrap_or(d.warmup),
+            runs: runs.unwrap_or(d.runs),
         };
         c.validate().map_err(|e| anyhow!("CONFIG_INFERENCE_BATCH_SIZES: {e}"))?;
         Ok(Some(c))
@@ -508,11 +511,9 @@ impl Experiment {
             auto_graphs: r.bool("AUTO_GRAPHS")?,
             nproc: r.int("DIST_NPROC")?,
             dist_timeout: r.int("DIST_TIMEOUT")?,
-            auto_batch: match r.bool("HYPER_PARAM_AUTO")? {
-                true => Some(crate::hyperparams::AutoBatch {
-                    target: r.int_opt("TARGET_EFFECTIVE_BATCH")?.unwrap_or(0),
-                }),
-                false => None,
+            auto_batch: match (r.bool("HYPER_PARAM_AUTO")?, r.int_opt("TARGET_EFFECTIVE_BATCH")?) {
+                (true, target) => Some(crate::hyperparams::AutoBatch { target: target.unwrap_or(0) }),
+                (false, _) => None,
             },
         })
     }
