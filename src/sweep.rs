@@ -71,20 +71,7 @@ pub struct SweepFile {
 
 /// Cut an inline `#` comment that is outside double quotes.
 fn strip_comment(line: &str) -> &str {
-    let (mut quoted, mut escaped) = (false, false);
-    for (i, c) in line.char_indices() {
-        if escaped {
-            escaped = false;
-            continue;
-        }
-        match c {
-            '\\' if quoted => escaped = true,
-            '"' => quoted = !quoted,
-            '#' if !quoted => return &line[..i],
-            _ => {}
-        }
-    }
-    line
+    split_outside(line, '#')[0]
 }
 
 /// Split at `sep` outside double quotes.

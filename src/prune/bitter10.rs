@@ -337,6 +337,9 @@ impl Tracker {
             for r in self.ranges.iter_mut() {
                 let w = store.groups()[r.group].data.f_narrow(0, 0, r.segs.len).map_err(te)?;
                 match self.kind {
+                    Kind10::Coherence if r.prev.numel() > 0 => {
+                        r.prev.f_copy_(&w).map_err(te)?;
+                    }
                     Kind10::Coherence => {
                         r.prev = w
                             .f_to_kind(Kind::Float)
