@@ -9,6 +9,7 @@
 #   make                      run it: one run or the test matrix (= knlp train)
 #   make dry-run              list the cells `make` would run (YES=1: no question for big matrices)
 #   make continue             pick up an interrupted matrix (or sweep)
+#   make prepare-kernel-corpus  the Linux kernel as GPT-2 training text (MAX_TOKENS=N, CORPUS=linux-docs)
 #   make sweep SWEEP=file     run every configuration of a sweep file over .config (BASE=file)
 #   make sweep-dry-run SWEEP=file   check and list them (or DRY_RUN=1); FORCE=1 past 10000
 #   make results / update-graphs / archive NAME=...
@@ -52,7 +53,7 @@ export LIBTORCH_USE_PYTORCH := 1
         list-defconfigs check-config notebook
 
 help:
-	@sed -n '3,22p' Makefile
+	@sed -n '3,23p' Makefile
 
 # ---- set-up -----------------------------------------------------------------
 
@@ -137,6 +138,28 @@ $(LINUX)/.stamp: $(LINUX_TARBALL) /usr/bin/flex /usr/bin/bison
 	        $$K/menu.c parser.tab.c $$K/preprocess.c $$K/symbol.c $$K/util.c
 	test -f $(LINUX)/src/Kconfig && test -x $(LINUX)/conf/conf
 	touch $@
+
+# The Linux kernel as a training corpus (docs/data.md, issue 19): the text
+# files of the same Debian linux-source package, unpacked once into
+# $(LINUX)/text, then tokenised by `knlp prepare-corpus`.
+#   make prepare-kernel-corpus [CORPUS=linux|linux-docs] [MAX_TOKENS=N] [VAL_FRACTION=0.05] [CORPUS_OUT=dir]
+CORPUS       ?= linux
+VAL_FRACTION ?= 0.05
+CORPUS_OUT   ?= $(DEPS)/corpus-$(CORPUS)$(if $(MAX_TOKENS),-$(MAX_TOKENS))
+LINUX_TEXT_GLOBS := '*.c' '*.h' '*.S' '*.rs' '*.rst' '*.txt' '*.sh' '*.py' '*.pl' '*.yaml' \
+                    '*Kconfig*' '*Makefile*' '*Kbuild*' '*README'
+$(LINUX)/text/.stamp: $(LINUX_TARBALL)
+	@echo "setup: Linux $(LINUX_VERSION) text files in $(LINUX)/text (for make prepare-kernel-corpus)"
+	rm -rf $(LINUX)/text && mkdir -p $(LINUX)/text
+	tar -xJf $(LINUX_TARBALL) -C $(LINUX)/text --strip-components=1 --wildcards $(LINUX_TEXT_GLOBS)
+	test -f $(LINUX)/text/Makefile && test -d $(LINUX)/text/Documentation
+	touch $@
+
+.PHONY: prepare-kernel-corpus
+prepare-kernel-corpus: build $(LINUX)/text/.stamp
+	$(KNLP) prepare-corpus $(CORPUS) --src $(LINUX)/text --out $(CORPUS_OUT) --val-fraction $(VAL_FRACTION) \
+	    $(if $(MAX_TOKENS),--max-tokens $(MAX_TOKENS)) \
+	    --source-version "$$(dpkg-query -W -f='$${Version}' linux-source-$(LINUX_VERSION) 2>/dev/null || true)"
 
 # tmux drives menuconfig in the end-to-end tests.
 /usr/bin/tmux:

@@ -378,7 +378,13 @@ pub fn build(exp: &Experiment, cell: &Cell, device: Device, tiny: bool) -> Resul
         } else {
             PathBuf::from(&exp.data.text_dir)
         };
-        let tokens = data::TokenDataset::open(&ds, None, exp.seed as u64)?;
+        let tokens =
+            data::TokenDataset::open(&ds, None, exp.seed as u64).map_err(
+                |e| match data::corpus::make_hint(&ds).filter(|_| !ds.join("train.bin").exists()) {
+                    Some(hint) => anyhow::anyhow!("{e:#}; {hint}"),
+                    None => e,
+                },
+            )?;
         let block = exp.gpt2.get("block_size").and_then(Value::as_i64).unwrap_or(1024) as usize;
         let block = if tiny { block.min(16) } else { block };
         let evals = if tiny { 1 } else { exp.data.eval_batches as usize };

@@ -732,3 +732,205 @@ fn script_bindings() {
         }
     }
 }
+
+// ---- prepare-corpus: a text corpus from a source tree (issue 19) ----
+
+fn corpus_opts(src: &Path, out: &Path, preset: &str, val: f64, cap: Option<u64>) -> data::CorpusOptions {
+    data::CorpusOptions {
+        preset: data::corpus::preset(preset).unwrap(),
+        src: src.to_path_buf(),
+        out: out.to_path_buf(),
+        val_fraction: val,
+        max_tokens: cap,
+        max_file_bytes: 2000,
+        source_version: Some("test-1".into()),
+        force: false,
+        progress: false,
+    }
+}
+
+fn sha_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Tokens of one file as the corpus stores them: BPE ids, then end of text.
+fn file_tokens(path: &Path) -> Vec<u16> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut ids: Vec<u16> = bpe::encode(&text).unwrap().into_iter().map(|t| t as u16).collect();
+    ids.push(bpe::GPT2_EOT as u16);
+    ids
+}
+
+fn read_u16(path: &Path) -> Vec<u16> {
+    std::fs::read(path).unwrap().chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+}
+
+/// Check a prepared corpus against an independent recomputation from the
+/// files meta.json lists: order, split by file, token files, checksums.
+fn check_corpus(src: &Path, out: &Path, val_fraction: f64) -> prepare::TokenMeta {
+    let meta = prepare::read_meta(out).unwrap();
+    let c = meta.corpus.as_ref().expect("a corpus section");
+    let mut hashed: Vec<(String, &String)> =
+        meta.sources.iter().map(|s| (sha_hex(s.as_bytes()), s)).collect();
+    hashed.sort();
+    let order: Vec<&String> = hashed.into_iter().map(|(_, s)| s).collect();
+    assert_eq!(order, meta.sources.iter().collect::<Vec<_>>(), "files are in path-hash order");
+    let (mut train, mut val, mut val_files) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, rel) in meta.sources.iter().enumerate() {
+        let ids = file_tokens(&src.join(rel));
+        if ((i + 1) as f64 * val_fraction).floor() > (i as f64 * val_fraction).floor() {
+            val.extend(ids);
+            val_files.push(rel.clone());
+        } else {
+            train.extend(ids);
+        }
+    }
+    assert_eq!(c.val_files, val_files, "every 1/f-th file is held out");
+    assert_eq!(read_u16(&out.join("train.bin")), train);
+    assert_eq!(read_u16(&out.join("val.bin")), val);
+    assert_eq!((meta.train_tokens, meta.val_tokens), (train.len() as u64, val.len() as u64));
+    assert_eq!(meta.documents, meta.train_documents + meta.val_documents);
+    assert_eq!(c.train_sha256, sha_hex(&std::fs::read(out.join("train.bin")).unwrap()));
+    assert_eq!(c.val_sha256, sha_hex(&std::fs::read(out.join("val.bin")).unwrap()));
+    meta
+}
+
+#[test]
+fn prepare_corpus_filters_dedups_splits_by_file_and_reuses() {
+    let dir = scratch("corpus");
+    let src = dir.join("tree");
+    let put = |rel: &str, bytes: &[u8]| {
+        let p = src.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    };
+    put("Makefile", b"VERSION = 6\nPATCHLEVEL = 1\nSUBLEVEL = 99\nall:\n\t@true\n");
+    for i in 0..23 {
+        put(
+            &format!("kernel/f{i:02}.c"),
+            format!("int f{i}(void)\n{{\n\treturn {i} * {i};\n}}\n").as_bytes(),
+        );
+    }
+    put("kernel/zz_copy.c", b"int f3(void)\n{\n\treturn 3 * 3;\n}\n"); // same bytes as f03.c
+    put("kernel/big.h", "#define X 1\n".repeat(200).as_bytes()); // 2400 bytes > 2000
+    put("kernel/latin1.c", b"/* caf\xe9 */\nint x;\n");
+    put("kernel/blank.h", b"  \n\n");
+    put("kernel/logo.png", b"\x89PNG");
+    put("kernel/Kconfig", b"config FOO\n\tbool \"foo\"\n");
+    put(".git/hooks/x.c", b"int hidden;\n");
+    put("Documentation/intro.rst", b"Introduction\n============\n\nThe kernel.\n");
+    put("Documentation/notes.txt", b"Some notes on the kernel.\n");
+    put("Documentation/conf.py", b"project = 'docs'\n");
+    std::os::unix::fs::symlink(src.join("kernel/f00.c"), src.join("kernel/link.c")).unwrap();
+
+    let out = dir.join("out");
+    let s = data::prepare_corpus(&corpus_opts(&src, &out, "linux", 0.25, None)).unwrap();
+    assert!(!s.reused);
+    let meta = check_corpus(&src, &out, 0.25);
+    let c = meta.corpus.as_ref().unwrap();
+    // Matched: Makefile, 23 + copy + big + latin1 + blank, Kconfig, .rst, .txt, .py
+    // (not the .png, the symbolic link or what is under .git).
+    let k = &c.counts;
+    assert_eq!(
+        (k.matched, k.too_big, k.not_utf8, k.empty, k.duplicate, k.over_cap, k.kept),
+        (32, 1, 1, 1, 1, 0, 28),
+        "{k:?}"
+    );
+    assert!(
+        meta.sources.contains(&"kernel/f03.c".to_string())
+            && !meta.sources.iter().any(|s| s.contains("zz_copy"))
+    );
+    assert!(!meta.sources.iter().any(|s| s.contains(".git") || s.contains("link.c") || s.ends_with(".png")));
+    assert_eq!(c.val_files.len(), 7, "floor(28 * 0.25) files held out");
+    assert_eq!(c.recipe.kernel_version.as_deref(), Some("6.1.99"));
+    assert_eq!(c.recipe.source_version.as_deref(), Some("test-1"));
+
+    // Deterministic: a second build elsewhere is byte-identical.
+    let out2 = dir.join("out2");
+    data::prepare_corpus(&corpus_opts(&src, &out2, "linux", 0.25, None)).unwrap();
+    for f in ["train.bin", "val.bin", "meta.json"] {
+        assert_eq!(std::fs::read(out.join(f)).unwrap(), std::fs::read(out2.join(f)).unwrap(), "{f}");
+    }
+
+    // Up to date: reused without writing; a damaged file or another recipe rebuilds.
+    let before = std::fs::metadata(out.join("train.bin")).unwrap().modified().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert!(data::prepare_corpus(&corpus_opts(&src, &out, "linux", 0.25, None)).unwrap().reused);
+    assert_eq!(std::fs::metadata(out.join("train.bin")).unwrap().modified().unwrap(), before);
+    let mut bytes = std::fs::read(out.join("train.bin")).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(out.join("train.bin"), &bytes).unwrap();
+    assert!(!data::prepare_corpus(&corpus_opts(&src, &out, "linux", 0.25, None)).unwrap().reused);
+    check_corpus(&src, &out, 0.25);
+    let other = data::prepare_corpus(&corpus_opts(&src, &out, "linux", 0.2, None)).unwrap();
+    assert!(!other.reused, "another val fraction is another recipe");
+    check_corpus(&src, &out, 0.2);
+
+    // A cap keeps a prefix of the same order, within the cap.
+    let full = meta.train_tokens + meta.val_tokens;
+    let capped = dir.join("capped");
+    let s = data::prepare_corpus(&corpus_opts(&src, &capped, "linux", 0.25, Some(full / 2))).unwrap();
+    let m = check_corpus(&src, &capped, 0.25);
+    assert!(m.train_tokens + m.val_tokens <= full / 2);
+    assert!(m.documents < meta.documents && meta.sources.starts_with(&m.sources));
+    let k = &s.meta.corpus.as_ref().unwrap().counts;
+    assert!(k.over_cap >= meta.documents - m.documents && k.kept == m.documents, "{k:?}");
+    assert_eq!(k.matched, k.too_big + k.not_utf8 + k.empty + k.duplicate + k.over_cap + k.kept, "{k:?}");
+
+    // The docs preset: Documentation/'s .rst and .txt only.
+    let docs = dir.join("docs");
+    data::prepare_corpus(&corpus_opts(&src, &docs, "linux-docs", 0.5, None)).unwrap();
+    let m = check_corpus(&src, &docs, 0.5);
+    let mut srcs = m.sources.clone();
+    srcs.sort();
+    assert_eq!(srcs, ["Documentation/intro.rst", "Documentation/notes.txt"]);
+
+    // Bad input: named, nothing written over a good folder.
+    let e = err_text(data::prepare_corpus(&corpus_opts(&dir.join("absent"), &out, "linux", 0.25, None)));
+    assert!(e.contains("absent") && e.contains("no such folder"), "{e}");
+    let e = err_text(data::prepare_corpus(&corpus_opts(&src, &out, "linux", 1.0, None)));
+    assert!(e.contains("outside (0, 1)"), "{e}");
+    let e = err_text(data::prepare_corpus(&corpus_opts(&src, &dir.join("tiny"), "linux", 0.25, Some(5))));
+    assert!(e.contains("too few"), "{e}");
+    assert!(err_text(data::corpus::preset("bsd").map(|_| ())).contains("linux, linux-docs"));
+    check_corpus(&src, &out, 0.2);
+
+    // Training on a missing corpus folder says how to make it.
+    let hint = data::corpus::make_hint(Path::new(".deps/corpus-linux-100000000")).unwrap();
+    assert_eq!(hint, "make it with `make prepare-kernel-corpus MAX_TOKENS=100000000`");
+    let hint = data::corpus::make_hint(Path::new("x/corpus-linux-docs")).unwrap();
+    assert_eq!(hint, "make it with `make prepare-kernel-corpus CORPUS=linux-docs`");
+    assert!(data::corpus::make_hint(Path::new("x/corpus-bsd")).is_none());
+}
+
+/// The real kernel tree `make` installs (its Kconfig files and scripts/):
+/// a capped corpus is deterministic, split by file and reused.
+#[test]
+fn prepare_corpus_on_the_linux_tree() {
+    let Some(src) = std::env::var_os("KNLP_LINUX_SRC").map(PathBuf::from) else {
+        assert!(
+            std::env::var_os("KNLP_REQUIRE_LINUX").is_none(),
+            "KNLP_REQUIRE_LINUX=1 but KNLP_LINUX_SRC is unset"
+        );
+        eprintln!("skipped: KNLP_LINUX_SRC is not set (make test sets it)");
+        return;
+    };
+    let dir = scratch("corpus-linux");
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    let sa = data::prepare_corpus(&corpus_opts(&src, &a, "linux", 0.1, Some(200_000))).unwrap();
+    let sb = data::prepare_corpus(&corpus_opts(&src, &b, "linux", 0.1, Some(200_000))).unwrap();
+    assert_eq!(sa.meta, sb.meta);
+    for f in ["train.bin", "val.bin"] {
+        assert_eq!(std::fs::read(a.join(f)).unwrap(), std::fs::read(b.join(f)).unwrap(), "{f}");
+    }
+    let meta = check_corpus(&src, &a, 0.1);
+    let total = meta.train_tokens + meta.val_tokens;
+    assert!(total <= 200_000 && total > 150_000, "{total} tokens");
+    assert!(meta.val_documents >= 3, "{} files held out", meta.val_documents);
+    assert!(
+        meta.sources.iter().any(|s| s.starts_with("scripts/"))
+            && meta.sources.iter().any(|s| s.ends_with("Kconfig"))
+    );
+    assert!(data::prepare_corpus(&corpus_opts(&src, &a, "linux", 0.1, Some(200_000))).unwrap().reused);
+}

@@ -101,6 +101,32 @@ enum Command {
         #[arg(long, default_value_t = knlp::data::DEFAULT_VAL_FRACTION)]
         val_fraction: f64,
     },
+    /// Make a token corpus from a source tree: `linux` (the kernel) or `linux-docs` (docs/data.md).
+    PrepareCorpus {
+        /// The corpus preset: linux or linux-docs
+        corpus: String,
+        /// The extracted source tree (make prepare-kernel-corpus unpacks Debian's linux-source-6.1)
+        #[arg(long)]
+        src: PathBuf,
+        /// Output folder for train.bin, val.bin and meta.json
+        #[arg(long)]
+        out: PathBuf,
+        /// Stop adding files at this many tokens, train and val together
+        #[arg(long, value_name = "N")]
+        max_tokens: Option<u64>,
+        /// Fraction of files held out for validation
+        #[arg(long, default_value_t = knlp::data::corpus::DEFAULT_CORPUS_VAL_FRACTION)]
+        val_fraction: f64,
+        /// Leave out files larger than this (generated tables)
+        #[arg(long, default_value_t = knlp::data::corpus::DEFAULT_MAX_FILE_BYTES)]
+        max_file_bytes: u64,
+        /// The source package's version, recorded in meta.json
+        #[arg(long)]
+        source_version: Option<String>,
+        /// Rebuild even when the folder is up to date
+        #[arg(long)]
+        force: bool,
+    },
     /// Run what .config describes: one experiment, or the test matrix of its cells.
     Train {
         #[command(flatten)]
@@ -520,6 +546,41 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("knlp prepare-text: {e:#}");
+                    1
+                }
+            }
+        }
+        Command::PrepareCorpus {
+            corpus,
+            src,
+            out,
+            max_tokens,
+            val_fraction,
+            max_file_bytes,
+            source_version,
+            force,
+        } => {
+            let run = || -> anyhow::Result<knlp::data::corpus::CorpusSummary> {
+                let opts = knlp::data::CorpusOptions {
+                    preset: knlp::data::corpus::preset(&corpus)?,
+                    src,
+                    out,
+                    val_fraction,
+                    max_tokens,
+                    max_file_bytes,
+                    source_version: source_version.filter(|v| !v.is_empty()),
+                    force,
+                    progress: true,
+                };
+                knlp::data::prepare_corpus(&opts)
+            };
+            match run() {
+                Ok(summary) => {
+                    println!("{summary}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("knlp prepare-corpus: {e:#}");
                     1
                 }
             }

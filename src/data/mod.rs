@@ -4,7 +4,8 @@
 //!   ([`idx`], Fashion-MNIST by default) or CIFAR binaries ([`cifar`]);
 //!   [`Loader`] batches them with [`transforms`].
 //! - text: nanoGPT token files ([`tokens`]), made by [`prepare_text`] with
-//!   GPT-2's BPE ([`bpe`]); the Brown corpus ([`brown`]) is the default.
+//!   GPT-2's BPE ([`bpe`]); the Brown corpus ([`brown`]) is the default;
+//!   [`corpus`] makes one from a source tree (the Linux kernel).
 //! - [`Rng`]: the one generator behind shuffling, crops, flips and text
 //!   windows, with a state that checkpoints can save for exact resumption.
 //!
@@ -12,6 +13,7 @@
 pub mod bpe;
 pub mod brown;
 pub mod cifar;
+pub mod corpus;
 pub mod idx;
 pub mod images;
 pub mod loader;
@@ -25,6 +27,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, Context, Result};
 
 pub use cifar::{cifar10, cifar100, Cifar100Label};
+pub use corpus::{prepare_corpus, CorpusOptions};
 pub use images::{fashion_mnist, ImageDataset, Split, FASHION_MNIST_DIR};
 pub use loader::{Batch, Loader, LoaderOptions, LoaderState};
 pub use prepare::{

@@ -55,6 +55,9 @@ pub struct TokenMeta {
     /// Pre-processing applied before tokenising (e.g. Brown tag stripping).
     #[serde(default)]
     pub preprocess: Option<String>,
+    /// How a corpus from a source tree was made (`prepare-corpus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corpus: Option<super::corpus::CorpusMeta>,
 }
 
 /// One document: its text and where it came from.
@@ -256,6 +259,7 @@ pub fn prepare_documents_with(
         val_fraction,
         sources: docs.iter().map(|d| d.source.clone()).collect(),
         preprocess: preprocess.map(String::from),
+        corpus: None,
     };
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the folder", out.display()))?;
     // Without meta.json the folder reads as incomplete until the new set is in.
