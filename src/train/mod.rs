@@ -329,7 +329,8 @@ pub fn evaluate_hooked(
     Ok(eval_metrics(model.task(), &sums))
 }
 
-/// Sums over evaluation batches: [loss, correct, count, batches]. A rank of
+/// Sums over evaluation batches: [loss, correct, count, batches, loss²]
+/// (loss² per batch, for language models' standard error). A rank of
 /// `shard = (rank, world)` takes every world-th batch from its rank on, so
 /// the ranks' sums add up to one process's.
 fn eval_sums(
@@ -339,9 +340,10 @@ fn eval_sums(
     sample: &mut Option<Tensor>,
     hooks: Option<&dyn crate::hooks::Hooks>,
     shard: (i64, i64),
-) -> Result<[f64; 4]> {
+) -> Result<[f64; 5]> {
     let device = model.store().device();
     let (mut loss_sum, mut correct, mut count, mut batches) = (0.0f64, 0i64, 0i64, 0i64);
+    let mut loss_sq = 0.0f64;
     let task = model.task();
     let _guard = tch::no_grad_guard();
     let mut index = -1i64;
@@ -369,16 +371,17 @@ fn eval_sums(
             loss_sum += loss * n as f64;
         } else {
             loss_sum += loss;
+            loss_sq += loss * loss;
         }
         count += n;
         batches += 1;
         Ok(())
     })?;
-    Ok([loss_sum, correct as f64, count as f64, batches as f64])
+    Ok([loss_sum, correct as f64, count as f64, batches as f64, loss_sq])
 }
 
-fn eval_metrics(task: Task, sums: &[f64; 4]) -> Map<String, Value> {
-    let [loss_sum, correct, count, batches] = *sums;
+fn eval_metrics(task: Task, sums: &[f64; 5]) -> Map<String, Value> {
+    let [loss_sum, correct, count, batches, loss_sq] = *sums;
     let mut m = Map::new();
     if batches == 0.0 {
         return m;
@@ -393,6 +396,12 @@ fn eval_metrics(task: Task, sums: &[f64; 4]) -> Map<String, Value> {
             let l = loss_sum / batches;
             m.insert("val_loss".into(), json!(l));
             m.insert("val_ppl".into(), json!(perplexity(l)));
+            // Standard error of val_loss over its batches (windows are
+            // independent draws): how far another draw could move it.
+            if batches > 1.0 {
+                let var = ((loss_sq - loss_sum * l) / (batches - 1.0)).max(0.0);
+                m.insert("val_loss_se".into(), json!((var / batches).sqrt()));
+            }
         }
     }
     m
