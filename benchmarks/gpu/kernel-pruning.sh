@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Issue 19 on one GPU: GPT-2 124M on the Linux kernel corpus, dense,
+# magnitude, bitter3, bitter7 and bitter9 at 50% (docs/pruning.md, "Does the
+# headline hold?"), through make itself. Each call runs the matrix for
+# BUDGET seconds, then stops it with SIGINT (a checkpoint is written); the
+# next call resumes it with `make continue`. From the repository root on the
+# device machine, with gpu-bin carried (knlp.xz and corpus-linux/).
+#   BUDGET=540 benchmarks/gpu/kernel-pruning.sh
+set -u
+. benchmarks/gpu/common.sh
+CORPUS=.deps/corpus-linux-100000000
+PROJECT=${PROJECT:-kernel50}
+MAKE="make -o build KNLP=$K"
+# Without make on the machine, the same knlp commands the Makefile runs.
+command -v make >/dev/null || { echo "no make here: running knlp directly" | tee -a $OUT/make.log; MAKE=knlp_make; }
+knlp_make() {
+    local target=train args=()
+    for a in "$@"; do
+        case $a in
+            defconfig-*) exec_args=(defconfig --kconfig Kconfig defconfigs/${a#defconfig-}); $K "${exec_args[@]}"; return ;;
+            continue|results|update-graphs) target=$a ;;
+            PROJECT=*) args+=("${a#PROJECT=}") ;;
+        esac
+    done
+    case $target in
+        train) $K train --set PROJECT=${args[0]} ;;
+        continue) $K continue "${args[@]}" ;;
+        results) $K results "${args[@]}" ;;
+        update-graphs) $K graphs "${args[@]}" ;;
+    esac
+}
+if [ ! -f $CORPUS/meta.json ]; then
+    mkdir -p $CORPUS
+    for f in train val; do xz -d -T4 -c gpu-bin/corpus-linux/$f.bin.xz > $CORPUS/$f.bin; done
+    cp gpu-bin/corpus-linux/meta.json $CORPUS/
+fi
+sha256sum $CORPUS/*.bin | tee -a $OUT/card.txt
+if [ -d runs/$PROJECT ]; then
+    echo "== resuming runs/$PROJECT ($(date -u +%T))" | tee -a $OUT/make.log
+    timeout -s INT -k 60 ${BUDGET:-540} $MAKE continue PROJECT=$PROJECT 2>&1 | tee -a $OUT/make.log
+else
+    $MAKE defconfig-${DEFCONFIG:-gpt2-kernel-bitter7} 2>&1 | tee -a $OUT/make.log
+    timeout -s INT -k 60 ${BUDGET:-540} $MAKE PROJECT=$PROJECT ${EXTRA:-} 2>&1 | tee -a $OUT/make.log
+fi
+echo "== make ended with ${PIPESTATUS[0]} ($(date -u +%T))" | tee -a $OUT/make.log
+$MAKE results PROJECT=$PROJECT 2>&1 | tee $OUT/results.txt
+$MAKE update-graphs PROJECT=$PROJECT > $OUT/graphs.log 2>&1 || tail -3 $OUT/graphs.log
+# Everything but checkpoints, for benchmarks/results/.
+tar -C runs -cJf $OUT/runs.tar.xz --exclude='*.safetensors' --exclude='*.pt' --exclude='*.ckpt' $PROJECT
+ls -la runs/$PROJECT | head -20
