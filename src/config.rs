@@ -469,6 +469,7 @@ impl Experiment {
             bucket_mb: r.int("DIST_BUCKET_MB")? as f64,
             fused_loss: r.bool("FUSED_LOSS")?,
             inference: Self::inference(r)?,
+            gpu_monitor_ms: r.int("GPU_MONITOR_MS")?,
             ..TrainConfig::default()
         };
         let devices = [("AUTO", "auto"), ("CPU", "cpu"), ("CUDA", "cuda")];

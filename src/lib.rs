@@ -9,6 +9,8 @@ pub mod data;
 pub mod decode;
 pub mod dist;
 pub mod glob;
+pub mod gpumon;
+pub mod gputop;
 pub mod hooks;
 pub mod hyperparams;
 pub mod inference;

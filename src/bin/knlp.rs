@@ -101,6 +101,18 @@ enum Command {
         #[arg(long, default_value_t = knlp::data::DEFAULT_VAL_FRACTION)]
         val_fraction: f64,
     },
+    /// Every NVIDIA GPU's utilisation, memory, temperature, power and clocks (q quits).
+    Gputop {
+        /// JSON lines (one per GPU per round) instead of the terminal view
+        #[arg(long)]
+        json: bool,
+        /// Seconds between rounds
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// With --json: stop after N rounds (0: until interrupted)
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+    },
     /// Make a token corpus from a source tree: `linux` (the kernel) or `linux-docs` (docs/data.md).
     PrepareCorpus {
         /// The corpus preset: linux or linux-docs
@@ -546,6 +558,26 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("knlp prepare-text: {e:#}");
+                    1
+                }
+            }
+        }
+        Command::Gputop { json, interval, count } => {
+            let run = || -> anyhow::Result<()> {
+                if !(interval.is_finite() && interval > 0.0) {
+                    anyhow::bail!("--interval must be a positive number of seconds, got {interval}");
+                }
+                let every = std::time::Duration::from_secs_f64(interval);
+                if json {
+                    knlp::gputop::run_json(every, count)
+                } else {
+                    knlp::gputop::run_tui(every)
+                }
+            };
+            match run() {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("knlp gputop: {e:#}");
                     1
                 }
             }

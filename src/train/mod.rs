@@ -127,6 +127,9 @@ pub struct TrainConfig {
     /// After a completed run of an image model, time its forward pass at
     /// these batch sizes ([`crate::inference`]); None: no inference test.
     pub inference: Option<crate::inference::InferenceConfig>,
+    /// On CUDA, sample the GPU through NVML every this many ms into the
+    /// run's gpu.jsonl and the logged metrics ([`crate::gpumon`]); 0: off.
+    pub gpu_monitor_ms: i64,
 }
 
 impl Default for TrainConfig {
@@ -150,6 +153,7 @@ impl Default for TrainConfig {
             bucket_mb: 25.0,
             fused_loss: true,
             inference: None,
+            gpu_monitor_ms: 1000,
         }
     }
 }
@@ -158,6 +162,9 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         if self.steps < 0 || self.epochs < 0 || self.grad_accum < 1 || self.log_every < 1 {
             bail!("train: steps and epochs must be >= 0, grad_accum and log_every >= 1");
+        }
+        if self.gpu_monitor_ms < 0 {
+            bail!("train: gpu_monitor_ms must be >= 0 (0: off), got {}", self.gpu_monitor_ms);
         }
         if !(self.bucket_mb.is_finite() && self.bucket_mb > 0.0) {
             bail!("train: bucket_mb must be a positive number of MB, got {}", self.bucket_mb);
@@ -698,6 +705,7 @@ impl Trainer<'_> {
         if lead {
             self.run.set_status(Status::Running, None)?;
         }
+        let mut monitor = if lead { self.gpu_monitor(device, &mut progress) } else { None };
         if dist {
             // After every rank has read the checkpoint: rank 0's state wins.
             self.sync_start()?;
@@ -1009,6 +1017,9 @@ impl Trainer<'_> {
                     rec.insert("peak_mem_mb".into(), json!(mb));
                 }
                 rec.insert("elapsed_s".into(), json!(elapsed(&start)));
+                if let Some(m) = &monitor {
+                    rec.extend(m.take_window());
+                }
                 for h in self.hooks.iter_mut() {
                     rec.extend(h.metrics()?);
                 }
@@ -1085,7 +1096,7 @@ impl Trainer<'_> {
             if lead {
                 self.run.set_status(status, Some(&reason))?;
             }
-            let s = self.summary(
+            let mut s = self.summary(
                 status,
                 Some(reason),
                 step,
@@ -1097,6 +1108,9 @@ impl Trainer<'_> {
                 last_train_loss,
                 device,
             )?;
+            if let Some(m) = monitor.take() {
+                s.extra.extend(m.stop());
+            }
             let name = if status == Status::Failed { "failed" } else { "interrupted" };
             tracker.finish(&serde_json::to_value(&s)?, name)?;
             return Ok(s);
@@ -1134,6 +1148,9 @@ impl Trainer<'_> {
             last_train_loss,
             device,
         )?;
+        if let Some(m) = monitor.take() {
+            s.extra.extend(m.stop());
+        }
         if let Some(report) = inference {
             s.extra.extend(crate::inference::headline(&report));
             if lead {
@@ -1223,6 +1240,25 @@ impl Trainer<'_> {
             self.save("best", step, epoch, &p)?;
         }
         Ok(())
+    }
+
+    /// A GPU monitor into the run folder on CUDA (`gpu_monitor_ms` > 0),
+    /// or None, saying why where a GPU should have been monitored.
+    fn gpu_monitor(&self, device: Device, progress: &mut Progress) -> Option<crate::gpumon::Monitor> {
+        let Device::Cuda(i) = device else { return None };
+        if self.cfg.gpu_monitor_ms <= 0 {
+            return None;
+        }
+        let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+        let started = match crate::nvml::nvml_index(i, visible.as_deref()) {
+            Some(idx) => crate::gpumon::Monitor::start_nvml(
+                &self.run.path,
+                idx,
+                std::time::Duration::from_millis(self.cfg.gpu_monitor_ms as u64),
+            ),
+            None => Err(format!("CUDA_VISIBLE_DEVICES={} names no NVML index", visible.unwrap_or_default())),
+        };
+        started.map_err(|e| progress.line(&self.run, &format!("warning: GPU not monitored: {e}"))).ok()
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -150,6 +150,9 @@ const CURVES: &[(&str, &str, &str, f64, bool)] = &[
     ("val_ppl", "Validation perplexity during training", "validation perplexity (log scale)", 1.0, true),
     ("lr", "Learning rate", "learning rate", 1.0, false),
     ("sparsity", "Sparsity during training", "sparsity of prunable weights (%)", 100.0, false),
+    ("gpu_util", "GPU utilisation", "GPU utilisation (%, mean per logging window)", 1.0, false),
+    ("gpu_mem_mb", "GPU memory used", "GPU memory used (MiB, NVML, max per window)", 1.0, false),
+    ("gpu_power_w", "GPU power", "GPU power (W, mean per logging window)", 1.0, false),
 ];
 
 /// The sparsity group of a pruned run: its target, else what it reached.

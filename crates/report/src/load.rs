@@ -62,6 +62,9 @@ pub struct RunInfo {
     /// The inference test: latency at its smallest batch size, best throughput.
     pub infer_ms: Option<f64>,
     pub infer_per_s: Option<f64>,
+    /// GPU monitoring: mean utilisation (%) and power (W) over the run.
+    pub gpu_util: Option<f64>,
+    pub gpu_power_w: Option<f64>,
     /// Problems with this run's files, short.
     pub notes: Vec<String>,
 }
@@ -329,6 +332,13 @@ fn last_of(records: &[Map<String, Value>], key: &str) -> Option<f64> {
     records.iter().rev().find_map(|r| r.get(key).and_then(Value::as_f64).filter(|x| x.is_finite()))
 }
 
+/// The mean of `key` over the records that logged it.
+fn mean_of(records: &[Map<String, Value>], key: &str) -> Option<f64> {
+    let v: Vec<f64> =
+        records.iter().filter_map(|r| r.get(key).and_then(Value::as_f64).filter(|x| x.is_finite())).collect();
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
 fn load_run(dir: &Path, warnings: &mut Vec<String>) -> (RunInfo, History) {
     let mut notes = Vec::new();
     let run = file_name(dir);
@@ -394,6 +404,8 @@ fn load_run(dir: &Path, warnings: &mut Vec<String>) -> (RunInfo, History) {
     info.sparsity = get_f64(extra, "sparsity").or_else(|| last_of(&records, "sparsity"));
     info.infer_ms = get_f64(extra, "infer_ms");
     info.infer_per_s = get_f64(extra, "infer_per_s");
+    info.gpu_util = get_f64(extra, "gpu_util_mean").or_else(|| mean_of(&records, "gpu_util"));
+    info.gpu_power_w = get_f64(extra, "gpu_power_mean_w").or_else(|| mean_of(&records, "gpu_power_w"));
 
     // Metrics: the summary when there is one, else what was logged so far.
     let evals: Vec<&Map<String, Value>> =

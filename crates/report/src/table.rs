@@ -34,6 +34,8 @@ pub const ALL_COLUMNS: &[&str] = &[
     "throughput_unit",
     "infer_ms",
     "infer_per_s",
+    "gpu_util",
+    "gpu_power_w",
     "lr",
     "seed",
     "reason",
@@ -62,6 +64,8 @@ pub const DEFAULT_COLUMNS: &[&str] = &[
     "throughput_unit",
     "infer_ms",
     "infer_per_s",
+    "gpu_util",
+    "gpu_power_w",
     "notes",
 ];
 
@@ -109,6 +113,8 @@ pub fn runs_frame(runs: &[RunInfo]) -> Result<DataFrame> {
         Column::new(n("throughput_unit"), s(&|r| r.throughput_unit.clone())),
         Column::new(n("infer_ms"), x(&|r| r.infer_ms)),
         Column::new(n("infer_per_s"), x(&|r| r.infer_per_s)),
+        Column::new(n("gpu_util"), x(&|r| r.gpu_util)),
+        Column::new(n("gpu_power_w"), x(&|r| r.gpu_power_w)),
         Column::new(n("lr"), x(&|r| r.lr)),
         Column::new(n("seed"), runs.iter().map(|r| r.seed).collect::<Vec<Option<i64>>>()),
         Column::new(n("reason"), s(&|r| r.reason.clone())),
@@ -221,6 +227,10 @@ pub fn format_cell(col: &str, v: &Cell, unit: Option<&str>) -> String {
         }
     } else if c.ends_with("_ms") {
         format!("{x:.2} ms")
+    } else if c == "gpu_util" {
+        format!("{x:.0}%")
+    } else if c.ends_with("_w") {
+        format!("{x:.0} W")
     } else if c == "epochs" || c == "epoch" {
         trim_float(x, 2)
     } else if c == "lr" {
