@@ -35,6 +35,8 @@ if [ ! -f $CORPUS/meta.json ]; then
     cp gpu-bin/corpus-linux/meta.json $CORPUS/
 fi
 sha256sum $CORPUS/*.bin | tee -a $OUT/card.txt
+# knlp gputop's log mode, once per call (issue 17's GPU check).
+$K gputop --json --count 3 --interval 0.5 >> $OUT/gputop.jsonl 2>&1 || true
 if [ -d runs/$PROJECT ]; then
     echo "== resuming runs/$PROJECT ($(date -u +%T))" | tee -a $OUT/make.log
     timeout -s INT -k 60 ${BUDGET:-540} $MAKE continue PROJECT=$PROJECT 2>&1 | tee -a $OUT/make.log
