@@ -373,3 +373,33 @@ fn bad_values_are_refused_with_what_is_allowed() {
     assert!(!o.status.success() && out.contains("FAIL") && out.contains("LEARNING_RATE"), "{out}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+#[test]
+fn allyesconfig_checks_out() {
+    let d = std::env::temp_dir().join(format!("knlp-allyes-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let cfg = d.join("allyes.config");
+    let o = Command::new(env!("CARGO_BIN_EXE_knlp"))
+        .args(["allyesconfig", "Kconfig"])
+        .env("KCONFIG_CONFIG", &cfg)
+        .env("srctree", root())
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    for on in ["CONFIG_MODEL_RESNET50=y", "CONFIG_MODEL_GPT2=y", "CONFIG_PRUNING_STATE=y", "CONFIG_MECHINT=y"]
+    {
+        assert!(text.lines().any(|l| l == on), "allyesconfig lacks {on}");
+    }
+    // What `make check-config` runs, on this file only.
+    let o = Command::new(env!("CARGO_BIN_EXE_knlp"))
+        .args(["check-config", "--kconfig", "Kconfig"])
+        .arg(&cfg)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && out.contains("  ok ") && !out.contains("FAIL"), "{out}");
+    let _ = std::fs::remove_dir_all(&d);
+}
