@@ -9,6 +9,7 @@
 #   make                      run it: one run or the test matrix (= knlp train)
 #   make dry-run              list the cells `make` would run (YES=1: no question for big matrices)
 #   make continue             pick up an interrupted matrix (or sweep)
+#   make allyesconfig         every axis on (also allnoconfig, alldefconfig), as Linux does
 #   make prepare-kernel-corpus  the Linux kernel as GPT-2 training text (MAX_TOKENS=N, CORPUS=linux-docs)
 #   make sweep SWEEP=file     run every configuration of a sweep file over .config (BASE=file)
 #   make sweep-dry-run SWEEP=file   check and list them (or DRY_RUN=1); FORCE=1 past 10000
@@ -53,7 +54,7 @@ export LIBTORCH_USE_PYTORCH := 1
         list-defconfigs check-config notebook
 
 help:
-	@sed -n '3,23p' Makefile
+	@sed -n '3,24p' Makefile
 
 # ---- set-up -----------------------------------------------------------------
 
@@ -233,6 +234,12 @@ menuconfig: build
 
 olddefconfig: build
 	$(KNLP) olddefconfig Kconfig
+
+# Linux's all*config targets over knlp's Kconfig tree (allyesconfig turns every
+# axis on: a matrix of about 1800 cells that check-config accepts).
+.PHONY: allyesconfig allnoconfig alldefconfig
+allyesconfig allnoconfig alldefconfig: build
+	$(KNLP) $@ Kconfig
 
 # `make savedefconfig` writes ./defconfig; DEFCONFIG=name writes defconfigs/name.
 savedefconfig: build
