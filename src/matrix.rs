@@ -562,6 +562,8 @@ fn auto_batch(
                 let mut data = b.data;
                 let (x, y) = data.next_batch()?.ok_or_else(|| anyhow!("no training batch to probe with"))?;
                 let te = |e: tch::TchError| anyhow!(crate::tensor::torch_error(&e));
+                // Feeds give host tensors; the training loop moves them too.
+                let (x, y) = (x.f_to_device(dev).map_err(te)?, y.f_to_device(dev).map_err(te)?);
                 let loss = || -> Result<tch::Tensor> {
                     let logits = b.model.forward(&x, true).map_err(te)?;
                     crate::models::cross_entropy(&logits, &y).map_err(te)
