@@ -10,6 +10,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Result};
 use tch::{Device, Kind, Tensor};
 
+use crate::attention::kvprune;
 use crate::models::gpt2::Gpt2;
 use crate::models::Model;
 use crate::shim::AutocastDtype;
@@ -35,6 +36,8 @@ pub struct Options {
     pub keep_logits: bool,
     /// Autocast dtype on CUDA (None: float32 throughout).
     pub amp: Option<AutocastDtype>,
+    /// Prune what each decode step reads from the cache (`attention::kvprune`).
+    pub kv_prune: Option<kvprune::Config>,
 }
 
 impl Default for Options {
@@ -47,6 +50,7 @@ impl Default for Options {
             cache: true,
             keep_logits: false,
             amp: None,
+            kv_prune: None,
         }
     }
 }
@@ -65,6 +69,8 @@ pub struct Generated {
     /// Seconds: prompt forward (first token's logits), then the remaining steps.
     pub prefill_s: f64,
     pub decode_s: f64,
+    /// Fraction of the cached positions the decode steps read (1.0 unpruned).
+    pub read_fraction: f64,
 }
 
 fn sync(d: Device) {
@@ -135,6 +141,13 @@ pub fn generate(model: &Gpt2, prompt: &Tensor, o: &Options) -> Result<Generated>
             o.max_new_tokens
         );
     }
+    if let Some(p) = &o.kv_prune {
+        if !o.cache {
+            bail!("generate: kv_prune prunes the KV cache; it needs cache: true");
+        }
+        p.validate()?;
+        kvprune::check_spec(model.spec(), &model.cfg().attention)?;
+    }
     if let Some(s) = o.seed {
         tch::manual_seed(s);
     }
@@ -150,10 +163,13 @@ pub fn generate(model: &Gpt2, prompt: &Tensor, o: &Options) -> Result<Generated>
     };
     sync(dev);
     let start = Instant::now();
-    let (cache_bytes, cache_tokens, cache_elem, prefill_s);
+    let (cache_bytes, cache_tokens, cache_elem, prefill_s, read_fraction);
     if o.cache {
         // The last generated token is never fed back: the cache needs total − 1.
         let mut cache = model.new_cache(b, total - 1).map_err(te)?;
+        if let Some(p) = &o.kv_prune {
+            cache.set_prune(p);
+        }
         let logits = with_amp(amp, || model.forward_cached_last(&prompt, &mut cache))?;
         let mut cur = last(&logits)?;
         sync(dev);
@@ -170,6 +186,7 @@ pub fn generate(model: &Gpt2, prompt: &Tensor, o: &Options) -> Result<Generated>
             let logits = with_amp(amp, || model.forward_cached_last(&next, &mut cache))?;
             cur = last(&logits)?;
         }
+        read_fraction = cache.prune_read_fraction();
         cache_bytes = cache.bytes();
         cache_tokens = cache.capacity;
         cache_elem = cache
@@ -202,9 +219,111 @@ pub fn generate(model: &Gpt2, prompt: &Tensor, o: &Options) -> Result<Generated>
         cache_bytes = 0;
         cache_tokens = 0;
         cache_elem = 0;
+        read_fraction = 1.0;
     }
     sync(dev);
     let decode_s = start.elapsed().as_secs_f64() - prefill_s;
     let tokens = Tensor::f_cat(&out, 1).map_err(te)?;
-    Ok(Generated { tokens, logits: kept, cache_bytes, cache_tokens, cache_elem, prefill_s, decode_s })
+    Ok(Generated {
+        tokens,
+        logits: kept,
+        cache_bytes,
+        cache_tokens,
+        cache_elem,
+        prefill_s,
+        decode_s,
+        read_fraction,
+    })
+}
+
+/// Teacher-forced decoding of `tokens` [B, T] through the cache.
+pub struct Scored {
+    /// Per-position negative log-likelihood [B, T − 1] of tokens 1..T.
+    pub nll: Tensor,
+    /// Mean of `nll`, and exp of it.
+    pub loss: f64,
+    pub ppl: f64,
+    /// Tokens predicted by single-token decode steps, and their seconds.
+    pub decoded: i64,
+    pub decode_s: f64,
+    /// Fraction of the cached positions the decode steps read (1.0 unpruned).
+    pub read_fraction: f64,
+}
+
+/// Perplexity of `tokens` [B, T] under cached decoding: the first `prefill`
+/// tokens go in one forward (dense), then every later token is fed alone,
+/// as generation feeds its own tokens, and the next token's log-likelihood
+/// is scored. With `prune`, every single-token step reads only what
+/// `attention::kvprune` selects. Float32, no autocast.
+pub fn score_cached(
+    model: &Gpt2,
+    tokens: &Tensor,
+    prefill: i64,
+    prune: Option<&kvprune::Config>,
+) -> Result<Scored> {
+    let shape = tokens.size();
+    let [b, t] = shape[..] else { bail!("kv_prune_eval: tokens must be [B, T], got {shape:?}") };
+    if b < 1 || t < 2 {
+        bail!("kv_prune_eval: tokens must be [B, T] with T >= 2, got {shape:?}");
+    }
+    let kind = tokens.f_kind().map_err(te)?;
+    if !matches!(kind, Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8) {
+        bail!("kv_prune_eval: tokens must be integer ids, got {}", crate::tensor::kind_name(kind));
+    }
+    let vocab = model.cfg().vocab_size;
+    let block = model.cfg().block_size;
+    if t - 1 > block {
+        bail!("kv_prune_eval: {t} tokens need a cache of {} > block_size {block}", t - 1);
+    }
+    if !(1..t).contains(&prefill) {
+        bail!("kv_prune_eval: prefill must be in 1..{} (T − 1), got {prefill}", t - 1);
+    }
+    if let Some(p) = prune {
+        p.validate()?;
+        kvprune::check_spec(model.spec(), &model.cfg().attention)?;
+    }
+    let _guard = tch::no_grad_guard();
+    let dev = model.store().device();
+    let x = tokens.f_to_device(dev).and_then(|p| p.f_to_kind(Kind::Int64)).map_err(te)?;
+    let lo = x.f_min().and_then(|v| v.f_int64_value(&[])).map_err(te)?;
+    let hi = x.f_max().and_then(|v| v.f_int64_value(&[])).map_err(te)?;
+    if lo < 0 || hi >= vocab {
+        bail!("kv_prune_eval: token ids must lie in [0, {vocab}), got ids from {lo} to {hi}");
+    }
+    let mut cache = model.new_cache(b, t - 1).map_err(te)?;
+    if let Some(p) = prune {
+        cache.set_prune(p);
+    }
+    // Log-likelihood of the targets of logits [B, n, vocab+pad].
+    let nll_of = |logits: &Tensor, targets: &Tensor| -> Result<Tensor> {
+        let lp = logits
+            .f_narrow(-1, 0, vocab)
+            .and_then(|l| l.f_to_kind(Kind::Float))
+            .and_then(|l| l.f_log_softmax(-1, Kind::Float))
+            .map_err(te)?;
+        lp.f_gather(-1, &targets.f_unsqueeze(-1).map_err(te)?, false)
+            .and_then(|g| g.f_squeeze_dim(-1))
+            .and_then(|g| g.f_neg())
+            .map_err(te)
+    };
+    let logits = model.forward_cached(&x.f_narrow(1, 0, prefill).map_err(te)?, &mut cache).map_err(te)?;
+    let mut parts = vec![nll_of(&logits, &x.f_narrow(1, 1, prefill).map_err(te)?)?];
+    sync(dev);
+    let start = Instant::now();
+    for i in prefill..t - 1 {
+        let logits = model.forward_cached(&x.f_narrow(1, i, 1).map_err(te)?, &mut cache).map_err(te)?;
+        parts.push(nll_of(&logits, &x.f_narrow(1, i + 1, 1).map_err(te)?)?);
+    }
+    sync(dev);
+    let decode_s = start.elapsed().as_secs_f64();
+    let nll = Tensor::f_cat(&parts, 1).map_err(te)?;
+    let loss = nll.f_mean(Kind::Float).and_then(|m| m.f_double_value(&[])).map_err(te)?;
+    Ok(Scored {
+        nll,
+        loss,
+        ppl: loss.exp(),
+        decoded: b * (t - 1 - prefill),
+        decode_s,
+        read_fraction: cache.prune_read_fraction(),
+    })
 }

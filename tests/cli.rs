@@ -538,6 +538,17 @@ fn every_shipped_script_runs_small() {
             args("--steps 4 --n-layer 1 --n-head 2 --n-embd 16 --block-size 16 --batch-size 2 --out", "tb"),
             "transformer-block same_numbers=true",
         ),
+        (
+            s("kv_prune.rhai"),
+            args(
+                &format!(
+                    "{tiny_gpt2} --steps 2 --warmup 1 --eval_batches 1 --eval_seqs 1 --ratios 1.0,0.5 \
+                     --k_min 2 --recency 2 --out"
+                ),
+                "kvp",
+            ),
+            "| 0.5 |",
+        ),
     ];
     // Every script in scripts/ runs here or in another test of this file.
     let this_file = include_str!("cli.rs");

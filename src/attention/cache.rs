@@ -30,6 +30,8 @@ pub struct LayerCache {
     pub ctx_sum: Option<Tensor>,
     /// This layer attends in the reciprocal direction (fixed for the cache's life).
     pub reciprocal: bool,
+    /// KV pruning: what decode steps read (`kvprune`); None reads everything.
+    pub prune: Option<super::kvprune::State>,
 }
 
 pub struct Cache {
@@ -48,6 +50,29 @@ impl Cache {
         let layers =
             reciprocal.into_iter().map(|r| LayerCache { reciprocal: r, ..Default::default() }).collect();
         Cache { layers, len: 0, capacity, batch, poisoned: false }
+    }
+
+    /// Prune every later decode step with `cfg` (fresh statistics per layer).
+    /// Set it before the prefill: the prefill's attention seeds the importance.
+    pub fn set_prune(&mut self, cfg: &super::kvprune::Config) {
+        for l in &mut self.layers {
+            l.prune = Some(super::kvprune::State::new(cfg.clone()));
+        }
+    }
+
+    /// Fraction of the cached positions pruned decode steps read, over
+    /// every layer and step (1.0 when nothing was pruned).
+    pub fn prune_read_fraction(&self) -> f64 {
+        let (r, c) = self
+            .layers
+            .iter()
+            .filter_map(|l| l.prune.as_ref())
+            .fold((0, 0), |a, s| (a.0 + s.read, a.1 + s.cached));
+        if c == 0 {
+            1.0
+        } else {
+            r as f64 / c as f64
+        }
     }
 
     /// Bytes of every slot allocated so far.

@@ -544,6 +544,9 @@ impl Attention {
             _ => return Err(te("nothing projected".into())),
         };
         let recip = lc.reciprocal;
+        if lc.prune.is_some() {
+            super::kvprune::check_spec(&self.spec, "this").map_err(|e| te(e.to_string()))?;
+        }
         let (query, key, value) = if let Some(c_new) = &f.c {
             let t = c_new.size()[1];
             let c_all = match (&self.splice, &f.z) {
@@ -587,6 +590,9 @@ impl Attention {
         if self.spec.mixer == Mixer::Sba {
             let alpha = self.sba_alpha.as_ref().ok_or_else(|| te("sba without alpha".into()))?.f_sigmoid()?;
             return sba::f32_only(|| sba::cached(&query, &key, &value, &alpha, pos0, &mut lc.col_norm, cap));
+        }
+        if let Some(st) = lc.prune.as_mut() {
+            return st.attend(&query, &key, &value, pos0, cap);
         }
         self.keep_pattern(ctx, || pattern(&query, &key, pos0))?;
         sdpa(&query, &key, &value, pos0, 0.0)

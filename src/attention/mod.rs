@@ -7,9 +7,11 @@
 //! - `layer`: projections, direction, mixing, cached attention.
 //! - `rope`, `kvsplice`, `sba`, `route`: one mechanism each.
 //! - `cache`: per-layer slots written in place.
+//! - `kvprune`: KV-cache pruning during decoding (top-k positions per step).
 //! - `fisher`: Fisher-information metrics of attention patterns.
 pub mod cache;
 pub mod fisher;
+pub mod kvprune;
 pub mod kvsplice;
 pub mod layer;
 pub mod rope;

@@ -5,7 +5,7 @@ use rhai::{Array, Dynamic, Engine, Map, INT};
 use super::api::{Api, DocEntry};
 use super::models::RModel;
 use super::value::*;
-use crate::attention::{fisher, spec};
+use crate::attention::{fisher, kvprune, spec};
 use crate::decode::{self, Options};
 use crate::models::gpt2::Gpt2;
 use crate::shim::AutocastDtype;
@@ -20,7 +20,45 @@ pub(super) fn with_gpt2<T>(m: &RModel, what: &str, f: impl FnOnce(&Gpt2) -> RRes
     f(g)
 }
 
-const GEN_KEYS: &[&str] = &["max_new_tokens", "temperature", "top_k", "seed", "cache", "details", "amp"];
+const GEN_KEYS: &[&str] =
+    &["max_new_tokens", "temperature", "top_k", "seed", "cache", "details", "amp", "kv_prune"];
+
+const PRUNE_KEYS: &[&str] =
+    &["keep_ratio", "k_min", "recency", "exposure", "ema", "ema_every", "mode", "evict"];
+
+/// KV-pruning options over the seed's defaults; `extra` keys are allowed
+/// (and ignored) for callers that mix in their own.
+fn prune_options(o: &Map, what: &str, extra: &[&str]) -> RResult<kvprune::Config> {
+    let valid: Vec<&str> = PRUNE_KEYS.iter().chain(extra).copied().collect();
+    check_keys(o, &valid, what)?;
+    let mut c = kvprune::Config::default();
+    let int = |k: &str| -> RResult<Option<i64>> {
+        o.get(k)
+            .map(|v| v.as_int().map_err(|t| rerr(format!("{what}: {k} must be an int, got {t}"))))
+            .transpose()
+    };
+    let boolean = |k: &str| -> RResult<Option<bool>> {
+        o.get(k)
+            .map(|v| v.as_bool().map_err(|t| rerr(format!("{what}: {k} must be a bool, got {t}"))))
+            .transpose()
+    };
+    if let Some(v) = o.get("keep_ratio") {
+        c.keep_ratio = as_number(v, "keep_ratio")?;
+    }
+    if let Some(v) = o.get("ema") {
+        c.ema = as_number(v, "ema")?;
+    }
+    c.k_min = int("k_min")?.unwrap_or(c.k_min);
+    c.recency = int("recency")?.unwrap_or(c.recency);
+    c.ema_every = int("ema_every")?.unwrap_or(c.ema_every);
+    c.exposure = boolean("exposure")?.unwrap_or(c.exposure);
+    c.evict = boolean("evict")?.unwrap_or(c.evict);
+    if let Some(m) = o.get("mode") {
+        c.mode = kvprune::Mode::parse(&expect_str(m, "mode")?).rt()?;
+    }
+    c.validate().rt()?;
+    Ok(c)
+}
 
 fn gen_options(o: &Map) -> RResult<(Options, bool)> {
     check_keys(o, GEN_KEYS, "generate")?;
@@ -51,6 +89,14 @@ fn gen_options(o: &Map) -> RResult<(Options, bool)> {
             other => return Err(rerr(format!("amp must be bf16, fp16 or none, got '{other}'"))),
         };
     }
+    if let Some(p) = o.get("kv_prune") {
+        if !p.is_unit() {
+            let m = p
+                .read_lock::<Map>()
+                .ok_or_else(|| rerr(format!("kv_prune must be a map, got {}", p.type_name())))?;
+            g.kv_prune = Some(prune_options(&m, "kv_prune", &[])?);
+        }
+    }
     g.keep_logits = details;
     Ok((g, details))
 }
@@ -78,6 +124,7 @@ fn run_generate(m: &RModel, tokens: &RTensor, o: &Map) -> RResult<Dynamic> {
             ("cache_elem_bytes", Dynamic::from_int(out.cache_elem)),
             ("prefill_ms", Dynamic::from_float(out.prefill_s * 1e3)),
             ("decode_ms", Dynamic::from_float(out.decode_s * 1e3)),
+            ("kv_read_fraction", Dynamic::from_float(out.read_fraction)),
             (
                 "decode_tokens_per_s",
                 Dynamic::from_float(if out.decode_s > 0.0 { decoded / out.decode_s } else { 0.0 }),
@@ -139,7 +186,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     api.f(
         "generate",
         "self, tokens, options: map",
-        "Continue token ids [B, T]: `#{ max_new_tokens: 32, temperature: 0.0 (greedy), top_k, seed, cache: true, amp: \"bf16\"|\"fp16\"|\"none\" (CUDA), details: false }`. Returns the ids [B, T + new]; with `details: true` a map `#{ tokens, logits [B, new, vocab], cache_bytes, cache_tokens, cache_elem_bytes, prefill_ms, decode_ms, decode_tokens_per_s }`.",
+        "Continue token ids [B, T]: `#{ max_new_tokens: 32, temperature: 0.0 (greedy), top_k, seed, cache: true, amp: \"bf16\"|\"fp16\"|\"none\" (CUDA), kv_prune: #{ keep_ratio, k_min, recency, ... } (see kv_prune_eval), details: false }`. Returns the ids [B, T + new]; with `details: true` a map `#{ tokens, logits [B, new, vocab], cache_bytes, cache_tokens, cache_elem_bytes, prefill_ms, decode_ms, decode_tokens_per_s, kv_read_fraction }`.",
         |m: &mut RModel, tokens: RTensor, o: Map| -> RResult<Dynamic> { run_generate(m, &tokens, &o) },
     );
     api.f(
@@ -164,6 +211,37 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
             let toks = out.try_cast::<RTensor>().ok_or_else(|| rerr("generate returned no tokens"))?;
             let new: Vec<i64> = Vec::<i64>::try_from(toks.0.f_select(0, 0).rt()?.f_narrow(0, ids.len() as i64, toks.0.size()[1] - ids.len() as i64).rt()?).rt()?;
             crate::data::bpe::decode(&new.iter().map(|&i| i as u32).collect::<Vec<_>>()).rt()
+        },
+    );
+    api.f(
+        "kv_prune_eval",
+        "model, tokens, options: map",
+        "Perplexity of held-out ids [B, T] under teacher-forced cached decoding with KV pruning (docs/attention.md): the first `prefill` tokens in one dense forward, then one token per step, each step reading only the selected cached positions. Options `#{ keep_ratio: 0.382, k_min: 64, recency: 64, exposure: true, ema: 0.9 (0 = off), ema_every: 8, mode: \"v_only\"|\"scores_reuse\", evict: false, prefill: 1, prune: true (false: the unpruned cache) }` -> `#{ loss, ppl, tokens, decode_ms, tokens_per_s, read_fraction, nll [B, T-1] }`.",
+        |m: RModel, tokens: RTensor, o: Map| -> RResult<Dynamic> {
+            let cfg = prune_options(&o, "kv_prune_eval", &["prefill", "prune"])?;
+            let prefill = match o.get("prefill") {
+                Some(v) => v.as_int().map_err(|t| rerr(format!("kv_prune_eval: prefill must be an int, got {t}")))?,
+                None => 1,
+            };
+            let prune = match o.get("prune") {
+                Some(v) => v.as_bool().map_err(|t| rerr(format!("kv_prune_eval: prune must be a bool, got {t}")))?,
+                None => true,
+            };
+            with_gpt2(&m, "kv_prune_eval", |g| {
+                let s = decode::score_cached(g, &tokens.0, prefill, prune.then_some(&cfg)).rt()?;
+                Ok(Dynamic::from_map(map_of(vec![
+                    ("loss", Dynamic::from_float(s.loss)),
+                    ("ppl", Dynamic::from_float(s.ppl)),
+                    ("tokens", Dynamic::from_int(s.decoded)),
+                    ("decode_ms", Dynamic::from_float(s.decode_s * 1e3)),
+                    (
+                        "tokens_per_s",
+                        Dynamic::from_float(if s.decode_s > 0.0 { s.decoded as f64 / s.decode_s } else { 0.0 }),
+                    ),
+                    ("read_fraction", Dynamic::from_float(s.read_fraction)),
+                    ("nll", Dynamic::from(RTensor(s.nll))),
+                ])))
+            })
         },
     );
     api.f(

@@ -1,0 +1,317 @@
+//! KV-cache pruning during decoding (src/attention/kvprune.rs,
+//! docs/attention.md "KV-cache pruning"): causality, exactness at keep
+//! ratio 1, the kept count and the recency window, importance and EMA
+//! against hand-computed values, eviction, bad options, refused variants,
+//! the script bindings. CPU only.
+use knlp::attention::kvprune::{check_spec, Config, Mode, State};
+use knlp::decode::{generate, score_cached, Options};
+use knlp::models::gpt2::{self, Gpt2};
+use knlp::models::Model;
+use knlp::script::{Limits, Runtime};
+use tch::{Device, Kind, Tensor};
+
+const CPU: Device = Device::Cpu;
+
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn small(attention: &str) -> Gpt2 {
+    let c = gpt2::Config {
+        block_size: 40,
+        vocab_size: 61,
+        attention: attention.into(),
+        d_latent: 16,
+        route_skip_warmup: true,
+        ..gpt2::Config::custom(2, 4, 32)
+    };
+    let mut m = Gpt2::new(c).unwrap_or_else(|e| panic!("{attention}: {e}"));
+    m.store_mut().finalize(CPU).unwrap();
+    m
+}
+
+fn tokens(b: i64, t: i64) -> Tensor {
+    Tensor::randint(61, [b, t], (Kind::Int64, CPU))
+}
+
+fn cfg(keep_ratio: f64, k_min: i64, recency: i64) -> Config {
+    Config { keep_ratio, k_min, recency, ..Config::default() }
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    a.f_sub(b).unwrap().abs().max().double_value(&[])
+}
+
+fn gen_logits(m: &Gpt2, p: &Tensor, prune: Option<Config>) -> Tensor {
+    let o = Options { max_new_tokens: 20, keep_logits: true, kv_prune: prune, ..Options::default() };
+    Tensor::stack(&generate(m, p, &o).unwrap().logits, 1)
+}
+
+fn t(v: &[f32], shape: &[i64]) -> Tensor {
+    Tensor::from_slice(v).reshape(shape)
+}
+
+#[test]
+fn kv_keep_ratio_one_gives_the_unpruned_logits() {
+    let _rng = rng();
+    tch::manual_seed(0);
+    for att in ["mha", "ra", "kv_tying", "kv_tying_t"] {
+        let m = small(att);
+        let p = tokens(2, 6);
+        let dense = gen_logits(&m, &p, None);
+        for mode in [Mode::VOnly, Mode::ScoresReuse] {
+            for evict in [false, true] {
+                let full = Config { mode, evict, ..cfg(1.0, 1, 0) };
+                let d = max_diff(&dense, &gen_logits(&m, &p, Some(full)));
+                assert!(d < 1e-5, "{att} {mode:?} evict {evict}: keep_ratio 1 differs by {d}");
+                // recency >= T keeps everything whatever the ratio.
+                let recent = Config { mode, evict, ..cfg(0.1, 1, 64) };
+                let d = max_diff(&dense, &gen_logits(&m, &p, Some(recent)));
+                assert!(d < 1e-5, "{att} {mode:?} evict {evict}: recency >= T differs by {d}");
+            }
+        }
+        // Teacher-forced scoring agrees too, and with the unpruned cache.
+        let x = tokens(2, 30);
+        let a = score_cached(&m, &x, 1, None).unwrap();
+        let b = score_cached(&m, &x, 1, Some(&cfg(1.0, 1, 0))).unwrap();
+        assert!(max_diff(&a.nll, &b.nll) < 1e-5, "{att}");
+        assert_eq!(b.read_fraction, 1.0);
+        assert_eq!(a.nll.size(), vec![2, 29]);
+        // The unpruned cache's scoring is the full forward's loss.
+        let logits = m.forward(&x, false).unwrap().narrow(-1, 0, 61).log_softmax(-1, Kind::Float);
+        let want = logits
+            .narrow(1, 0, 29)
+            .gather(-1, &x.narrow(1, 1, 29).unsqueeze(-1), false)
+            .squeeze_dim(-1)
+            .neg();
+        assert!(max_diff(&a.nll, &want) < 1e-4, "{att}: cached scoring != full forward");
+    }
+}
+
+#[test]
+fn kv_pruned_decoding_is_causal_and_prunes() {
+    let _rng = rng();
+    tch::manual_seed(1);
+    let m = small("mha");
+    let x = tokens(2, 36);
+    let c = cfg(0.25, 2, 2);
+    let a = score_cached(&m, &x, 4, Some(&c)).unwrap();
+    // Changing the last token changes no earlier prediction.
+    let y = Tensor::cat(&[x.narrow(1, 0, 35), (x.narrow(1, 35, 1) + 1).remainder(61)], 1);
+    let b = score_cached(&m, &y, 4, Some(&c)).unwrap();
+    assert_eq!(max_diff(&a.nll.narrow(1, 0, 34), &b.nll.narrow(1, 0, 34)), 0.0);
+    assert!(max_diff(&a.nll, &b.nll) > 0.0);
+    // Pruning changed something, and read about a quarter of the positions.
+    let dense = score_cached(&m, &x, 4, None).unwrap();
+    assert!(max_diff(&a.nll, &dense.nll) > 1e-6);
+    assert!(a.read_fraction < 0.5 && a.read_fraction > 0.2, "read {}", a.read_fraction);
+    // A step never reads past its query: the state refuses keys beyond it.
+    let mut st = State::new(cfg(0.5, 1, 1));
+    let q = Tensor::randn([1, 2, 1, 4], (Kind::Float, CPU));
+    let k = Tensor::randn([1, 2, 5, 4], (Kind::Float, CPU));
+    assert!(st.attend(&q, &k, &k, 3, 8).is_err(), "keys after the query were read");
+    // The prefill's importance is the column mass of the *causal* pattern.
+    let mut st = State::new(Config { exposure: false, ema: 0.0, ..cfg(0.5, 1, 0) });
+    let q = Tensor::randn([1, 2, 3, 4], (Kind::Float, CPU));
+    let k = Tensor::randn([1, 2, 3, 4], (Kind::Float, CPU));
+    let _ = st.attend(&q, &k, &k, 0, 8).unwrap();
+    let imp = st.importance().unwrap();
+    // Key 2 is seen only by query 2 (its own row): mass = A[2, 2] / 3, with
+    // A from the causal softmax; the non-causal seed would add rows 0 and 1.
+    let s = q.matmul(&k.transpose(-2, -1)) / 2.0;
+    let a22 = s.narrow(2, 2, 1).softmax(-1, Kind::Float).narrow(3, 2, 1).squeeze();
+    assert!(max_diff(&imp.narrow(2, 2, 1).squeeze(), &(a22 / 3.0)) < 1e-6);
+}
+
+#[test]
+fn kv_importance_matches_a_hand_computed_example() {
+    // One sequence, one head; the causal pattern of three queries.
+    let a = t(&[1.0, 0.0, 0.0, 0.25, 0.75, 0.0, 0.5, 0.2, 0.3], &[1, 1, 3, 3]);
+    let mut st = State::new(Config { ema: 0.0, ..cfg(0.34, 1, 0) });
+    st.observe(&a, 0, 4).unwrap();
+    // M = [1.75, 0.95, 0.3]; exposure L − j = [3, 2, 1].
+    let want = t(&[1.75 / 3.0, 0.95 / 2.0, 0.3], &[1, 1, 3]);
+    assert!(max_diff(&st.importance().unwrap(), &want) < 1e-6);
+    // k = max(1, ⌊0.34·3⌋) = 1: the top position is 0.
+    assert_eq!(Vec::<i64>::try_from(st.select().unwrap().flatten(0, -1)).unwrap(), vec![0]);
+    let mut mean = State::new(Config { exposure: false, ema: 0.0, ..cfg(0.34, 1, 0) });
+    mean.observe(&a, 0, 4).unwrap();
+    let want = t(&[1.75 / 3.0, 0.95 / 3.0, 0.1], &[1, 1, 3]);
+    assert!(max_diff(&mean.importance().unwrap(), &want) < 1e-6);
+    // The recency window outranks everything (position 2 has the lowest importance).
+    let mut rec = State::new(Config { ema: 0.0, ..cfg(0.34, 1, 1) });
+    rec.observe(&a, 0, 4).unwrap();
+    assert_eq!(Vec::<i64>::try_from(rec.select().unwrap().flatten(0, -1)).unwrap(), vec![2]);
+    // A pattern that does not continue the observed positions is refused.
+    assert!(rec.observe(&a, 0, 4).is_err());
+}
+
+#[test]
+fn kv_kept_count_and_recency_window() {
+    for (r, k_min, rec, len, want) in [
+        (0.382, 64, 64, 1024, 391),
+        (0.5, 4, 2, 20, 10),
+        (0.25, 8, 2, 20, 8),
+        (0.1, 1, 6, 20, 6),
+        (0.5, 30, 0, 20, 20),
+    ] {
+        assert_eq!(cfg(r, k_min, rec).kept(len), want, "{r} {k_min} {rec} {len}");
+    }
+    // Through the state: random attention over 40 positions, 2 heads.
+    for evict in [false, true] {
+        tch::manual_seed(3);
+        let c = Config { evict, ..cfg(0.3, 4, 5) };
+        let mut st = State::new(c.clone());
+        let q = Tensor::randn([2, 2, 20, 8], (Kind::Float, CPU));
+        let k = Tensor::randn([2, 2, 40, 8], (Kind::Float, CPU));
+        let _ = st.attend(&q, &k.narrow(2, 0, 20), &k.narrow(2, 0, 20), 0, 40).unwrap();
+        let mut read = 0;
+        for pos in 20..40 {
+            let q1 = Tensor::randn([2, 2, 1, 8], (Kind::Float, CPU));
+            let kk = k.narrow(2, 0, pos + 1);
+            let before = st.evicted();
+            let _ = st.attend(&q1, &kk, &kk, pos, 40).unwrap();
+            let len = pos + 1;
+            read += c.kept(len);
+            // k = max(k_min, ⌊r·L⌋, recency) positions stay alive, the window among them.
+            if evict {
+                let ev = st.evicted().unwrap();
+                let alive = ev.logical_not().to_kind(Kind::Int64).sum_dim_intlist(-1, false, Kind::Int64);
+                assert!(alive.eq(c.kept(len)).all().int64_value(&[]) == 1, "alive {alive} at {len}");
+                let window = ev.narrow(2, len - 5, 5).any().int64_value(&[]);
+                assert_eq!(window, 0, "a recency position was evicted");
+                if let Some(b) = before {
+                    // Once evicted, always evicted.
+                    let still = ev.narrow(2, 0, len - 1).logical_or(&b.logical_not());
+                    assert_eq!(still.all().int64_value(&[]), 1, "an evicted position came back");
+                }
+            }
+        }
+        assert_eq!(st.read, read);
+        assert_eq!(st.cached, (21..=40).sum::<i64>());
+    }
+    // With a selection state: the window is in every step's selection.
+    let mut st = State::new(Config { ema: 0.0, ..cfg(0.2, 2, 3) });
+    let a = Tensor::rand([1, 3, 10, 10], (Kind::Float, CPU)).tril(0);
+    st.observe(&a, 0, 16).unwrap();
+    let idx = st.select().unwrap();
+    assert_eq!(idx.size(), vec![1, 3, 3]);
+    let mut got = Vec::<i64>::try_from(idx.flatten(0, -1)).unwrap();
+    got.sort_unstable();
+    assert_eq!(got, vec![7, 7, 7, 8, 8, 8, 9, 9, 9]);
+}
+
+#[test]
+fn kv_ema_updates_every_n_steps() {
+    let c = Config { exposure: false, ema: 0.5, ema_every: 2, ..cfg(1.0, 1, 0) };
+    let mut st = State::new(c);
+    st.observe(&t(&[1.0, 0.0, 0.5, 0.5], &[1, 1, 2, 2]), 0, 4).unwrap();
+    // Step 0 updates: the EMA starts at I = M / L = [0.75, 0.25].
+    assert!(max_diff(&st.score().unwrap(), &t(&[0.75, 0.25], &[1, 1, 2])) < 1e-6);
+    st.steps += 1;
+    st.observe(&t(&[0.2, 0.2, 0.6], &[1, 1, 1, 3]), 2, 4).unwrap();
+    // Step 1 does not: the covered positions keep the EMA, the new one its importance 0.6/3.
+    assert!(max_diff(&st.score().unwrap(), &t(&[0.75, 0.25, 0.2], &[1, 1, 3])) < 1e-6);
+    st.steps += 1;
+    st.observe(&t(&[0.1, 0.1, 0.1, 0.7], &[1, 1, 1, 4]), 3, 4).unwrap();
+    // Step 2 updates: E = 0.5·E + 0.5·I on [0, 2), I on [2, 4); I = [1.8, 0.8, 0.7, 0.7] / 4.
+    let want = t(&[0.5 * 0.75 + 0.5 * 0.45, 0.5 * 0.25 + 0.5 * 0.2, 0.175, 0.175], &[1, 1, 4]);
+    assert!(max_diff(&st.score().unwrap(), &want) < 1e-6);
+}
+
+#[test]
+fn kv_modes_agree_and_pruning_degrades_gracefully() {
+    let _rng = rng();
+    tch::manual_seed(2);
+    let m = small("mha");
+    let x = tokens(2, 38);
+    let v = score_cached(&m, &x, 2, Some(&cfg(0.5, 2, 2))).unwrap();
+    let s = score_cached(&m, &x, 2, Some(&Config { mode: Mode::ScoresReuse, ..cfg(0.5, 2, 2) })).unwrap();
+    assert!(max_diff(&v.nll, &s.nll) < 1e-4, "v_only and scores_reuse differ");
+    assert!(v.loss.is_finite() && v.ppl > 1.0);
+}
+
+#[test]
+fn kv_bad_options_and_variants_are_refused() {
+    let _rng = rng();
+    let bad = [
+        (Config { keep_ratio: 0.0, ..Config::default() }, "keep_ratio"),
+        (Config { keep_ratio: 1.5, ..Config::default() }, "keep_ratio"),
+        (Config { keep_ratio: f64::NAN, ..Config::default() }, "keep_ratio"),
+        (Config { k_min: 0, ..Config::default() }, "k_min"),
+        (Config { recency: -1, ..Config::default() }, "recency"),
+        (Config { ema: 1.0, ..Config::default() }, "ema"),
+        (Config { ema_every: 0, ..Config::default() }, "ema_every"),
+    ];
+    let m = small("mha");
+    let p = tokens(1, 4);
+    for (c, what) in bad {
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains(what), "{e}");
+        let o = Options { kv_prune: Some(c.clone()), ..Options::default() };
+        assert!(generate(&m, &p, &o).err().unwrap().to_string().contains(what));
+        assert!(score_cached(&m, &tokens(1, 8), 1, Some(&c)).err().unwrap().to_string().contains(what));
+    }
+    assert!(Mode::parse("both").unwrap_err().to_string().contains("v_only"));
+    let o = Options { kv_prune: Some(Config::default()), cache: false, ..Options::default() };
+    assert!(generate(&m, &p, &o).err().unwrap().to_string().contains("cache: true"));
+    for (prefill, n) in [(0, 8), (8, 8)] {
+        let e = score_cached(&m, &tokens(1, n), prefill, None).err().unwrap().to_string();
+        assert!(e.contains("prefill"), "{e}");
+    }
+    assert!(score_cached(&m, &tokens(1, 42), 1, None).err().unwrap().to_string().contains("block_size"));
+    for (att, what) in
+        [("mla", "latent"), ("ra_mla_kvsplice", "latent"), ("sba", "Sba"), ("ra_route", "Route")]
+    {
+        let v = small(att);
+        let o = Options { kv_prune: Some(Config::default()), ..Options::default() };
+        let e = generate(&v, &p, &o).err().unwrap().to_string();
+        assert!(e.contains(&format!("'{att}'")) && e.contains(what), "{att}: {e}");
+        let e = score_cached(&v, &tokens(1, 8), 1, Some(&Config::default())).err().unwrap().to_string();
+        assert!(e.contains(&format!("'{att}'")), "{att}: {e}");
+        assert!(check_spec(v.spec(), att).is_err());
+    }
+}
+
+#[test]
+fn kv_script_bindings() {
+    let _rng = rng();
+    let mut rt = Runtime::new(std::env::temp_dir(), Limits::default());
+    let code = r#"
+        let m = gpt2(#{ n_layer: 1, n_head: 2, n_embd: 16, block_size: 32, vocab_size: 61 });
+        let x = randint(0, 61, [2, 24]);
+        let d = kv_prune_eval(m, x, #{ prune: false });
+        let f = kv_prune_eval(m, x, #{ keep_ratio: 1.0, k_min: 1, recency: 0 });
+        let p = kv_prune_eval(m, x, #{ keep_ratio: 0.25, k_min: 2, recency: 2, mode: "scores_reuse", evict: true, ema: 0.0 });
+        let g = m.generate(randint(0, 61, [1, 4]), #{ max_new_tokens: 8, details: true, kv_prune: #{ keep_ratio: 0.5, k_min: 2, recency: 2 } });
+        [d.ppl, f.ppl, p.read_fraction, d.tokens, g.kv_read_fraction, g.tokens.shape[1]]
+    "#;
+    let r = rt.eval_input(code).unwrap_or_else(|e| panic!("{}", e.rendered)).into_array().unwrap();
+    let (d, f) = (r[0].as_float().unwrap(), r[1].as_float().unwrap());
+    assert!((d - f).abs() < 1e-3 * d, "{d} {f}");
+    assert!(r[2].as_float().unwrap() < 0.6);
+    assert_eq!(r[3].as_int().unwrap(), 2 * 22);
+    assert!(r[4].as_float().unwrap() <= 1.0);
+    assert_eq!(r[5].as_int().unwrap(), 12);
+    for (opts, want) in [
+        ("#{ keep_ratio: 2.0 }", "keep_ratio must be in (0, 1]"),
+        ("#{ keep: 0.5 }", "unknown kv_prune_eval key 'keep'"),
+        ("#{ mode: \"x\" }", "mode must be"),
+        ("#{ k_min: 1.5 }", "k_min must be an int"),
+        ("#{ prefill: 0 }", "prefill must be in"),
+    ] {
+        let code = format!(
+            "let m = gpt2(#{{ n_layer: 1, n_head: 2, n_embd: 16, block_size: 32, vocab_size: 61 }}); kv_prune_eval(m, randint(0, 61, [1, 8]), {opts})"
+        );
+        let e = rt.eval_input(&code).err().unwrap().rendered;
+        assert!(e.contains(want), "{opts}: {e}");
+    }
+    let e = rt
+        .eval_input(r#"let m = gpt2(#{ n_layer: 1, n_head: 2, n_embd: 16, block_size: 32, vocab_size: 61, attention: "mla", d_latent: 8 }); m.generate(randint(0, 61, [1, 4]), #{ max_new_tokens: 8, kv_prune: #{} })"#)
+        .err()
+        .unwrap()
+        .rendered;
+    assert!(e.contains("'mla'") && e.contains("per-head K and V"), "{e}");
+}
