@@ -263,7 +263,7 @@ fn kv_bad_options_and_variants_are_refused() {
     }
     assert!(score_cached(&m, &tokens(1, 42), 1, None).err().unwrap().to_string().contains("block_size"));
     for (att, what) in
-        [("mla", "latent"), ("ra_mla_kvsplice", "latent"), ("sba", "Sba"), ("ra_route", "Route")]
+        [("mla", "latent"), ("ra_mla_kvsplice", "latent"), ("sba", "sba mixer"), ("ra_route", "route mixer")]
     {
         let v = small(att);
         let o = Options { kv_prune: Some(Config::default()), ..Options::default() };

@@ -138,11 +138,15 @@ impl Config {
 /// Can layers of `spec` be pruned? `name` is the model's attention option,
 /// named in the error.
 pub fn check_spec(spec: &Spec, name: &str) -> Result<()> {
-    if spec.mixer != Mixer::Softmax {
+    let mixer = match spec.mixer {
+        Mixer::Softmax => None,
+        Mixer::Sba => Some("the sba mixer"),
+        Mixer::Route => Some("the route mixer (two head groups)"),
+    };
+    if let Some(m) = mixer {
         bail!(
-            "kv_prune: attention '{name}' mixes with {:?}, not softmax attention; KV pruning supports \
-             softmax attention over per-head K and V (mha, ra, kv_tying, kv_tying_t)",
-            spec.mixer
+            "kv_prune: attention '{name}' mixes with {m}, not softmax attention; KV pruning supports \
+             softmax attention over per-head K and V (mha, ra, kv_tying, kv_tying_t)"
         );
     }
     if matches!(spec.kv, KvSource::Latent | KvSource::Splice) {

@@ -545,7 +545,8 @@ impl Attention {
         };
         let recip = lc.reciprocal;
         if lc.prune.is_some() {
-            super::kvprune::check_spec(&self.spec, "this").map_err(|e| te(e.to_string()))?;
+            let axes = format!("kv {:?}, mixer {:?}", self.spec.kv, self.spec.mixer).to_lowercase();
+            super::kvprune::check_spec(&self.spec, &axes).map_err(|e| te(e.to_string()))?;
         }
         let (query, key, value) = if let Some(c_new) = &f.c {
             let t = c_new.size()[1];
