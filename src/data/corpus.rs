@@ -13,7 +13,8 @@
 //!    `#define`s) that would otherwise dominate the corpus;
 //! 3. valid UTF-8 and not empty;
 //! 4. exact duplicates (same SHA-256 of the content) once, the first in
-//!    path order.
+//!    path order (checked before 3, so a duplicated non-UTF-8 file counts
+//!    as a duplicate).
 //!
 //! The kept files are then ordered by SHA-256 of their path, a fixed
 //! pseudo-random order, so that a corpus capped at `max_tokens` samples
@@ -31,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::bpe::{self, ENCODING_NAME, GPT2_EOT, GPT2_VOCAB_SIZE, TOKENIZER_NAME};
-use super::prepare::{read_meta, write_atomic, write_tokens, SplitBy, TokenMeta};
+use super::prepare::{read_meta, write_token_set, SplitBy, TokenMeta};
 
 /// Which files of a tree make a corpus.
 #[derive(Clone, Copy, Debug)]
@@ -351,10 +352,10 @@ pub fn prepare_corpus(opts: &CorpusOptions) -> Result<CorpusSummary> {
         bail!("val fraction {} is outside (0, 1)", opts.val_fraction);
     }
     if opts.max_tokens == Some(0) {
-        bail!("max tokens must be at least 1");
+        bail!("--max-tokens must be at least 1");
     }
     if opts.max_file_bytes == 0 {
-        bail!("max file bytes must be at least 1");
+        bail!("--max-file-bytes must be at least 1");
     }
     let recipe = opts.recipe();
     if !opts.force {
@@ -365,8 +366,9 @@ pub fn prepare_corpus(opts: &CorpusOptions) -> Result<CorpusSummary> {
     let mut counts = Counts::default();
     let candidates = walk(opts.preset, &opts.src)?;
     counts.matched = candidates.len() as u64;
-    // Size filter, then order by path hash; contents are read lazily in
-    // that order so a small cap reads little of a large tree.
+    // Size filter, then order by path hash; contents are tokenised in that
+    // order, so a small cap tokenises little of a large tree (duplicate
+    // detection still hashes every file that shares its size with another).
     let mut order: Vec<(String, Candidate)> = Vec::with_capacity(candidates.len());
     for c in candidates {
         if c.len > opts.max_file_bytes {
@@ -375,7 +377,9 @@ pub fn prepare_corpus(opts: &CorpusOptions) -> Result<CorpusSummary> {
             order.push((sha256_hex(c.rel.as_bytes()), c));
         }
     }
-    // Duplicates keep the first copy in path order, whatever the hash order.
+    // Duplicates keep the first copy in path order, whatever the hash
+    // order (so under a cap a content's kept copy may lie past it: the
+    // content is then absent; 200 files of Linux 6.1 are duplicates).
     let dups = duplicates(&order.iter().map(|(_, c)| c).collect::<Vec<_>>())?;
     order.sort_by(|a, b| a.0.cmp(&b.0));
 
@@ -406,6 +410,12 @@ pub fn prepare_corpus(opts: &CorpusOptions) -> Result<CorpusSummary> {
                 counts.duplicate += 1;
                 continue;
             }
+            // Past the cap nothing else is looked at, as for the unread
+            // files below: the counts do not depend on the batch size.
+            if capped {
+                counts.over_cap += 1;
+                continue;
+            }
             let Some(text) = text else {
                 counts.not_utf8 += 1;
                 continue;
@@ -415,7 +425,7 @@ pub fn prepare_corpus(opts: &CorpusOptions) -> Result<CorpusSummary> {
                 continue;
             }
             let ids = ids.expect("encoded with its text");
-            if capped || opts.max_tokens.is_some_and(|cap| total + ids.len() as u64 > cap) {
+            if opts.max_tokens.is_some_and(|cap| total + ids.len() as u64 > cap) {
                 capped = true;
                 counts.over_cap += 1;
                 continue;
@@ -478,18 +488,8 @@ pub fn prepare_corpus(opts: &CorpusOptions) -> Result<CorpusSummary> {
         preprocess: None,
         corpus: Some(corpus),
     };
-    let out = &opts.out;
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the folder", out.display()))?;
-    // Without meta.json the folder reads as incomplete until the new set is in.
-    let meta_path = out.join("meta.json");
-    if meta_path.exists() {
-        std::fs::remove_file(&meta_path)
-            .with_context(|| format!("{}: cannot replace", meta_path.display()))?;
-    }
-    write_tokens(&out.join("train.bin"), &train)?;
-    write_tokens(&out.join("val.bin"), &val)?;
-    write_atomic(&meta_path, &serde_json::to_vec_pretty(&meta)?)?;
-    Ok(CorpusSummary { out: out.clone(), meta, reused: false, seconds: started.elapsed().as_secs_f64() })
+    write_token_set(&opts.out, &train, &val, &meta)?;
+    Ok(CorpusSummary { out: opts.out.clone(), meta, reused: false, seconds: started.elapsed().as_secs_f64() })
 }
 
 /// Relative paths of files whose content equals an earlier file's in path
@@ -541,7 +541,7 @@ fn encode_parallel(
 pub fn make_hint(dir: &Path) -> Option<String> {
     let name = dir.file_name()?.to_str()?.strip_prefix("corpus-")?;
     let (preset, cap) = match name.rsplit_once('-') {
-        Some((p, n)) if n.bytes().all(|b| b.is_ascii_digit()) => (p, Some(n)),
+        Some((p, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => (p, Some(n)),
         _ => (name, None),
     };
     PRESETS.iter().find(|p| p.name == preset)?;

@@ -261,17 +261,7 @@ pub fn prepare_documents_with(
         preprocess: preprocess.map(String::from),
         corpus: None,
     };
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the folder", out.display()))?;
-    // Without meta.json the folder reads as incomplete until the new set is in.
-    let meta_path = out.join("meta.json");
-    if meta_path.exists() {
-        std::fs::remove_file(&meta_path)
-            .with_context(|| format!("{}: cannot replace", meta_path.display()))?;
-    }
-    write_tokens(&out.join("train.bin"), &train)?;
-    write_tokens(&out.join("val.bin"), &val)?;
-    let json = serde_json::to_vec_pretty(&meta)?;
-    write_atomic(&meta_path, &json)?;
+    write_token_set(out, &train, &val, &meta)?;
     Ok(Summary { out: out.to_path_buf(), meta, seconds: started.elapsed().as_secs_f64() })
 }
 
@@ -295,6 +285,20 @@ fn tokenize_all(docs: &[Document]) -> Result<Vec<Vec<u16>>> {
     })
     .map_err(|_| anyhow::anyhow!("a tokenizer thread failed"))?;
     Ok(chunks.into_iter().flatten().collect())
+}
+
+/// `train.bin`, `val.bin`, then `meta.json` into `out`. The old meta.json
+/// goes first, so the folder reads as incomplete until the new set is in.
+pub fn write_token_set(out: &Path, train: &[u16], val: &[u16], meta: &TokenMeta) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the folder", out.display()))?;
+    let meta_path = out.join("meta.json");
+    if meta_path.exists() {
+        std::fs::remove_file(&meta_path)
+            .with_context(|| format!("{}: cannot replace", meta_path.display()))?;
+    }
+    write_tokens(&out.join("train.bin"), train)?;
+    write_tokens(&out.join("val.bin"), val)?;
+    write_atomic(&meta_path, &serde_json::to_vec_pretty(meta)?)
 }
 
 /// Write `tokens` as little-endian uint16, atomically.
