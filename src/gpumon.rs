@@ -232,15 +232,7 @@ where
         let last = stop.load(Ordering::SeqCst);
         match source.sample() {
             Ok(s) => {
-                let unix = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0.0, |d| d.as_secs_f64());
-                let mut line = json!({ "time": unix, "elapsed_s": t0.elapsed().as_secs_f64() });
-                if let (Some(obj), Ok(Value::Object(fields))) =
-                    (line.as_object_mut(), serde_json::to_value(&s))
-                {
-                    obj.extend(fields);
-                }
+                let line = s.json_line(json!({ "elapsed_s": t0.elapsed().as_secs_f64() }));
                 if let Some(f) = file.as_mut() {
                     if let Err(e) = writeln!(f, "{line}") {
                         fail(format!("{}: cannot write ({e})", path.display()));

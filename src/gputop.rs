@@ -29,19 +29,7 @@ pub fn open() -> Result<Nvml> {
 
 /// One JSON line per device, with the time.
 pub fn json_lines(samples: &[Sample]) -> Vec<String> {
-    let time =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-    samples
-        .iter()
-        .map(|s| {
-            let mut v = serde_json::json!({ "time": time });
-            if let (Some(o), Ok(serde_json::Value::Object(f))) = (v.as_object_mut(), serde_json::to_value(s))
-            {
-                o.extend(f);
-            }
-            v.to_string()
-        })
-        .collect()
+    samples.iter().map(|s| s.json_line(serde_json::json!({}))).collect()
 }
 
 fn opt<T: std::fmt::Display>(v: Option<T>, unit: &str) -> String {

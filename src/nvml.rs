@@ -41,6 +41,24 @@ pub struct Sample {
     pub mem_clock_mhz: Option<u32>,
 }
 
+impl Sample {
+    /// One JSON line of this sample: `time` (Unix seconds), the fields of
+    /// `extra`, then the sample's own fields.
+    pub fn json_line(&self, extra: serde_json::Value) -> String {
+        let time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let mut v = serde_json::json!({ "time": time });
+        if let (Some(o), serde_json::Value::Object(e)) = (v.as_object_mut(), extra) {
+            o.extend(e);
+        }
+        if let (Some(o), Ok(serde_json::Value::Object(f))) = (v.as_object_mut(), serde_json::to_value(self)) {
+            o.extend(f);
+        }
+        v.to_string()
+    }
+}
+
 struct Fns {
     get_count: unsafe extern "C" fn(*mut c_uint) -> Ret,
     get_handle: unsafe extern "C" fn(c_uint, *mut Dev) -> Ret,

@@ -564,8 +564,8 @@ fn main() -> ExitCode {
         }
         Command::Gputop { json, interval, count } => {
             let run = || -> anyhow::Result<()> {
-                if !(interval.is_finite() && interval > 0.0) {
-                    anyhow::bail!("--interval must be a positive number of seconds, got {interval}");
+                if !(interval.is_finite() && interval > 0.0 && interval <= 3600.0) {
+                    anyhow::bail!("--interval must be a number of seconds in (0, 3600], got {interval}");
                 }
                 let every = std::time::Duration::from_secs_f64(interval);
                 if json {

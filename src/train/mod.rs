@@ -163,8 +163,8 @@ impl TrainConfig {
         if self.steps < 0 || self.epochs < 0 || self.grad_accum < 1 || self.log_every < 1 {
             bail!("train: steps and epochs must be >= 0, grad_accum and log_every >= 1");
         }
-        if self.gpu_monitor_ms < 0 {
-            bail!("train: gpu_monitor_ms must be >= 0 (0: off), got {}", self.gpu_monitor_ms);
+        if !(0..=3_600_000).contains(&self.gpu_monitor_ms) {
+            bail!("train: gpu_monitor_ms must be 0 (off) to 3600000 (an hour), got {}", self.gpu_monitor_ms);
         }
         if !(self.bucket_mb.is_finite() && self.bucket_mb > 0.0) {
             bail!("train: bucket_mb must be a positive number of MB, got {}", self.bucket_mb);
@@ -1109,7 +1109,7 @@ impl Trainer<'_> {
                 device,
             )?;
             if let Some(m) = monitor.take() {
-                s.extra.extend(m.stop());
+                finish_monitor(m, &mut progress, &self.run, &mut s.extra);
             }
             let name = if status == Status::Failed { "failed" } else { "interrupted" };
             tracker.finish(&serde_json::to_value(&s)?, name)?;
@@ -1149,7 +1149,7 @@ impl Trainer<'_> {
             device,
         )?;
         if let Some(m) = monitor.take() {
-            s.extra.extend(m.stop());
+            finish_monitor(m, &mut progress, &self.run, &mut s.extra);
         }
         if let Some(report) = inference {
             s.extra.extend(crate::inference::headline(&report));
@@ -1314,6 +1314,21 @@ fn progress_state(
     total: i64,
 ) -> Value {
     json!({ "best": best, "last_eval": last_eval, "elapsed_s": elapsed, "items": items, "total_steps": total })
+}
+
+/// Stop the GPU monitor: its summary into `extra`, and its first error
+/// (a failed sample or write) reported and kept as `gpu_monitor_error`.
+fn finish_monitor(
+    m: crate::gpumon::Monitor,
+    progress: &mut Progress,
+    run: &RunDir,
+    extra: &mut Map<String, Value>,
+) {
+    if let Some(e) = m.error() {
+        progress.line(run, &format!("warning: GPU monitoring: {e}"));
+        extra.insert("gpu_monitor_error".into(), json!(e));
+    }
+    extra.extend(m.stop());
 }
 
 fn peak_mem_mb(device: Device) -> Option<f64> {
