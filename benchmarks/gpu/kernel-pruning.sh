@@ -11,24 +11,7 @@ set -u
 CORPUS=.deps/corpus-linux-100000000
 PROJECT=${PROJECT:-kernel50}
 MAKE="make -o build KNLP=$K"
-# Without make on the machine, the same knlp commands the Makefile runs.
-command -v make >/dev/null || { echo "no make here: running knlp directly" | tee -a $OUT/make.log; MAKE=knlp_make; }
-knlp_make() {
-    local target=train args=()
-    for a in "$@"; do
-        case $a in
-            defconfig-*) exec_args=(defconfig --kconfig Kconfig defconfigs/${a#defconfig-}); $K "${exec_args[@]}"; return ;;
-            continue|results|update-graphs) target=$a ;;
-            PROJECT=*) args+=("${a#PROJECT=}") ;;
-        esac
-    done
-    case $target in
-        train) $K train --set PROJECT=${args[0]} ;;
-        continue) $K continue "${args[@]}" ;;
-        results) $K results "${args[@]}" ;;
-        update-graphs) $K graphs "${args[@]}" ;;
-    esac
-}
+command -v make >/dev/null || { echo "make is needed on the device machine" | tee -a $OUT/make.log; exit 1; }
 if [ ! -f $CORPUS/meta.json ]; then
     mkdir -p $CORPUS
     for f in train val; do xz -d -T4 -c gpu-bin/corpus-linux/$f.bin.xz > $CORPUS/$f.bin; done
@@ -36,7 +19,7 @@ if [ ! -f $CORPUS/meta.json ]; then
 fi
 sha256sum $CORPUS/*.bin | tee -a $OUT/card.txt
 # knlp gputop's log mode, once per call (issue 17's GPU check).
-$K gputop --json --count 3 --interval 0.5 >> $OUT/gputop.jsonl 2>&1 || true
+$K gputop --json --count 3 --interval 0.5 >> $OUT/gputop.jsonl 2>> $OUT/card.txt || true
 if [ -d runs/$PROJECT ]; then
     echo "== resuming runs/$PROJECT ($(date -u +%T))" | tee -a $OUT/make.log
     timeout -s INT -k 60 ${BUDGET:-540} $MAKE continue PROJECT=$PROJECT 2>&1 | tee -a $OUT/make.log
