@@ -12,10 +12,16 @@ use ratatui::widgets::{Block, Borders, Gauge, Paragraph, Widget};
 
 use crate::nvml::{Nvml, Sample};
 
-/// Every device's sample, in NVML order.
-pub fn sample_all(nvml: &Nvml) -> Result<Vec<Sample>> {
+/// Every device's reading, in NVML order: one GPU that does not answer
+/// leaves its index and error, not a blank screen.
+pub fn sample_all(nvml: &Nvml) -> Result<Vec<std::result::Result<Sample, (u32, String)>>> {
     let n = nvml.count().map_err(|e| anyhow!(e))?;
-    (0..n).map(|i| nvml.sample(i).map_err(|e| anyhow!(e))).collect()
+    Ok((0..n).map(|i| nvml.sample(i).map_err(|e| (i, e))).collect())
+}
+
+/// A reading as the view shows it: a failed one as its index and error.
+fn shown(r: std::result::Result<Sample, (u32, String)>) -> Sample {
+    r.unwrap_or_else(|(index, e)| Sample { index, name: format!("(no reading: {e})"), ..Default::default() })
 }
 
 /// NVML, or why there is nothing to show.
@@ -86,12 +92,21 @@ pub fn run_json(interval: Duration, count: u64) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let mut round = 0u64;
     loop {
-        for l in json_lines(&sample_all(&nvml)?) {
-            writeln!(out, "{l}")?;
+        let lines: Vec<String> = sample_all(&nvml)?
+            .into_iter()
+            .map(|r| match r {
+                Ok(s) => s.json_line(serde_json::json!({})),
+                Err((index, e)) => serde_json::json!({ "index": index, "error": e }).to_string(),
+            })
+            .collect();
+        let written = lines.iter().try_for_each(|l| writeln!(out, "{l}")).and_then(|_| out.flush());
+        match written {
+            // A reader that has had enough (`| head`) ends the log, cleanly.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            other => other?,
         }
-        out.flush()?;
         round += 1;
-        if count > 0 && round >= count || crate::interrupt::requested() {
+        if count > 0 && round >= count {
             return Ok(());
         }
         std::thread::sleep(interval);
@@ -121,7 +136,7 @@ pub fn run_tui(interval: Duration) -> Result<()> {
     let mut next = Instant::now();
     loop {
         if Instant::now() >= next {
-            let samples = sample_all(&nvml)?;
+            let samples: Vec<Sample> = sample_all(&nvml)?.into_iter().map(shown).collect();
             term.draw(|f| render(&samples, f.area(), f.buffer_mut()))?;
             next = Instant::now() + interval;
         }
@@ -187,6 +202,14 @@ mod tests {
             assert!(t.contains(want), "missing {want:?} in\n{t}");
         }
         assert!(t.contains("memory clock -"), "an unknown value shows as -:\n{t}");
+        // A GPU that does not answer is shown as such, the others as usual.
+        let area = Rect::new(0, 0, 90, 13);
+        let mut buf = Buffer::empty(area);
+        let readings = [Err((0, "GPU is lost".to_string())), Ok(sample(1))];
+        let samples: Vec<Sample> = readings.into_iter().map(shown).collect();
+        render(&samples, area, &mut buf);
+        let t = text(&buf);
+        assert!(t.contains("GPU 0  (no reading: GPU is lost)") && t.contains("GPU 1  NVIDIA H200 #1"), "{t}");
         // Too small for both: says so.
         let area = Rect::new(0, 0, 60, 8);
         let mut buf = Buffer::empty(area);
