@@ -33,9 +33,12 @@ pub fn open() -> Result<Nvml> {
     Ok(nvml)
 }
 
-/// One JSON line per device, with the time.
-pub fn json_lines(samples: &[Sample]) -> Vec<String> {
-    samples.iter().map(|s| s.json_line(serde_json::json!({}))).collect()
+/// `--json`'s line for one device's reading, with the time.
+pub fn json_line(r: &std::result::Result<Sample, (u32, String)>) -> String {
+    match r {
+        Ok(s) => s.json_line(serde_json::json!({})),
+        Err((index, e)) => serde_json::json!({ "index": index, "error": e }).to_string(),
+    }
 }
 
 fn opt<T: std::fmt::Display>(v: Option<T>, unit: &str) -> String {
@@ -92,13 +95,7 @@ pub fn run_json(interval: Duration, count: u64) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let mut round = 0u64;
     loop {
-        let lines: Vec<String> = sample_all(&nvml)?
-            .into_iter()
-            .map(|r| match r {
-                Ok(s) => s.json_line(serde_json::json!({})),
-                Err((index, e)) => serde_json::json!({ "index": index, "error": e }).to_string(),
-            })
-            .collect();
+        let lines: Vec<String> = sample_all(&nvml)?.iter().map(json_line).collect();
         let written = lines.iter().try_for_each(|l| writeln!(out, "{l}")).and_then(|_| out.flush());
         match written {
             // A reader that has had enough (`| head`) ends the log, cleanly.
@@ -219,11 +216,12 @@ mod tests {
 
     #[test]
     fn json_lines_carry_every_field() {
-        let l = json_lines(&[sample(3)]);
-        let v: serde_json::Value = serde_json::from_str(&l[0]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json_line(&Ok(sample(3)))).unwrap();
         assert_eq!(v["index"], 3);
         assert_eq!(v["util_gpu"], 87);
         assert_eq!(v["mem_clock_mhz"], serde_json::Value::Null);
         assert!(v["time"].as_f64().unwrap() > 1.7e9);
+        let v: serde_json::Value = serde_json::from_str(&json_line(&Err((2, "GPU is lost".into())))).unwrap();
+        assert_eq!((v["index"].as_u64(), v["error"].as_str()), (Some(2), Some("GPU is lost")));
     }
 }

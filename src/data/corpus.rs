@@ -31,8 +31,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::bpe::{self, ENCODING_NAME, GPT2_EOT, GPT2_VOCAB_SIZE, TOKENIZER_NAME};
-use super::prepare::{read_meta, write_token_set, SplitBy, TokenMeta};
+use super::bpe::{ENCODING_NAME, GPT2_EOT, GPT2_VOCAB_SIZE, TOKENIZER_NAME};
+use super::prepare::{encode_texts, le_bytes, read_meta, write_token_set, SplitBy, TokenMeta};
 
 /// Which files of a tree make a corpus.
 #[derive(Clone, Copy, Debug)]
@@ -249,15 +249,6 @@ fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn tokens_sha256(tokens: &[u16]) -> String {
-    let mut h = Sha256::new();
-    for chunk in tokens.chunks(1 << 16) {
-        let bytes: Vec<u8> = chunk.iter().flat_map(|t| t.to_le_bytes()).collect();
-        h.update(&bytes);
-    }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn file_sha256(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     Ok(sha256_hex(&bytes))
@@ -383,7 +374,6 @@ pub fn prepare_corpus(opts: &CorpusOptions) -> Result<CorpusSummary> {
     let dups = duplicates(&order.iter().map(|(_, c)| c).collect::<Vec<_>>())?;
     order.sort_by(|a, b| a.0.cmp(&b.0));
 
-    let bpe = bpe::gpt2()?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut progress = Progress::new(opts.progress);
     let (mut train, mut val) = (Vec::<u16>::new(), Vec::<u16>::new());
@@ -404,8 +394,11 @@ pub fn prepare_corpus(opts: &CorpusOptions) -> Result<CorpusSummary> {
                 Ok(String::from_utf8(bytes).ok())
             })
             .collect::<Result<_>>()?;
-        let encoded = encode_parallel(bpe, &texts, threads)?;
-        for ((_, c), (text, ids)) in chunk.iter().zip(texts.iter().zip(encoded)) {
+        let readable: Vec<&str> = texts.iter().flatten().map(String::as_str).collect();
+        let mut encoded = encode_texts(&readable, threads)?.into_iter();
+        for ((_, c), text) in chunk.iter().zip(&texts) {
+            // Every readable text has its ids, in order, used or not.
+            let ids = text.as_ref().and_then(|_| encoded.next());
             if dups.contains(&c.rel) {
                 counts.duplicate += 1;
                 continue;
@@ -464,11 +457,13 @@ pub fn prepare_corpus(opts: &CorpusOptions) -> Result<CorpusSummary> {
             opts.val_fraction
         );
     }
+    // The files' bytes, serialised once for the checksums and the writes.
+    let (train_bytes, val_bytes) = (le_bytes(&train), le_bytes(&val));
     let corpus = CorpusMeta {
         recipe,
         counts,
-        train_sha256: tokens_sha256(&train),
-        val_sha256: tokens_sha256(&val),
+        train_sha256: sha256_hex(&train_bytes),
+        val_sha256: sha256_hex(&val_bytes),
         val_files,
     };
     let meta = TokenMeta {
@@ -488,7 +483,7 @@ pub fn prepare_corpus(opts: &CorpusOptions) -> Result<CorpusSummary> {
         preprocess: None,
         corpus: Some(corpus),
     };
-    write_token_set(&opts.out, &train, &val, &meta)?;
+    write_token_set(&opts.out, &train_bytes, &val_bytes, &meta)?;
     Ok(CorpusSummary { out: opts.out.clone(), meta, reused: false, seconds: started.elapsed().as_secs_f64() })
 }
 
@@ -510,30 +505,6 @@ fn duplicates(files: &[&Candidate]) -> Result<HashSet<String>> {
         }
     }
     Ok(dups)
-}
-
-/// Each text's ids followed by `<|endoftext|>` (None stays None), on
-/// `threads` threads, in order.
-fn encode_parallel(
-    bpe: &tiktoken_rs::CoreBPE,
-    texts: &[Option<String>],
-    threads: usize,
-) -> Result<Vec<Option<Vec<u16>>>> {
-    let per = texts.len().div_ceil(threads.max(1)).max(1);
-    let encode = |t: &Option<String>| {
-        t.as_ref().map(|t| {
-            let mut ids: Vec<u16> = bpe.encode_ordinary(t).into_iter().map(|t| t as u16).collect();
-            ids.push(GPT2_EOT as u16);
-            ids
-        })
-    };
-    let parts: Vec<Vec<Option<Vec<u16>>>> = std::thread::scope(|s| {
-        let handles: Vec<_> =
-            texts.chunks(per).map(|c| s.spawn(move || c.iter().map(encode).collect::<Vec<_>>())).collect();
-        handles.into_iter().map(|h| h.join()).collect::<std::result::Result<Vec<_>, _>>()
-    })
-    .map_err(|_| anyhow::anyhow!("a tokenizer thread failed"))?;
-    Ok(parts.into_iter().flatten().collect())
 }
 
 /// The command that makes `dir` when its name is one `make

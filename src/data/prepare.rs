@@ -261,23 +261,30 @@ pub fn prepare_documents_with(
         preprocess: preprocess.map(String::from),
         corpus: None,
     };
-    write_token_set(out, &train, &val, &meta)?;
+    write_token_set(out, &le_bytes(&train), &le_bytes(&val), &meta)?;
     Ok(Summary { out: out.to_path_buf(), meta, seconds: started.elapsed().as_secs_f64() })
 }
 
 /// Each document's tokens followed by `<|endoftext|>`, in input order,
 /// tokenised on up to 8 threads.
 fn tokenize_all(docs: &[Document]) -> Result<Vec<Vec<u16>>> {
+    let texts: Vec<&str> = docs.iter().map(|d| d.text.as_str()).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8);
+    encode_texts(&texts, threads)
+}
+
+/// Each text's GPT-2 ids followed by `<|endoftext|>`, in order, on up to
+/// `threads` threads.
+pub(crate) fn encode_texts(texts: &[&str], threads: usize) -> Result<Vec<Vec<u16>>> {
     let bpe = bpe::gpt2()?;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8).min(docs.len());
-    let per = docs.len().div_ceil(threads);
-    let encode = |d: &Document| -> Vec<u16> {
-        let mut ids: Vec<u16> = bpe.encode_ordinary(&d.text).into_iter().map(|t| t as u16).collect();
+    let per = texts.len().div_ceil(threads.clamp(1, texts.len().max(1))).max(1);
+    let encode = |t: &&str| -> Vec<u16> {
+        let mut ids: Vec<u16> = bpe.encode_ordinary(t).into_iter().map(|t| t as u16).collect();
         ids.push(GPT2_EOT as u16);
         ids
     };
     let chunks: Vec<Vec<Vec<u16>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = docs
+        let handles: Vec<_> = texts
             .chunks(per)
             .map(|chunk| s.spawn(move || chunk.iter().map(encode).collect::<Vec<_>>()))
             .collect();
@@ -289,25 +296,27 @@ fn tokenize_all(docs: &[Document]) -> Result<Vec<Vec<u16>>> {
 
 /// `train.bin`, `val.bin`, then `meta.json` into `out`. The old meta.json
 /// goes first, so the folder reads as incomplete until the new set is in.
-pub fn write_token_set(out: &Path, train: &[u16], val: &[u16], meta: &TokenMeta) -> Result<()> {
+/// `train` and `val` are the files' bytes ([`le_bytes`]).
+pub fn write_token_set(out: &Path, train: &[u8], val: &[u8], meta: &TokenMeta) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create the folder", out.display()))?;
     let meta_path = out.join("meta.json");
     if meta_path.exists() {
         std::fs::remove_file(&meta_path)
             .with_context(|| format!("{}: cannot replace", meta_path.display()))?;
     }
-    write_tokens(&out.join("train.bin"), train)?;
-    write_tokens(&out.join("val.bin"), val)?;
+    write_atomic(&out.join("train.bin"), train)?;
+    write_atomic(&out.join("val.bin"), val)?;
     write_atomic(&meta_path, &serde_json::to_vec_pretty(meta)?)
 }
 
 /// Write `tokens` as little-endian uint16, atomically.
 pub fn write_tokens(path: &Path, tokens: &[u16]) -> Result<()> {
-    let mut bytes = Vec::with_capacity(tokens.len() * 2);
-    for t in tokens {
-        bytes.extend_from_slice(&t.to_le_bytes());
-    }
-    write_atomic(path, &bytes)
+    write_atomic(path, &le_bytes(tokens))
+}
+
+/// Token ids as a token file's bytes: little-endian uint16.
+pub fn le_bytes(tokens: &[u16]) -> Vec<u8> {
+    tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
 }
 
 /// Write to a temporary file in the same folder, fsync, rename over `path`.
