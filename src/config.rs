@@ -105,6 +105,8 @@ pub const FLOAT_RULES: &[(&str, f64, f64, bool)] = &[
     ("KVSPLICE_RATIO", f64::MIN_POSITIVE, 1.0, true),
     ("RA_ROUTE_HEAD_FRAC", 0.0, 1.0, true),
     ("RA_ROUTE_WARMUP_DROP", 0.0, 1.0, true),
+    ("TIERING_HBM_THRESHOLD", 0.0, 1.0, true),
+    ("TIERING_CPU_THRESHOLD", 0.0, 1.0, true),
 ];
 
 /// Why `x` is not a valid value of float option `name`, if it is not.
@@ -276,6 +278,30 @@ impl Experiment {
             runs: runs.unwrap_or(d.runs),
         };
         c.validate().map_err(|e| anyhow!("CONFIG_INFERENCE_BATCH_SIZES: {e}"))?;
+        Ok(Some(c))
+    }
+
+    /// ENABLE_HIERARCHICAL_TIERING and its settings (docs/tiering.md).
+    fn tiering(r: &Reader) -> Result<Option<crate::tiering::TieringConfig>> {
+        // Every symbol is read, whether the menu is on or not.
+        let on = r.bool("ENABLE_HIERARCHICAL_TIERING")?;
+        let mode = chosen(r, "TIERING_MODE_", &[("EMULATED", "emulated"), ("REAL_OFFLOAD", "real")])?;
+        let (hbm, cpu) = (r.float_opt("TIERING_HBM_THRESHOLD")?, r.float_opt("TIERING_CPU_THRESHOLD")?);
+        let (at, every) = (r.int_opt("TIERING_ASSIGN_STEP")?, r.int_opt("TIERING_REASSIGN_EVERY")?);
+        let (write, file) = (r.bool("TIERING_GENERATE_JSON")?, r.string("TIERING_JSON_OUTPUT")?);
+        if !on {
+            return Ok(None);
+        }
+        let d = crate::tiering::TieringConfig::default();
+        let c = crate::tiering::TieringConfig {
+            mode: mode.unwrap_or("emulated").into(),
+            hbm: hbm.unwrap_or(d.hbm),
+            cpu: cpu.unwrap_or(d.cpu),
+            assign_step: at.unwrap_or(0),
+            reassign_every: every.unwrap_or(0),
+            json: if write { file } else { String::new() },
+        };
+        c.validate()?;
         Ok(Some(c))
     }
 
@@ -470,6 +496,7 @@ impl Experiment {
             fused_loss: r.bool("FUSED_LOSS")?,
             inference: Self::inference(r)?,
             gpu_monitor_ms: r.int("GPU_MONITOR_MS")?,
+            tiering: Self::tiering(r)?,
             ..TrainConfig::default()
         };
         let devices = [("AUTO", "auto"), ("CPU", "cpu"), ("CUDA", "cuda")];

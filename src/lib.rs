@@ -36,6 +36,7 @@ pub mod shim;
 pub mod sweep;
 pub mod tensor;
 pub mod testhook;
+pub mod tiering;
 pub mod tokenizer;
 pub mod track;
 pub mod train;

@@ -34,6 +34,7 @@ pub const GROUPS: &[(&str, &str)] = &[
     ("Interpretability", "Hook points with TransformerLens's names, activation caches and their analyses, activation and attribution patching, the logit lens, head detectors, and Hugging Face GPT-2 import and export (docs/mechint.md)."),
     ("Optimizers", "SGD, Adam, AdamW, AdamWAdv and AdamWSpam over flat parameter buffers, with readable state (docs/optim.md)."),
     ("Pruning", "Magnitude, movement and Adam-state (bitter) pruning, the scorers and the schedule (docs/pruning.md)."),
+    ("Memory tiering", "Modules scored by Adam's state and assigned to HBM, CPU and SSD by the cumulative rule; `train()`'s `tiering` option delays or stages their forwards (docs/tiering.md)."),
     ("Training", "The training loop: run directories, metrics, checkpoints and resume (docs/training.md)."),
     ("Device and precision", "CUDA, TF32, autocast and determinism switches, and CUDA memory statistics."),
     ("Distributed", "Data-parallel ranks (`knlp run --nproc N`, torchrun): the rank's place and the collectives over libtorch's process groups, Gloo for CPU tensors and NCCL for CUDA tensors. `train()` splits each batch over the ranks by itself (docs/distributed.md)."),

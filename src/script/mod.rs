@@ -23,6 +23,7 @@ pub mod report;
 pub mod resolver;
 pub mod script_model;
 pub mod tensor;
+pub mod tiering;
 pub mod tokenizer;
 pub mod train;
 pub mod value;
@@ -103,6 +104,7 @@ pub fn register_all(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     optim::register(engine, docs);
     prune::register(engine, docs);
     tokenizer::register(engine, docs);
+    tiering::register(engine, docs);
     train::register(engine, docs);
     matrix::register(engine, docs);
     report::register(engine, docs);

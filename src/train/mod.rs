@@ -130,6 +130,9 @@ pub struct TrainConfig {
     /// On CUDA, sample the GPU through NVML every this many ms into the
     /// run's gpu.jsonl and the logged metrics ([`crate::gpumon`]); 0: off.
     pub gpu_monitor_ms: i64,
+    /// Hierarchical memory tiering of the model's modules
+    /// ([`crate::tiering`], docs/tiering.md); None: off.
+    pub tiering: Option<crate::tiering::TieringConfig>,
 }
 
 impl Default for TrainConfig {
@@ -154,6 +157,7 @@ impl Default for TrainConfig {
             fused_loss: true,
             inference: None,
             gpu_monitor_ms: 1000,
+            tiering: None,
         }
     }
 }
@@ -174,6 +178,9 @@ impl TrainConfig {
         }
         if let Some(i) = &self.inference {
             i.validate()?;
+        }
+        if let Some(t) = &self.tiering {
+            t.validate()?;
         }
         let choices: [(&str, &str, &[&str]); 3] = [
             ("schedule", &self.schedule, &["auto", "constant", "warmup_cosine", "cosine_epoch"]),
@@ -511,13 +518,19 @@ impl Trainer<'_> {
     }
 
     /// Evaluate, then let the model add its own analysis of a sample batch.
-    fn evaluate(&mut self) -> Result<Map<String, Value>> {
+    fn evaluate(&mut self, tiering: Option<&crate::tiering::Tiering>) -> Result<Map<String, Value>> {
         let amp = amp_dtype(&self.cfg, self.device());
         let mut sample = None;
         let shard =
             if crate::dist::is_active() { (crate::dist::rank(), crate::dist::world_size()) } else { (0, 1) };
         self.sync_buffers()?;
-        let mut sums = eval_sums(&*self.model, &mut *self.data, amp, &mut sample, self.fwd_hooks, shard)?;
+        let hooks = fwd_chain(self.fwd_hooks, tiering);
+        let hooks_ref = hooks.as_ref().map(|c| c as &dyn crate::hooks::Hooks);
+        let sums = eval_sums(&*self.model, &mut *self.data, amp, &mut sample, hooks_ref, shard);
+        if let Some(t) = tiering {
+            t.end_forward()?;
+        }
+        let mut sums = sums?;
         if shard.1 > 1 {
             crate::dist::all_reduce_f64(&mut sums, crate::dist::Op::Sum)?;
         }
@@ -622,6 +635,13 @@ impl Trainer<'_> {
     /// status `failed` and the run directory says why.
     pub fn run(mut self) -> Result<Summary> {
         self.cfg.validate()?;
+        // Tiering needs the model's hook points: refused before any work.
+        let tiering = match &self.cfg.tiering {
+            Some(c) => Some(crate::tiering::Tiering::new(c, &*self.model)?),
+            None => None,
+        };
+        let assign_at =
+            self.cfg.tiering.as_ref().map_or(0, |c| c.assign_at(self.cfg.warmup, self.cfg.eval_every));
         // Ctrl-C stops this loop at a step boundary, even while a script
         // closure (a script model's forward) is running.
         let _defer = crate::interrupt::Defer::new();
@@ -696,6 +716,10 @@ impl Trainer<'_> {
                 self.run.truncate_metrics_after(step)?;
             }
             progress.line(&self.run, &format!("resumed from {} at step {step}", last.display()));
+            // Tiers are not checkpointed: the restored moments give them again.
+            if let Some(t) = tiering.as_ref().filter(|_| step >= assign_at) {
+                t.assign(self.model.store(), self.opt, step, lead.then_some(self.run.path.as_path()))?;
+            }
         }
         // The local sink writes config.json and starts a new metrics.jsonl
         // unless resumed; it writes system.json either way.
@@ -778,7 +802,7 @@ impl Trainer<'_> {
                     // End of an epoch (epoch-based data).
                     epoch += 1;
                     if eval_every == 0 {
-                        let m = self.evaluate()?;
+                        let m = self.evaluate(tiering.as_ref())?;
                         self.record_eval(
                             &mut tracker,
                             &mut progress,
@@ -831,7 +855,8 @@ impl Trainer<'_> {
                 let y = y.f_to_device(device).map_err(te)?;
                 // The cross-entropy without logits where the model has it
                 // (crate::loss); a custom loss or forward hooks need them.
-                let fused = self.cfg.fused_loss && self.loss_fn.is_none() && self.fwd_hooks.is_none();
+                let hooks = fwd_chain(self.fwd_hooks, tiering.as_ref());
+                let fused = self.cfg.fused_loss && self.loss_fn.is_none() && hooks.is_none();
                 let fused_loss = match fused {
                     true => with_amp(amp, || self.model.train_loss(&x, &y))?,
                     false => None,
@@ -843,14 +868,18 @@ impl Trainer<'_> {
                         break 'outer;
                     }
                     None => {
-                        let logits =
-                            match with_amp(amp, || self.model.forward_hooked(&x, true, self.fwd_hooks))? {
-                                Ok(l) => l,
-                                Err(e) => {
-                                    failure = Some(torch_error(&e));
-                                    break 'outer;
-                                }
-                            };
+                        let hooks = hooks.as_ref().map(|c| c as &dyn crate::hooks::Hooks);
+                        let out = with_amp(amp, || self.model.forward_hooked(&x, true, hooks))?;
+                        if let Some(t) = &tiering {
+                            t.end_forward()?;
+                        }
+                        let logits = match out {
+                            Ok(l) => l,
+                            Err(e) => {
+                                failure = Some(torch_error(&e));
+                                break 'outer;
+                            }
+                        };
                         let loss = match self.loss_fn {
                             Some(f) => match f(&logits, &y).and_then(scalar_loss) {
                                 Ok(l) => l,
@@ -939,6 +968,19 @@ impl Trainer<'_> {
                 for h in self.hooks.iter_mut() {
                     h.after_step(&mut ctx)?;
                 }
+                if let Some(t) = &tiering {
+                    // Real mode's host copies follow the update; tiers
+                    // come from the moments once the warm-up filled them.
+                    t.refresh_host()?;
+                    if t.due(step, assign_at) {
+                        t.assign(ctx.store, ctx.opt, step, lead.then_some(self.run.path.as_path()))?;
+                        if let Some(a) = t.assignment() {
+                            let [h, c, d] = a.counts;
+                            let msg = format!("tiering at step {step}: {h} modules in HBM, {c} CPU, {d} SSD");
+                            progress.line(&self.run, &msg);
+                        }
+                    }
+                }
                 report
             } else {
                 crate::optim::StepReport { grad_norm: None, lr: self.opt.lr, spike: false, reset: false }
@@ -1023,6 +1065,9 @@ impl Trainer<'_> {
                 for h in self.hooks.iter_mut() {
                     rec.extend(h.metrics()?);
                 }
+                if let Some(t) = &tiering {
+                    rec.extend(t.take_window(window_steps));
+                }
                 tracker.log(&rec)?;
                 let line = format_record(&rec);
                 if matches!(progress.mode, "bar" | "sink") {
@@ -1036,7 +1081,7 @@ impl Trainer<'_> {
             }
             let at_eval = eval_every > 0 && step % eval_every == 0;
             if at_eval {
-                let m = self.evaluate()?;
+                let m = self.evaluate(tiering.as_ref())?;
                 self.record_eval(
                     &mut tracker,
                     &mut progress,
@@ -1111,6 +1156,9 @@ impl Trainer<'_> {
             if let Some(m) = monitor.take() {
                 finish_monitor(m, &mut progress, &self.run, &mut s.extra);
             }
+            if let Some(t) = &tiering {
+                s.extra.insert("tiering".into(), t.summary());
+            }
             let name = if status == Status::Failed { "failed" } else { "interrupted" };
             tracker.finish(&serde_json::to_value(&s)?, name)?;
             return Ok(s);
@@ -1118,7 +1166,7 @@ impl Trainer<'_> {
         // Final evaluation unless the last step just had one.
         let evaluated_now = last_eval.get("step").and_then(Value::as_i64) == Some(step);
         if !evaluated_now {
-            let m = self.evaluate()?;
+            let m = self.evaluate(tiering.as_ref())?;
             self.record_eval(
                 &mut tracker,
                 &mut progress,
@@ -1150,6 +1198,9 @@ impl Trainer<'_> {
         )?;
         if let Some(m) = monitor.take() {
             finish_monitor(m, &mut progress, &self.run, &mut s.extra);
+        }
+        if let Some(t) = &tiering {
+            s.extra.insert("tiering".into(), t.summary());
         }
         if let Some(report) = inference {
             s.extra.extend(crate::inference::headline(&report));
@@ -1338,6 +1389,17 @@ fn peak_mem_mb(device: Device) -> Option<f64> {
         }
         _ => None,
     }
+}
+
+/// The caller's hook points and tiering's (once tiers are assigned), or
+/// None when neither is there (the fused loss needs no hooks).
+fn fwd_chain<'h>(
+    user: Option<&'h dyn crate::hooks::Hooks>,
+    tiering: Option<&'h crate::tiering::Tiering>,
+) -> Option<crate::hooks::Chain<'h>> {
+    let tier = tiering.filter(|t| t.active()).map(|t| t as &dyn crate::hooks::Hooks);
+    let all: Vec<&dyn crate::hooks::Hooks> = user.into_iter().chain(tier).collect();
+    (!all.is_empty()).then_some(crate::hooks::Chain(all))
 }
 
 /// `step 120 | train_loss 2.3456 | lr 3.0e-4 | ...` for logs and the bar.
