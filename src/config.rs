@@ -366,6 +366,9 @@ impl Experiment {
         if let Some(e) = r.int_opt("EMBED_LATENT")?.filter(|&e| e > 0) {
             gpt2["embed_latent"] = json!(e);
         }
+        if let Some(h) = r.int_opt("GPT2_MLP_HIDDEN")?.filter(|&h| h > 0) {
+            gpt2["mlp_hidden"] = json!(h);
+        }
         for (k, sym) in [
             ("route_skip_warmup", "RA_ROUTE_SKIP_WARMUP"),
             ("golden_ratio", "GOLDEN_RATIO"),

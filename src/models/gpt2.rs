@@ -101,6 +101,9 @@ pub struct Config {
     /// RATIO shape: MLP hidden width chosen so MLP:attention parameters are
     /// 2.5:1, rounded to a multiple of 64.
     pub golden_ratio: bool,
+    /// Hidden width of the GELU MLP; None: 4·n_embd (or the RATIO shape).
+    /// Sets the MLP:attention ratio of a scaling sweep (docs/scaling.md).
+    pub mlp_hidden: Option<i64>,
     /// Log Fisher metrics of layers 0, L/2 and L−1 at each evaluation.
     pub fisher_metrics: bool,
     /// The MLP's GELU: `gelu` (exact, nanoGPT's), `gelu_new` / `gelu_fast` /
@@ -143,6 +146,7 @@ impl Default for Config {
             mlp_latent: 256,
             embed_latent: None,
             golden_ratio: false,
+            mlp_hidden: None,
             fisher_metrics: false,
             activation: "gelu".into(),
             ln_eps: crate::layers::LayerNorm::EPS,
@@ -268,6 +272,14 @@ impl Config {
         if resolved.mlp_latent < 1 || resolved.embed_latent.is_some_and(|e| e < 1) {
             bail!("gpt2: mlp_latent and embed_latent must be at least 1");
         }
+        if let Some(h) = resolved.mlp_hidden {
+            if h < 1 {
+                bail!("gpt2: mlp_hidden must be at least 1, got {h}");
+            }
+            if resolved.golden_ratio {
+                bail!("gpt2: mlp_hidden and golden_ratio both set the MLP width; give one");
+            }
+        }
         Ok(resolved)
     }
 
@@ -299,6 +311,9 @@ impl Config {
     pub fn mlp_hidden(&self) -> Result<i64> {
         let r = self.resolve()?;
         let d = r.n_embd.unwrap_or(768);
+        if let Some(h) = r.mlp_hidden {
+            return Ok(h);
+        }
         if !r.golden_ratio {
             return Ok(4 * d);
         }
@@ -307,16 +322,14 @@ impl Config {
         Ok(h.max(64))
     }
 
-    /// Trainable parameters of the model this configuration builds, tied
-    /// weights counted once; `non_embedding` leaves out the position
-    /// embeddings (nanoGPT's convention).
-    pub fn num_params(&self, non_embedding: bool) -> Result<i64> {
+    /// Parameters of one block's attention and of its MLP (biases
+    /// included, layer norms not): the MLP:attention ratio of the scaling
+    /// report is `mlp / attention` (docs/scaling.md).
+    pub fn block_params(&self) -> Result<(i64, i64)> {
         let r = self.resolve()?;
-        let (l, d, v) = (r.n_layer.unwrap_or(0), r.n_embd.unwrap_or(0), r.padded_vocab_size.unwrap_or(0));
+        let d = r.n_embd.unwrap_or(0);
         let b = r.bias as i64;
         let lin = |i: i64, o: i64, bias: i64| i * o + bias * o;
-        let ln = d + b * d;
-        let spec = r.spec()?;
         let mlp = match r.mlp.as_str() {
             "none" => 0,
             "splice" => {
@@ -328,8 +341,21 @@ impl Config {
                 lin(d, h, b) + lin(h, d, b)
             }
         };
+        Ok((Attention::num_params(&r.spec()?, &r.dims()), mlp))
+    }
+
+    /// Trainable parameters of the model this configuration builds, tied
+    /// weights counted once; `non_embedding` leaves out the position
+    /// embeddings (nanoGPT's convention).
+    pub fn num_params(&self, non_embedding: bool) -> Result<i64> {
+        let r = self.resolve()?;
+        let (l, d, v) = (r.n_layer.unwrap_or(0), r.n_embd.unwrap_or(0), r.padded_vocab_size.unwrap_or(0));
+        let b = r.bias as i64;
+        let ln = d + b * d;
+        let spec = r.spec()?;
+        let (attn, mlp) = r.block_params()?;
         let ln2 = if r.mlp == "none" { 0 } else { ln };
-        let block = ln + ln2 + Attention::num_params(&spec, &r.dims()) + mlp;
+        let block = ln + ln2 + attn + mlp;
         let gate = if spec.direction == Direction::Learned { l } else { 0 };
         let wpe = if non_embedding { 0 } else { r.block_size * d };
         let e = r.embed_latent.unwrap_or(d);

@@ -129,6 +129,7 @@ pub fn save_hf(model: &Gpt2, dir: &Path) -> Result<()> {
         && c.mlp == "gelu"
         && c.embed_latent.is_none()
         && !c.golden_ratio
+        && c.mlp_hidden.is_none_or(|h| h == 4 * c.n_embd.unwrap_or(768))
         && c.bias
         && !c.lm_head_bias;
     if !plain {
