@@ -13,7 +13,7 @@
 #   make prepare-kernel-corpus  the Linux kernel as GPT-2 training text (MAX_TOKENS=N, CORPUS=linux-docs)
 #   make sweep SWEEP=file     run every configuration of a sweep file over .config (BASE=file)
 #   make sweep-dry-run SWEEP=file   check and list them (or DRY_RUN=1); FORCE=1 past 10000
-#   make results / update-graphs / archive NAME=...
+#   make results / update-graphs / archive NAME=... / scaling-curves
 #   make notebook             the knlp Jupyter kernel, JupyterLab on notebooks/
 # One-invocation overrides: make TIME=3600 EPOCHS=3 STEPS=500 TRACKER=trackio
 #   MODELS=lenet5,gpt2 OPTIMIZERS=... PRUNING=... SPARSITY=50,70 VARIANTS=bitter7
@@ -50,7 +50,7 @@ export PATH                := $(VENV)/bin:$(PATH)
 export LIBTORCH_USE_PYTORCH := 1
 
 .PHONY: run test setup build bench docs check-docs fmt lint clean distclean help \
-        train dry-run sweep sweep-dry-run archive continue check results update-graphs menuconfig olddefconfig savedefconfig \
+        train dry-run sweep sweep-dry-run archive continue check results update-graphs scaling-curves menuconfig olddefconfig savedefconfig \
         list-defconfigs check-config notebook
 
 help:
@@ -233,6 +233,11 @@ results: build
 
 update-graphs: build
 	$(KNLP) graphs $(if $(PROJECT),$(PROJECT))
+
+# Validation loss against the MLP:attention ratio, latency against depth
+# (docs/scaling.md): measured from PROJECT's GPT-2 runs, else analytic.
+scaling-curves: build
+	$(KNLP) scaling $(PROJECT)
 
 menuconfig: build
 	$(KNLP) menuconfig Kconfig

@@ -29,6 +29,7 @@ pub mod project;
 pub mod prune;
 pub mod runs;
 pub mod safetensors;
+pub mod scaling;
 pub mod script;
 pub mod serve;
 pub mod shell;

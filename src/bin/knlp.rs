@@ -290,6 +290,20 @@ enum Command {
         #[arg(long, default_value = "runs")]
         runs_dir: PathBuf,
     },
+    /// Scaling curves of GPT-2 runs (docs/scaling.md): validation loss
+    /// against the MLP:attention ratio and latency against depth, measured
+    /// where the projects hold runs at two or more x, the seed's analytic
+    /// curve otherwise.
+    Scaling {
+        /// Project names under the runs folder, or project folders (default: the most recent)
+        projects: Vec<String>,
+        /// Folder of projects
+        #[arg(long, default_value = "runs")]
+        runs_dir: PathBuf,
+        /// Output folder (default: <project>/graphs, or runs/scaling for several)
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// KV circuit discovery on GPT-2 checkpoints (docs/kv-circuits.md): the
     /// MECHINT settings of .config, overridden by these options; then the
     /// V0/V1 comparison of any pair of results in the output folder.
@@ -598,8 +612,6 @@ fn main() -> ExitCode {
             }
         }
         Command::Serve { runs_dir, port, host, token } => {
-            let token =
-                token.or_else(|| std::env::var(knlp::serve::TOKEN_ENV).ok().filter(|t| !t.is_empty()));
             let opts = knlp::serve::Options { runs_dir, host, port, token };
             match knlp::serve::serve(&opts) {
                 Ok(()) => 0,
@@ -697,6 +709,32 @@ fn main() -> ExitCode {
             ::report::graphs(project.as_deref(), &runs_dir, &mut std::io::stdout())
                 .map(|set| i32::from(!set.warnings.is_empty())),
         ),
+        Command::Scaling { projects, runs_dir, out } => report((|| {
+            let dirs: Vec<PathBuf> = if projects.is_empty() {
+                vec![::report::resolve_project(None, &runs_dir)?]
+            } else {
+                projects
+                    .iter()
+                    .map(|p| ::report::resolve_project(Some(p), &runs_dir))
+                    .collect::<anyhow::Result<_>>()?
+            };
+            let out = match (out, dirs.as_slice()) {
+                (Some(o), _) => o,
+                (None, [one]) => one.join("graphs"),
+                (None, _) => runs_dir.join("scaling"),
+            };
+            let r = knlp::scaling::report(&dirs, &out)?;
+            for c in &r.curves {
+                let n = if c.source == "measured" { c.points.len() } else { c.positions.len() };
+                let what = if c.source == "measured" { "runs" } else { "positions marked" };
+                println!("  {:<6} {:<9} {n} {what}", c.key, c.source);
+            }
+            for s in &r.skipped {
+                println!("  left out: {s}");
+            }
+            println!("wrote {} and scaling_{{ratio,depth}}.{{png,svg}}", r.markdown.display());
+            Ok(0)
+        })()),
         Command::Mechint(args) => report(knlp_mechint(&args)),
         Command::Archive { name, projects, runs_dir, out } => report((|| {
             let dirs: Vec<PathBuf> = if projects.is_empty() {

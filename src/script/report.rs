@@ -387,6 +387,21 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
         super::display::show_files(&[PathBuf::from(path)]);
         Ok(())
     });
+    api.f("scaling_report", "projects: array, out", "The scaling curves of the GPT-2 runs of `projects` (names under runs/ or folders) into folder `out`, as `knlp scaling` (docs/scaling.md): `#{ out, markdown, curves: [#{ key, source: \"measured\"|\"analytic\", points, means, fit, positions, files }], skipped }`.", |projects: Array, out: &str| -> RResult<Dynamic> {
+        let dirs = projects
+            .iter()
+            .map(|p| {
+                let name = p.clone().into_string().map_err(|t| rerr(format!("scaling_report: projects must be strings, got {t}")))?;
+                report::resolve_project(Some(&name), Path::new(RUNS_ROOT)).rt()
+            })
+            .collect::<RResult<Vec<PathBuf>>>()?;
+        if dirs.is_empty() {
+            return Err(rerr("scaling_report: give at least one project"));
+        }
+        let r = crate::scaling::report(&dirs, Path::new(out)).rt()?;
+        super::display::show_files(&r.curves.iter().flat_map(|c| c.files.iter().filter(|f| f.extension().is_some_and(|e| e == "png")).cloned()).collect::<Vec<_>>());
+        rhai::serde::to_dynamic(&r).map_err(|e| rerr(e.to_string()))
+    });
     api.f("graphs", "project", "Draw every graph of a project and its report.md into <project>/graphs/ (as `knlp graphs`); returns the files written.", |project: &str| graph_files(project));
     api.f("graphs", "", "`graphs(project)` for the most recently modified project under runs/.", || {
         graph_files("")
