@@ -230,6 +230,12 @@ pub struct Experiment {
     /// HYPER_PARAM_AUTO: batch size and accumulation chosen per cell.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_batch: Option<crate::hyperparams::AutoBatch>,
+    /// Image tokenizers (a matrix axis of the image models): `none`, `pca`,
+    /// `spline_pca`; empty or `none` alone is no axis.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tokenizers: Vec<String>,
+    #[serde(default)]
+    pub tokenizer: crate::tokenizer::train::Settings,
 }
 
 fn default_dist_timeout() -> i64 {
@@ -545,6 +551,20 @@ impl Experiment {
             auto_batch: match (r.bool("HYPER_PARAM_AUTO")?, r.int_opt("TARGET_EFFECTIVE_BATCH")?) {
                 (true, target) => Some(crate::hyperparams::AutoBatch { target: target.unwrap_or(0) }),
                 (false, _) => None,
+            },
+            tokenizers: enabled(r, "TOKENIZER_", crate::tokenizer::train::METHODS)?
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            tokenizer: {
+                let d = crate::tokenizer::train::Settings::default();
+                let t = crate::tokenizer::train::Settings {
+                    components: r.int_opt("TOKENIZER_COMPONENTS")?.unwrap_or(d.components),
+                    fit_samples: r.int_opt("TOKENIZER_FIT_SAMPLES")?.unwrap_or(d.fit_samples),
+                    smoothing: r.float_opt("TOKENIZER_SMOOTHING")?.unwrap_or(d.smoothing),
+                };
+                t.validate()?;
+                t
             },
         })
     }

@@ -44,6 +44,9 @@ pub struct Cell {
     /// GPT-2 attention variant or ablation step (the attention axis).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention: Option<String>,
+    /// Image tokenizer (the tokenizer axis; None: the images as they are).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
     /// The cell's own experiment, when it differs from the matrix's (a
     /// sweep's cells each carry their configuration's); None: the matrix's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -86,10 +89,17 @@ pub fn cells(exp: &Experiment) -> Result<Vec<Cell>> {
             }
             a => a.iter().map(|x| Some(x.id.clone())).collect(),
         };
-        for att in &atts {
-            let shown = match att {
-                Some(a) => format!("{model}-{a}"),
-                None => model.clone(),
+        // Image models multiply by the tokenizer axis; `none` alone keeps the plain ids.
+        let toks: Vec<Option<String>> = match exp.tokenizers.as_slice() {
+            t if model == "gpt2" || t.is_empty() || t == ["none"] => vec![None],
+            t => t.iter().map(|x| (x != "none").then(|| x.clone())).collect(),
+        };
+        let axes = atts.iter().flat_map(|a| toks.iter().map(move |t| (a, t)));
+        for (att, tok) in axes {
+            let shown = match (att, tok) {
+                (Some(a), _) => format!("{model}-{a}"),
+                (None, Some(t)) => format!("{model}-{t}"),
+                (None, None) => model.clone(),
             };
             for opt in &exp.optimizers {
                 for pr in &exp.pruning {
@@ -106,6 +116,7 @@ pub fn cells(exp: &Experiment) -> Result<Vec<Cell>> {
                         variant,
                         sparsity,
                         attention: att.clone(),
+                        tokenizer: tok.clone(),
                         experiment: None,
                     };
                     if pr == "none" {
@@ -189,6 +200,9 @@ pub fn describe_cell(exp: &Experiment, c: &Cell) -> String {
     let mut what = vec![c.model.clone()];
     if let Some(a) = &c.attention {
         what.push(format!("attention {a}"));
+    }
+    if let Some(t) = &c.tokenizer {
+        what.push(format!("tokenizer {t} (k = {})", exp.tokenizer.components));
     }
     what.push(c.optimizer.clone());
     match (c.pruning.as_str(), &c.variant) {
@@ -366,6 +380,8 @@ pub struct Built {
     pub model: Box<dyn Model>,
     pub opt: Optimizer,
     pub pruner: Option<Pruner>,
+    /// The tokenizer axis's hook (checkpointed trajectory, summary).
+    pub tokenizer: Option<crate::tokenizer::train::TokenizerHook>,
 }
 
 /// Build everything for `cell`; `tiny` shrinks the batch (for `knlp check`).
@@ -394,6 +410,17 @@ pub fn build(exp: &Experiment, cell: &Cell, device: Device, tiny: bool) -> Resul
         let (feed, classes, channels) = image_feed(exp, exp.seed as u64, batch)?;
         (Box::new(feed), classes, channels)
     };
+    let (data, tokenizer) = match &cell.tokenizer {
+        Some(t) => {
+            let mut s = exp.tokenizer.clone();
+            if tiny {
+                s.fit_samples = s.fit_samples.min(s.components.max(2) * 4);
+            }
+            let (feed, hook) = crate::tokenizer::train::wrap(data, t, &s)?;
+            (Box::new(feed) as Box<dyn Data>, Some(hook))
+        }
+        None => (data, None),
+    };
     let mut model = build_model(exp, cell, classes, channels)?;
     model.store_mut().finalize(device)?;
     let opt = Optimizer::new(model.store(), opt_config(exp, cell)?)?;
@@ -401,7 +428,7 @@ pub fn build(exp: &Experiment, cell: &Cell, device: Device, tiny: bool) -> Resul
         Some(p) => Some(Pruner::new(model.store(), p)?),
         None => None,
     };
-    Ok(Built { data, model, opt, pruner })
+    Ok(Built { data, model, opt, pruner, tokenizer })
 }
 
 /// The full record of a cell's configuration (config.json).
@@ -503,6 +530,10 @@ pub fn run_cell(project_dir: &Path, cell_id: &str, resume: bool) -> Result<Summa
     let mut hooks: Vec<&mut dyn Hook> = Vec::new();
     if let Some(h) = hook.as_mut() {
         hooks.push(h);
+    }
+    if let Some(t) = b.tokenizer.as_mut() {
+        t.save_to = Some(run.path.clone());
+        hooks.push(t);
     }
     let tracker = Some(if exp.trackio { "local,trackio" } else { "local" }.to_string());
     let t = Trainer {

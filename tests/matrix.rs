@@ -462,3 +462,67 @@ CONFIG_AUTO_GRAPHS=n
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(table.contains("infer_ms") && table.contains("infer_per_s"), "{table}");
 }
+
+/// The image tokenizer axis (`TOKENIZER_*`, docs/tokenizers.md "In the
+/// matrix"): one cell per tokenizer, each trained on its projection, the
+/// spline cell's code trajectory carried through a crash exactly.
+#[test]
+fn tokenizer_axis_trains_on_projections_and_resumes_the_trajectory() {
+    const TOK: &str = "CONFIG_TOKENIZER_PCA=y
+CONFIG_TOKENIZER_SPLINE_PCA=y
+CONFIG_TOKENIZER_COMPONENTS=16
+CONFIG_TOKENIZER_FIT_SAMPLES=1000
+CONFIG_BATCH_SIZE=32
+CONFIG_TRAIN_STEPS=24
+CONFIG_EVAL_EVERY=10
+CONFIG_DEVICE_CPU=y
+CONFIG_AUTO_GRAPHS=n
+";
+    let dir = workdir("tokenizer");
+    std::fs::write(dir.join(".config"), TOK).unwrap();
+    let o = knlp(&dir).args(train_args("tok")).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let proj = dir.join("runs/tok");
+    let read = |p: &Path| -> Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+    let ids = ["lenet5_adamw_none", "lenet5-pca_adamw_none", "lenet5-spline_pca_adamw_none"];
+    let sums: Vec<Value> = ids.iter().map(|c| read(&proj.join(c).join("summary.json"))).collect();
+    assert!(sums[0]["extra"].get("tokenizer").is_none(), "{}", sums[0]);
+    for s in &sums[1..] {
+        let t = &s["extra"]["tokenizer"];
+        assert_eq!((t["components"].as_i64(), t["fitted_on"].as_i64()), (Some(16), Some(1000)), "{t}");
+        let explained = t["explained"].as_f64().unwrap();
+        let rel = t["eval_rel_mse"].as_f64().unwrap();
+        assert!(explained > 0.3 && explained < 1.0 && rel > 0.0 && rel < 1.0, "{t}");
+        // The cumulative rule at 0.3 / 0.5 over 16 components: 4, 4, 8.
+        assert_eq!(t["tiers_by_variance"], serde_json::json!({ "hbm": 4, "cpu": 4, "ssd": 8 }));
+    }
+    // A network that sees 16 components learns something else than one
+    // that sees the image; the two PCA cells see the same projection.
+    let acc = |s: &Value| s["final_metrics"]["test_loss"].as_f64().unwrap();
+    assert_ne!(acc(&sums[0]), acc(&sums[1]));
+    assert_eq!(acc(&sums[1]), acc(&sums[2]));
+    let spline = &sums[2]["extra"]["tokenizer"];
+    assert_eq!(spline["recorded_steps"], 24, "{spline}");
+    assert_eq!(spline["trajectory_variance"].as_array().map(Vec::len), Some(16));
+    assert!(proj.join(ids[1]).join("tokenizer.safetensors").is_file());
+    assert!(proj.join(ids[2]).join("tokenizer.safetensors").is_file());
+    let config = read(&proj.join(ids[2]).join("config.json"));
+    assert_eq!(config["data"]["tokenizer"]["method"], "spline_pca", "{config}");
+
+    // The spline cell alone, killed after step 15 (last checkpoint: the
+    // evaluation at step 10), then continued: the same trajectory and run.
+    let dir2 = workdir("tokenizer-resume");
+    std::fs::write(
+        dir2.join(".config"),
+        format!("{TOK}# CONFIG_TOKENIZER_NONE is not set\n# CONFIG_TOKENIZER_PCA is not set\n"),
+    )
+    .unwrap();
+    kill_at_pause(&dir2, &train_args("tok"), "step:15", &dir2.join("paused"), Duration::from_secs(120));
+    let o = knlp(&dir2).args(["continue", "tok"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let resumed = read(&dir2.join("runs/tok").join(ids[2]).join("summary.json"));
+    assert_eq!(resumed["extra"]["tokenizer"], *spline);
+    assert_eq!(resumed["final_metrics"], sums[2]["final_metrics"]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&dir2);
+}

@@ -11,6 +11,7 @@
 //! metadata. Nothing here knows Rhai (`script/tokenizer.rs` binds it).
 pub mod pca;
 pub mod spline;
+pub mod train;
 
 pub use pca::{PcaTokenizer, Quality};
 pub use spline::{CubicSpline, SplinePcaTokenizer};

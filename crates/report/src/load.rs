@@ -310,9 +310,11 @@ pub fn read_metrics(
 /// that axis (`gpt2-mla`), so tables and graphs tell the variants apart.
 fn cell_model(cell: Option<&Value>) -> Option<String> {
     let model = get_str(cell, "model")?;
-    Some(match get_str(cell, "attention") {
-        Some(a) => format!("{model}-{a}"),
-        None => model,
+    // The matrix's axes of the model: attention variant, image tokenizer.
+    Some(match (get_str(cell, "attention"), get_str(cell, "tokenizer")) {
+        (Some(a), _) => format!("{model}-{a}"),
+        (None, Some(t)) => format!("{model}-{t}"),
+        (None, None) => model,
     })
 }
 

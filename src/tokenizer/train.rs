@@ -1,0 +1,304 @@
+//! The tokenizer as a matrix axis (`TOKENIZER_*`, docs/tokenizers.md,
+//! "In the matrix"): an image model trains and is evaluated on each image's
+//! projection onto the first k principal components of the training images,
+//! `x̂ = inverse(transform(x))`, so the cells of the axis differ only in how
+//! much of the image the network sees. The spline-PCA cell also records the
+//! mean code of every training batch and, at the end, tiers the components
+//! by the variance of their smoothed trajectories.
+//!
+//! Two halves share one [`Shared`] state: [`TokenizedFeed`] wraps the cell's
+//! data (projects every batch, records codes) and [`TokenizerHook`] carries
+//! the trajectory through checkpoints and reports the tokenizer's numbers in
+//! the run's summary.
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::rc::Rc;
+
+use anyhow::{anyhow, bail, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use tch::{Kind, Tensor};
+
+use super::{tiers_by_score, PcaTokenizer, Quality, SplinePcaTokenizer, DEFAULT_CPU, DEFAULT_HBM};
+use crate::params::ParamStore;
+use crate::train::{Data, Hook, StepCtx};
+
+/// The axis values and their Kconfig suffixes (`TOKENIZER_<SUFFIX>`).
+pub const METHODS: &[(&str, &str)] = &[("NONE", "none"), ("PCA", "pca"), ("SPLINE_PCA", "spline_pca")];
+
+/// Settings shared by the tokenizer cells of a matrix.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Components kept (k).
+    pub components: i64,
+    /// Training images the basis is fitted on (the first ones of the
+    /// cell's seeded order).
+    pub fit_samples: i64,
+    /// The spline's smoothing (docs/tokenizers.md).
+    pub smoothing: f64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { components: 64, fit_samples: 10000, smoothing: 1.0 }
+    }
+}
+
+impl Settings {
+    pub fn validate(&self) -> Result<()> {
+        if self.components < 1 {
+            bail!("TOKENIZER_COMPONENTS must be at least 1, got {}", self.components);
+        }
+        if self.fit_samples < 2 || self.fit_samples < self.components {
+            bail!(
+                "TOKENIZER_FIT_SAMPLES must be at least 2 and at least TOKENIZER_COMPONENTS ({}), got {}",
+                self.components,
+                self.fit_samples
+            );
+        }
+        if !(self.smoothing >= 0.0 && self.smoothing.is_finite()) {
+            bail!("TOKENIZER_SMOOTHING must be a finite number >= 0, got {}", self.smoothing);
+        }
+        Ok(())
+    }
+}
+
+/// What the feed and the hook share.
+pub struct Shared {
+    pub method: String,
+    pub tok: SplinePcaTokenizer,
+    /// Record code trajectories (spline-PCA).
+    record: bool,
+    /// Training batches drawn so far (the trajectory's step axis).
+    batches: i64,
+    pub fitted_on: i64,
+    /// Reconstruction quality on the evaluation split.
+    pub quality: Option<Quality>,
+}
+
+fn te(e: String) -> anyhow::Error {
+    anyhow!("tokenizer: {e}")
+}
+
+impl Shared {
+    /// `x̂ = inverse(transform(x))` in x's dtype and shape.
+    fn project(&self, x: &Tensor) -> Result<Tensor> {
+        let codes = self.tok.pca.transform(x).map_err(te)?;
+        let back = self.tok.pca.inverse(&codes).map_err(te)?;
+        Ok(back.f_to_kind(x.f_kind()?)?.f_reshape(x.size())?)
+    }
+}
+
+/// The cell's data, every image projected.
+pub struct TokenizedFeed {
+    inner: Box<dyn Data>,
+    shared: Rc<RefCell<Shared>>,
+}
+
+/// Fit the basis of `method` on the first `fit_samples` training images of
+/// `inner` (then rewound, so training sees the same order as the plain
+/// cell), measure its quality on the evaluation split, and wrap `inner`.
+pub fn wrap(inner: Box<dyn Data>, method: &str, s: &Settings) -> Result<(TokenizedFeed, TokenizerHook)> {
+    s.validate()?;
+    if !matches!(method, "pca" | "spline_pca") {
+        bail!("tokenizer: unknown method '{method}' (pca, spline_pca)");
+    }
+    let mut inner = inner;
+    let mut xs = Vec::new();
+    let mut n = 0;
+    while n < s.fit_samples {
+        let Some((x, _)) = inner.next_batch()? else { break };
+        n += x.size()[0];
+        xs.push(x);
+    }
+    inner.rewind();
+    if n < s.components.max(2) {
+        bail!("tokenizer: the training split has {n} images, fewer than the {} components", s.components);
+    }
+    let x = Tensor::f_cat(&xs, 0)?.f_narrow(0, 0, n.min(s.fit_samples))?;
+    let mut pca = PcaTokenizer::new(s.components).map_err(te)?;
+    pca.fit(&x).map_err(te)?;
+    let tok = SplinePcaTokenizer::from_pca(pca, s.smoothing).map_err(te)?;
+    let mut eval = Vec::new();
+    inner.for_each_eval(&mut |x, _| {
+        eval.push(x.shallow_clone());
+        Ok(())
+    })?;
+    let quality = match eval.is_empty() {
+        true => None,
+        false => Some(tok.pca.quality(&Tensor::f_cat(&eval, 0)?, s.components, None).map_err(te)?),
+    };
+    let shared = Rc::new(RefCell::new(Shared {
+        method: method.to_string(),
+        tok,
+        record: method == "spline_pca",
+        batches: 0,
+        fitted_on: x.size()[0],
+        quality,
+    }));
+    Ok((TokenizedFeed { inner, shared: shared.clone() }, TokenizerHook { shared, save_to: None }))
+}
+
+impl Data for TokenizedFeed {
+    fn next_batch(&mut self) -> Result<Option<(Tensor, Tensor)>> {
+        let Some((x, y)) = self.inner.next_batch()? else { return Ok(None) };
+        let mut s = self.shared.borrow_mut();
+        s.batches += 1;
+        if s.record {
+            let step = s.batches as f64;
+            s.tok.record_images(step, &x).map_err(te)?;
+        }
+        Ok(Some((s.project(&x)?, y)))
+    }
+
+    fn new_epoch(&mut self) -> Result<()> {
+        self.inner.new_epoch()
+    }
+
+    fn batches_per_epoch(&self) -> Option<i64> {
+        self.inner.batches_per_epoch()
+    }
+
+    fn for_each_eval(&mut self, f: &mut dyn FnMut(&Tensor, &Tensor) -> Result<()>) -> Result<()> {
+        let shared = self.shared.clone();
+        self.inner.for_each_eval(&mut |x, y| f(&shared.borrow().project(x)?, y))
+    }
+
+    fn state(&self) -> Value {
+        json!({ "inner": self.inner.state(), "batches": self.shared.borrow().batches })
+    }
+
+    fn restore(&mut self, state: &Value) -> Result<()> {
+        let batches = state.get("batches").and_then(Value::as_i64);
+        let (Some(inner), Some(b)) = (state.get("inner"), batches) else {
+            bail!("checkpoint: the data state has no tokenizer position (saved without a tokenizer?)");
+        };
+        self.inner.restore(inner)?;
+        self.shared.borrow_mut().batches = b;
+        Ok(())
+    }
+
+    fn rewind(&mut self) {
+        self.inner.rewind();
+        let mut s = self.shared.borrow_mut();
+        s.batches = 0;
+        s.tok.clear();
+    }
+
+    fn describe(&self) -> Value {
+        let s = self.shared.borrow();
+        let mut d = self.inner.describe();
+        if let Some(o) = d.as_object_mut() {
+            o.insert(
+                "tokenizer".into(),
+                json!({ "method": s.method, "components": s.tok.pca.n_components(), "fitted_on": s.fitted_on,
+                        "smoothing": s.tok.smoothing() }),
+            );
+        }
+        d
+    }
+}
+
+/// Checkpoints the trajectory and reports the tokenizer in the summary.
+pub struct TokenizerHook {
+    shared: Rc<RefCell<Shared>>,
+    /// Where to write `tokenizer.safetensors` at the end (the run folder).
+    pub save_to: Option<PathBuf>,
+}
+
+impl Hook for TokenizerHook {
+    fn name(&self) -> &str {
+        "tokenizer"
+    }
+
+    fn before_step(&mut self, _ctx: &mut StepCtx) -> Result<()> {
+        Ok(())
+    }
+
+    fn after_step(&mut self, _ctx: &mut StepCtx) -> Result<()> {
+        Ok(())
+    }
+
+    fn metrics(&mut self) -> Result<Map<String, Value>> {
+        Ok(Map::new())
+    }
+
+    fn state(&self) -> Value {
+        json!({ "steps": self.shared.borrow().tok.steps() })
+    }
+
+    fn tensors(&self) -> Vec<(String, Tensor)> {
+        let s = self.shared.borrow();
+        match s.tok.steps().is_empty() {
+            true => Vec::new(),
+            false => {
+                s.tok.trajectory().map(|t| vec![("tokenizer.trajectory".to_string(), t)]).unwrap_or_default()
+            }
+        }
+    }
+
+    fn restore(&mut self, state: &Value, tensors: &[(String, Tensor)]) -> Result<()> {
+        let steps: Vec<f64> = serde_json::from_value(state.get("steps").cloned().unwrap_or(json!([])))
+            .map_err(|e| anyhow!("checkpoint: tokenizer steps: {e}"))?;
+        let mut s = self.shared.borrow_mut();
+        s.tok.clear();
+        if steps.is_empty() {
+            return Ok(());
+        }
+        let t = tensors
+            .iter()
+            .find(|(n, _)| n == "tokenizer.trajectory")
+            .map(|(_, t)| t)
+            .ok_or_else(|| anyhow!("checkpoint: the tokenizer's trajectory is missing"))?;
+        let k = s.tok.pca.n_components();
+        if t.size() != [steps.len() as i64, k] {
+            bail!("checkpoint: tokenizer trajectory {:?}, expected [{}, {k}]", t.size(), steps.len());
+        }
+        for (i, &step) in steps.iter().enumerate() {
+            s.tok.record(step, &t.f_get(i as i64)?.f_to_kind(Kind::Double)?).map_err(te)?;
+        }
+        Ok(())
+    }
+
+    fn summary(&mut self, _store: &ParamStore) -> Result<Map<String, Value>> {
+        let s = self.shared.borrow();
+        let imp = s.tok.pca.component_importance().map_err(te)?;
+        let pca_tiers = tiers_by_score(&imp, DEFAULT_HBM, DEFAULT_CPU).map_err(te)?;
+        let mut t = json!({
+            "method": s.method,
+            "components": s.tok.pca.n_components(),
+            "fitted_on": s.fitted_on,
+            "explained": imp.iter().sum::<f64>(),
+            "tiers_by_variance": count(&pca_tiers),
+        });
+        if let Some(q) = &s.quality {
+            t["eval_rel_mse"] = json!(q.rel_mse);
+            t["eval_psnr"] = json!(q.psnr);
+        }
+        if s.record {
+            t["recorded_steps"] = json!(s.tok.steps().len());
+            // A spline needs a few points; short runs report the count only.
+            if s.tok.steps().len() >= 4 {
+                t["tiers_by_trajectory"] = json!(count(&s.tok.tiers(DEFAULT_HBM, DEFAULT_CPU).map_err(te)?));
+                t["trajectory_variance"] = json!(s.tok.trajectory_variance().map_err(te)?);
+            }
+        }
+        if let Some(dir) = &self.save_to {
+            let path = dir.join("tokenizer.safetensors");
+            let saved = match s.record {
+                true => s.tok.save(&path, crate::safetensors::Target::STRICT),
+                false => s.tok.pca.save(&path, crate::safetensors::Target::STRICT),
+            };
+            saved.map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        }
+        let mut m = Map::new();
+        m.insert("tokenizer".into(), t);
+        Ok(m)
+    }
+}
+
+fn count(tiers: &[&str]) -> Value {
+    let n = |name: &str| tiers.iter().filter(|t| **t == name).count();
+    json!({ "hbm": n("hbm"), "cpu": n("cpu"), "ssd": n("ssd") })
+}
