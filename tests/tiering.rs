@@ -221,6 +221,21 @@ fn cumulative_rule_and_hints() {
 }
 
 #[test]
+fn assignment_steps() {
+    let c = TieringConfig::default();
+    assert_eq!(c.assign_at(100, 500), 100, "after the warm-up");
+    assert_eq!(c.assign_at(0, 50), 50, "else the first evaluation");
+    assert_eq!(c.assign_at(0, 0), 1, "else after step 1");
+    assert_eq!(TieringConfig { assign_step: 7, ..c.clone() }.assign_at(100, 50), 7);
+    let m = small(true);
+    let t = Tiering::new(&TieringConfig { reassign_every: 2, ..c.clone() }, &m).unwrap();
+    let due: Vec<i64> = (1..10).filter(|&s| t.due(s, 3)).collect();
+    assert_eq!(due, vec![3, 5, 7, 9]);
+    let once = Tiering::new(&c, &m).unwrap();
+    assert_eq!((1..10).filter(|&s| once.due(s, 3)).count(), 1);
+}
+
+#[test]
 fn bad_thresholds_name_the_option() {
     let bad = |hbm: f64, cpu: f64| {
         TieringConfig { hbm, cpu, ..Default::default() }.validate().unwrap_err().to_string()
