@@ -111,8 +111,8 @@ fn json(port: u16, target: &str, headers: &str) -> (u16, Value) {
     (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("{target}: {e}: {body}")))
 }
 
-/// Server-sent events of `target` as (arrival, event, data), on a thread.
-fn events(port: u16, target: &str) -> mpsc::Receiver<(Instant, String, Value)> {
+/// Server-sent events of `target` as (event, data), on a thread.
+fn events(port: u16, target: &str) -> mpsc::Receiver<(String, Value)> {
     let (tx, rx) = mpsc::channel();
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(s, "GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
@@ -132,7 +132,7 @@ fn events(port: u16, target: &str) -> mpsc::Receiver<(Instant, String, Value)> {
                     kind = k.to_string();
                 } else if let Some(d) = l.strip_prefix("data: ") {
                     let v = serde_json::from_str(d).unwrap();
-                    if tx.send((Instant::now(), std::mem::take(&mut kind), v)).is_err() {
+                    if tx.send((std::mem::take(&mut kind), v)).is_err() {
                         return;
                     }
                 }
@@ -190,6 +190,8 @@ fn api_needs_the_token_and_refuses_bad_requests() {
     let bearer = format!("Authorization: Bearer {token}\r\n");
     let (status, v) = json(p, "/api/runs", &bearer);
     assert_eq!(status, 200);
+    // The scheme in any case (RFC 7235).
+    assert_eq!(get(p, "/api/runs", &format!("authorization: bEARER {token}\r\n")).0, 200);
     let ids: Vec<&str> = v["runs"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["proj/a", "top"]);
     assert_eq!(v["runs"][0]["status"], "done");
@@ -203,6 +205,22 @@ fn api_needs_the_token_and_refuses_bad_requests() {
     let (_, v) = json(p, &format!("/api/metrics?run=proj/a&since=33&token={token}"), "");
     assert_eq!(v["records"].as_array().unwrap().len(), 1);
     assert_eq!(v["records"][0]["step"], 31);
+    // Pages of `limit` records: `next` and `more` lead through the file.
+    let (mut since, mut steps) = (0, Vec::new());
+    loop {
+        let (status, v) =
+            json(p, &format!("/api/metrics?run=proj/a&since={since}&limit=10&token={token}"), "");
+        assert_eq!(status, 200, "{v}");
+        let recs = v["records"].as_array().unwrap();
+        steps.extend(recs.iter().map(|r| r["step"].as_i64().unwrap()));
+        since = v["next"].as_u64().unwrap();
+        if v["more"] == false {
+            break;
+        }
+        assert_eq!(recs.len(), 10, "{v}");
+    }
+    assert_eq!((steps.len(), since), (34, 35));
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]) && steps.last() == Some(&31), "{steps:?}");
     let (status, head, body) = get(p, &format!("/?token={token}"), "");
     assert_eq!(status, 200);
     assert!(head.contains("text/html") && body.contains("<canvas"), "{head}");
@@ -218,6 +236,9 @@ fn api_needs_the_token_and_refuses_bad_requests() {
         ("/api/metrics?run=proj/a&since=-1", 400),
         ("/api/metrics?run=proj/a&since=x", 400),
         ("/api/metrics?run=proj/a&bogus=1", 400),
+        ("/api/metrics?run=proj/a&limit=0", 400),
+        ("/api/metrics?run=proj/a&limit=100001", 400),
+        ("/api/metrics?run=proj/a&limit=x", 400),
         ("/api/runs?project=..", 400),
         ("/api/runs?project=nope", 404),
         ("/api/events?project=proj&run=proj/a", 400),
@@ -237,75 +258,112 @@ fn api_needs_the_token_and_refuses_bad_requests() {
     assert!(srv.printed.is_none());
     assert_eq!(get(srv.port, &format!("/api/runs?token={TOKEN}"), "").0, 200);
     assert_eq!(get(srv.port, &format!("/api/runs?token={token}"), "").0, 401);
-    let o = Command::new(KNLP).args(["serve", "--port", "0", "--token", "short"]).output().unwrap();
-    assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("at least 16"));
+    // A weak token is refused, naming where it came from.
+    for (arg, env, from) in [(Some("short"), TOKEN, "--token"), (None, "short", "KNLP_SERVE_TOKEN")] {
+        let mut cmd = Command::new(KNLP);
+        cmd.args(["serve", "--port", "0"]).args(arg.map(|t| ["--token", t]).into_iter().flatten());
+        let o = cmd.env("KNLP_SERVE_TOKEN", env).output().unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("at least 16") && err.contains(from), "{err}");
+    }
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// A child process killed when dropped (a failed assertion included).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A real LeNet-5 run: its records arrive over the event stream while it
-/// trains, in order, and match what ends in its metrics.jsonl.
+/// trains, in order, and match what ends in its metrics.jsonl. No timing:
+/// the run waits at step 3 until the test has seen it running and its
+/// first record, then the rest must follow.
 #[test]
 fn metrics_arrive_while_a_run_trains() {
     let d = scratch("live");
     std::fs::create_dir_all(d.join("runs")).unwrap();
+    // The script has no sleep: opening a FIFO for reading blocks, without
+    // spinning, until the test opens it for writing.
+    let go = d.join("go");
+    let c = std::ffi::CString::new(go.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {}", go.display());
     std::fs::write(
         d.join("t.rhai"),
         r#"
 let set = fashion_mnist(#{ split: "test" });
-let data = loader(set.slice(0, 512), #{ batch_size: 16, resize: 32, normalize: true });
-let test = loader(set.slice(512, 576), #{ batch_size: 64, resize: 32, normalize: true });
+let data = loader(set.slice(0, 192), #{ batch_size: 16, resize: 32, normalize: true });
+let test = loader(set.slice(192, 256), #{ batch_size: 64, resize: 32, normalize: true });
 let m = lenet5(#{ seed: 0 });
-// 40 ms a step, however fast the machine: the run lasts about a second.
-train(m, sgd(m, #{ lr: 0.05 }), data, #{ steps: 24, log_every: 2, eval_every: 12, progress: "off",
-    run_dir: "runs/live/lenet", test: test, on_step: |s| { let t = timestamp(); while t.elapsed < 0.04 {} } });
+// At step 3 (step 2 is logged) wait for the test: `go` is a FIFO, and
+// reading it (not a safetensors file: an error) waits for its writer.
+train(m, sgd(m, #{ lr: 0.05 }), data, #{ steps: 12, log_every: 2, eval_every: 6, progress: "off",
+    run_dir: "runs/live/lenet", test: test,
+    on_step: |s| { if s.step == 3 { try { load_metadata("go"); } catch {} } } });
 "#,
     )
     .unwrap();
     let srv = serve(&d.join("runs"), Some(TOKEN));
     let rx = events(srv.port, &format!("/api/events?token={TOKEN}"));
-    let start = Instant::now();
-    let mut train = Command::new(KNLP)
-        .args(["run", "t.rhai"])
-        .current_dir(&d)
-        .env("OMP_NUM_THREADS", "1")
-        .spawn()
-        .unwrap();
-    let mut got: Vec<(Instant, String, Value)> = Vec::new();
-    let ended = loop {
-        got.extend(rx.try_iter());
-        if let Some(st) = train.try_wait().unwrap() {
-            assert!(st.success(), "training failed");
-            break Instant::now();
+    let mut train = Killed(
+        Command::new(KNLP)
+            .args(["run", "t.rhai"])
+            .current_dir(&d)
+            .env("OMP_NUM_THREADS", "1")
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got: Vec<(String, Value)> = Vec::new();
+    let metrics = |got: &[(String, Value)]| got.iter().filter(|e| e.0 == "metrics").count();
+    let running = |got: &[(String, Value)]| got.iter().any(|e| e.0 == "status" && e.1["status"] == "running");
+    // The run is held at step 3: running, with a record or more.
+    while !(running(&got) && metrics(&got) > 0) {
+        if let Ok(e) = rx.recv_timeout(Duration::from_millis(100)) {
+            got.push(e);
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "training took too long");
+        assert!(train.0.try_wait().unwrap().is_none(), "training ended before it was let go: {got:?}");
+        assert!(Instant::now() < deadline, "no running status and record in 60 s: {got:?}");
+    }
+    let before = metrics(&got);
+    // Let it go: a non-blocking open for writing succeeds once the
+    // script has the FIFO open for reading.
+    loop {
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(&go) {
+            Ok(_) => break,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {}
+            Err(e) => panic!("{}: {e}", go.display()),
+        }
+        assert!(train.0.try_wait().unwrap().is_none(), "training ended before it was let go");
+        assert!(Instant::now() < deadline, "the run never waited at step 3");
         std::thread::sleep(Duration::from_millis(20));
-    };
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while train.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "training took more than 60 s after it was let go");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(train.0.wait().unwrap().success(), "training failed");
     let file: Vec<Value> = std::fs::read_to_string(d.join("runs/live/lenet/metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let metrics = |got: &[(Instant, String, Value)]| got.iter().filter(|e| e.1 == "metrics").count();
-    while metrics(&got) < file.len() {
-        got.push(rx.recv_timeout(Duration::from_secs(5)).expect("the stream stopped short"));
+    // The rest of the records, then done (statuses are looked at once a second).
+    while metrics(&got) < file.len() || !got.iter().any(|e| e.0 == "status" && e.1["status"] == "done") {
+        let e = rx.recv_timeout(Duration::from_secs(30)).expect("the stream stopped short");
+        got.push(e);
     }
-    // The status stream ends on done (looked at once a second).
-    while !got.iter().any(|e| e.1 == "status" && e.2["status"] == "done") {
-        got.push(rx.recv_timeout(Duration::from_secs(5)).expect("no done status"));
-    }
-    let during: Vec<&(Instant, String, Value)> =
-        got.iter().filter(|e| e.1 == "metrics" && e.0 < ended).collect();
-    // Several records, over more than one poll: streamed as they were
-    // logged, not in one piece at the end.
-    let spread = during.last().zip(during.first()).map_or(Duration::ZERO, |(l, f)| l.0 - f.0);
-    assert!(
-        during.len() >= 3 && spread >= Duration::from_millis(200),
-        "{} of {} records arrived while training ran, over {spread:?}",
-        during.len(),
-        file.len()
-    );
-    let streamed: Vec<&Value> = got.iter().filter(|e| e.1 == "metrics").map(|e| &e.2).collect();
+    assert!(before < file.len(), "{before} of {} records before the run went on", file.len());
+    let streamed: Vec<&Value> = got.iter().filter(|e| e.0 == "metrics").map(|e| &e.1).collect();
+    assert_eq!(streamed.len(), file.len());
     for (i, (e, rec)) in streamed.iter().zip(&file).enumerate() {
         assert_eq!((&e["run"], e["line"].as_u64()), (&Value::from("live/lenet"), Some(i as u64)));
         assert_eq!(&e["record"], rec, "line {i}");
@@ -315,9 +373,10 @@ train(m, sgd(m, #{ lr: 0.05 }), data, #{ steps: 24, log_every: 2, eval_every: 12
             && file.iter().any(|r| r.get("train_loss").is_some())
     );
     let states: Vec<&str> =
-        got.iter().filter(|e| e.1 == "status").map(|e| e.2["status"].as_str().unwrap()).collect();
-    assert_eq!(states.last(), Some(&"done"), "{states:?}");
+        got.iter().filter(|e| e.0 == "status").map(|e| e.1["status"].as_str().unwrap()).collect();
     assert!(states.contains(&"running"), "{states:?}");
+    assert_eq!(states.last(), Some(&"done"), "{states:?}");
+    drop(srv);
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -400,6 +459,13 @@ impl Browser {
 
     /// Send one command (to the page once attached); its result.
     fn call(&mut self, method: &str, params: Value) -> Value {
+        let v = self.send(method, params);
+        assert!(v.get("error").is_none(), "{method}: {v}");
+        v["result"].clone()
+    }
+
+    /// Send one command; its answer, result or error.
+    fn send(&mut self, method: &str, params: Value) -> Value {
         self.id += 1;
         let mut msg = serde_json::json!({ "id": self.id, "method": method, "params": params });
         if !self.session.is_empty() {
@@ -412,19 +478,19 @@ impl Browser {
             assert!(raw.pop() == Some(0), "chromium closed the pipe");
             let v: Value = serde_json::from_slice(&raw).unwrap();
             if v["id"] == self.id {
-                assert!(v.get("error").is_none(), "{method}: {v}");
-                return v["result"].clone();
+                return v;
             }
         }
     }
 
-    /// Evaluate `expr` in the page until it is true (20 s at most).
+    /// Evaluate `expr` in the page until it is true (20 s at most); an
+    /// error (no document yet, while navigating) is false.
     fn wait_for(&mut self, expr: &str) {
         let start = Instant::now();
         loop {
             let r = self
-                .call("Runtime.evaluate", serde_json::json!({ "expression": expr, "returnByValue": true }));
-            if r["result"]["value"] == true {
+                .send("Runtime.evaluate", serde_json::json!({ "expression": expr, "returnByValue": true }));
+            if r["result"]["result"]["value"] == true {
                 return;
             }
             assert!(start.elapsed() < Duration::from_secs(20), "the page never had {expr}");
@@ -470,9 +536,11 @@ fn chromium_shows_the_curves() {
     let mut f = std::fs::OpenOptions::new().append(true).open(run.join("metrics.jsonl")).unwrap();
     f.write_all(b"{\"step\":81,\"train_loss\":0.3}\n").unwrap();
     b.wait_for("document.body.dataset.points === '89'");
-    drop(b);
-    let mut b = Browser::open(&exe, &base, &d.join("profile"));
-    b.wait_for("document.readyState === 'complete' && document.body.innerText.includes('token')");
+    // The same browser, without the token.
+    b.call("Page.navigate", serde_json::json!({ "url": base }));
+    b.wait_for(
+        "location.search === '' && document.readyState === 'complete' && document.body.innerText.includes('token')",
+    );
     assert_eq!(red_pixels(&b.screenshot(), 1.0), 0);
     drop(b);
     let _ = std::fs::remove_dir_all(&d);

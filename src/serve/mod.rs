@@ -6,7 +6,7 @@
 //! ```text
 //! GET /                          the page (HTML and JS, no outside requests)
 //! GET /api/runs[?project=P]      every run: id, status, summary
-//! GET /api/metrics?run=P/R[&since=N]   a run's records from line N
+//! GET /api/metrics?run=P/R[&since=N][&limit=L]   a run's records from line N
 //! GET /api/events[?run=P/R[&since=N] | ?project=P]   server-sent events as lines are logged
 //! ```
 mod tail;
@@ -39,7 +39,13 @@ pub const TOKEN_ENV: &str = "KNLP_SERVE_TOKEN";
 const POLL: Duration = Duration::from_millis(250);
 const RESCAN: Duration = Duration::from_secs(1);
 /// The most of one file read at once, so a long history streams in parts.
-const READ_CHUNK: usize = 1 << 20;
+const READ_CHUNK: usize = tail::MAX_LINE as usize;
+/// The most one event stream reads in one poll, over all its runs; the
+/// rest waits for the next poll (right after).
+const POLL_BYTES: usize = 1 << 20;
+/// Records one `/api/metrics` answer holds by default, and at most.
+const METRICS_LIMIT: usize = 10_000;
+const METRICS_LIMIT_MAX: usize = 100_000;
 /// An idle stream sends a comment this often, so proxies keep it open and
 /// a closed client is noticed.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -51,7 +57,8 @@ pub struct Options {
     pub host: String,
     /// 0: any free port (printed).
     pub port: u16,
-    /// None: a random one, printed with the URL.
+    /// `--token`; None: `$KNLP_SERVE_TOKEN`, else a random one, printed
+    /// with the URL.
     pub token: Option<String>,
 }
 
@@ -64,8 +71,12 @@ struct App {
 /// stdout is the address (with the token when it was generated here).
 pub fn serve(opts: &Options) -> Result<()> {
     let ip = parse_host(&opts.host)?;
-    let (token, generated) = match &opts.token {
-        Some(t) => (check_token(t)?, false),
+    let given = match &opts.token {
+        Some(t) => Some((t.clone(), "--token")),
+        None => std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty()).map(|t| (t, TOKEN_ENV)),
+    };
+    let (token, generated) = match given {
+        Some((t, from)) => (check_token(&t).with_context(|| format!("the token of {from}"))?, false),
         None => (uuid::Uuid::new_v4().simple().to_string(), true),
     };
     let listener = std::net::TcpListener::bind((ip, opts.port))
@@ -115,10 +126,10 @@ fn parse_host(host: &str) -> Result<IpAddr> {
 /// `?token=` needs no escaping.
 fn check_token(t: &str) -> Result<String> {
     if t.len() < 16 {
-        bail!("the token must have at least 16 characters (got {})", t.len());
+        bail!("it must have at least 16 characters (got {})", t.len());
     }
     if let Some(c) = t.chars().find(|c| !(c.is_ascii_alphanumeric() || "-._~".contains(*c))) {
-        bail!("the token may hold letters, digits and - . _ ~ only (not {c:?})");
+        bail!("it may hold letters, digits and - . _ ~ only (not {c:?})");
     }
     Ok(t.to_string())
 }
@@ -142,6 +153,13 @@ fn router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
+/// The token of an `Authorization: Bearer <t>` header (the scheme in any
+/// case, RFC 7235).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, t) = value.trim().split_once([' ', '\t'])?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| t.trim())
+}
+
 /// Every request, the page and unknown paths included, needs the token:
 /// `Authorization: Bearer <t>` or `?token=<t>` (a page and EventSource
 /// cannot set headers).
@@ -150,8 +168,8 @@ async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_string());
+        .and_then(bearer)
+        .map(str::to_string);
     let query = Query::<HashMap<String, String>>::try_from_uri(req.uri())
         .ok()
         .and_then(|Query(mut q)| q.remove("token"));
@@ -318,21 +336,34 @@ async fn page() -> Html<&'static str> {
     Html(PAGE)
 }
 
+/// `f` on a blocking thread: file reads must not hold up the one thread
+/// that serves every connection.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("reading the runs: {e}")))?
+}
+
 async fn list_runs(State(app): State<Arc<App>>, uri: Uri) -> Result<Json<Value>, ApiError> {
     let q = params(&uri, &["project"])?;
-    let project = app.project(q.get("project"))?;
-    let runs: Vec<Value> = app
-        .find_runs(project.as_deref())
-        .into_iter()
-        .map(|(id, dir)| {
-            let (status, reason, updated) = state(&dir);
-            let (project, run) = id.split_once('/').map_or((None, id.as_str()), |(p, r)| (Some(p), r));
-            let summary = RunDir { path: dir.clone() }.read_json(runs::SUMMARY).ok();
-            json!({ "id": id, "project": project, "run": run, "status": status, "reason": reason,
-                    "updated": updated, "summary": summary })
-        })
-        .collect();
-    Ok(Json(json!({ "runs_dir": app.runs_dir.display().to_string(), "runs": runs })))
+    blocking(move || {
+        let project = app.project(q.get("project"))?;
+        let runs: Vec<Value> = app
+            .find_runs(project.as_deref())
+            .into_iter()
+            .map(|(id, dir)| {
+                let (status, reason, updated) = state(&dir);
+                let (project, run) = id.split_once('/').map_or((None, id.as_str()), |(p, r)| (Some(p), r));
+                let summary = RunDir { path: dir.clone() }.read_json(runs::SUMMARY).ok();
+                json!({ "id": id, "project": project, "run": run, "status": status, "reason": reason,
+                        "updated": updated, "summary": summary })
+            })
+            .collect();
+        Ok(Json(json!({ "runs_dir": app.runs_dir.display().to_string(), "runs": runs })))
+    })
+    .await
 }
 
 fn since(q: &HashMap<String, String>) -> Result<u64, ApiError> {
@@ -341,32 +372,49 @@ fn since(q: &HashMap<String, String>) -> Result<u64, ApiError> {
     })
 }
 
+fn limit(q: &HashMap<String, String>) -> Result<usize, ApiError> {
+    q.get("limit").map_or(Ok(METRICS_LIMIT), |s| {
+        s.parse()
+            .ok()
+            .filter(|n| (1..=METRICS_LIMIT_MAX).contains(n))
+            .ok_or_else(|| bad(format!("limit={s:?}: not a number of records from 1 to {METRICS_LIMIT_MAX}")))
+    })
+}
+
+/// At most `limit` records from line `since`; `next` is the line to ask
+/// from next time, `more` whether records wait there already.
 async fn metrics(State(app): State<Arc<App>>, uri: Uri) -> Result<Json<Value>, ApiError> {
-    let q = params(&uri, &["run", "since"])?;
-    let (id, dir) = app.run(q.get("run"))?;
-    let since = since(&q)?;
-    let read = move || {
+    let q = params(&uri, &["run", "since", "limit"])?;
+    let (since, limit) = (since(&q)?, limit(&q)?);
+    blocking(move || {
+        let (id, dir) = app.run(q.get("run"))?;
         let mut tail = Tail::new(&dir.join(runs::METRICS));
-        let mut records = Vec::new();
+        tail.from = since;
+        let (mut records, mut skipped) = (Vec::new(), 0u64);
         loop {
             let (lines, more) = tail.poll(READ_CHUNK);
             for l in lines {
                 match l {
+                    Line::Record(n, _) if n >= since && records.len() == limit => {
+                        return Ok(Json(json!({ "run": id, "since": since, "next": n, "more": true,
+                                               "skipped": skipped, "records": records })));
+                    }
                     Line::Record(n, m) if n >= since => records.push(Value::Object(m)),
-                    Line::Reset => records.clear(),
+                    Line::Skipped(n) if n >= since => skipped += 1,
+                    Line::Reset => {
+                        (records, skipped) = (Vec::new(), 0);
+                        tail.from = since;
+                    }
                     _ => {}
                 }
             }
             if !more {
-                return json!({ "run": id, "since": since, "next": tail.lines, "skipped": tail.skipped,
-                               "records": records });
+                return Ok(Json(json!({ "run": id, "since": since, "next": tail.lines, "more": false,
+                                       "skipped": skipped, "records": records })));
             }
         }
-    };
-    let v = tokio::task::spawn_blocking(read)
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("reading metrics: {e}")))?;
-    Ok(Json(v))
+    })
+    .await
 }
 
 async fn events(State(app): State<Arc<App>>, uri: Uri) -> Result<Response, ApiError> {
@@ -381,11 +429,9 @@ async fn events(State(app): State<Arc<App>>, uri: Uri) -> Result<Response, ApiEr
         return Err(bad("`since` needs `run` (one run's line numbers)"));
     }
     let watch = Watch::new(app, scope, since(&q)?);
-    let stream =
-        futures_util::stream::unfold(
-            watch,
-            |mut w| async move { Some((Ok::<_, Infallible>(w.next().await), w)) },
-        );
+    let stream = futures_util::stream::unfold(watch, |w| async move {
+        w.next().await.map(|(piece, w)| (Ok::<_, Infallible>(piece), w))
+    });
     let headers = [(header::CONTENT_TYPE, "text/event-stream")];
     Ok((headers, axum::body::Body::from_stream(stream)).into_response())
 }
@@ -413,33 +459,43 @@ struct Watch {
     /// Events not sent yet, in the event-stream format.
     queue: String,
     scanned: Option<Instant>,
+    /// The run read first at the next poll (an index into `runs`), so
+    /// that a long history does not hold up the others.
+    cursor: usize,
 }
 
 impl Watch {
     fn new(app: Arc<App>, scope: Scope, since: u64) -> Watch {
         let mut runs = BTreeMap::new();
         if let Scope::Run((id, dir)) = &scope {
-            let tail = Tail::new(&dir.join(runs::METRICS));
+            let mut tail = Tail::new(&dir.join(runs::METRICS));
+            tail.from = since;
             runs.insert(id.clone(), Followed { dir: dir.clone(), tail, since, sent: None });
         }
-        Watch { app, scope, runs, queue: String::new(), scanned: None }
+        Watch { app, scope, runs, queue: String::new(), scanned: None, cursor: 0 }
     }
 
     /// The next piece of the stream: every event one poll found (one
     /// write for many lines of a long history), or a keep-alive comment.
-    async fn next(&mut self) -> String {
+    /// Polls run on a blocking thread; None ends the stream (a poll
+    /// panicked).
+    async fn next(mut self) -> Option<(String, Watch)> {
         let idle = Instant::now();
         loop {
-            let more = self.poll();
+            let more;
+            (self, more) = tokio::task::spawn_blocking(move || {
+                let more = self.poll();
+                (self, more)
+            })
+            .await
+            .ok()?;
             if !self.queue.is_empty() {
-                return std::mem::take(&mut self.queue);
+                return Some((std::mem::take(&mut self.queue), self));
             }
             if idle.elapsed() >= KEEP_ALIVE {
-                return ": keep-alive\n\n".into();
+                return Some((": keep-alive\n\n".into(), self));
             }
-            if more {
-                tokio::task::yield_now().await;
-            } else {
+            if !more {
                 tokio::time::sleep(POLL).await;
             }
         }
@@ -450,37 +506,22 @@ impl Watch {
         let rescan = self.scanned.is_none_or(|t| t.elapsed() >= RESCAN);
         if rescan {
             self.scanned = Some(Instant::now());
-            let found = match &self.scope {
-                Scope::All => self.app.find_runs(None),
-                Scope::Project(p) => self.app.find_runs(Some(p)),
-                Scope::Run(_) => Vec::new(),
-            };
-            for (id, dir) in found {
-                self.runs.entry(id).or_insert_with(|| Followed {
-                    tail: Tail::new(&dir.join(runs::METRICS)),
-                    dir,
-                    since: 0,
-                    sent: None,
-                });
-            }
+            self.rescan();
         }
+        let ids: Vec<String> = self.runs.keys().cloned().collect();
+        let start = if self.cursor < ids.len() { self.cursor } else { 0 };
+        let mut budget = POLL_BYTES;
         let mut more = false;
-        for (id, f) in &mut self.runs {
-            if rescan {
-                let (status, reason, _) = state(&f.dir);
-                let now = Some((status, reason));
-                if f.sent != now {
-                    let (status, reason) = now.clone().unwrap_or_default();
-                    event(
-                        &mut self.queue,
-                        "status",
-                        json!({ "run": id, "status": status, "reason": reason }),
-                    );
-                    f.sent = now;
-                }
+        for i in (start..ids.len()).chain(0..start) {
+            if budget == 0 {
+                self.cursor = i;
+                return true;
             }
-            let (lines, m) = f.tail.poll(READ_CHUNK);
+            let (id, f) = (&ids[i], self.runs.get_mut(&ids[i]).expect("a listed run"));
+            let (lines, m) = f.tail.poll(budget);
             more |= m;
+            let cut = f.tail.read == budget && budget < POLL_BYTES;
+            budget -= f.tail.read;
             for l in lines {
                 match l {
                     Line::Record(n, rec) if n >= f.since => {
@@ -498,8 +539,51 @@ impl Watch {
                     }
                 }
             }
+            if cut {
+                // Read only part of the budget's worth: first, with all
+                // of it, next time.
+                self.cursor = i;
+                return true;
+            }
         }
         more
+    }
+
+    /// Follow the runs that appeared, drop those that went, and queue
+    /// the status of each that changed.
+    fn rescan(&mut self) {
+        let found: Option<BTreeMap<String, PathBuf>> = match &self.scope {
+            Scope::All => Some(self.app.find_runs(None).into_iter().collect()),
+            Scope::Project(p) => Some(self.app.find_runs(Some(p)).into_iter().collect()),
+            Scope::Run(_) => None,
+        };
+        if let Some(found) = found {
+            let queue = &mut self.queue;
+            self.runs.retain(|id, _| {
+                let keep = found.contains_key(id);
+                if !keep {
+                    event(queue, "removed", json!({ "run": id }));
+                }
+                keep
+            });
+            for (id, dir) in found {
+                self.runs.entry(id).or_insert_with(|| Followed {
+                    tail: Tail::new(&dir.join(runs::METRICS)),
+                    dir,
+                    since: 0,
+                    sent: None,
+                });
+            }
+        }
+        for (id, f) in &mut self.runs {
+            let (status, reason, _) = state(&f.dir);
+            let now = Some((status, reason));
+            if f.sent != now {
+                let (status, reason) = now.clone().unwrap_or_default();
+                event(&mut self.queue, "status", json!({ "run": id, "status": status, "reason": reason }));
+                f.sent = now;
+            }
+        }
     }
 }
 
@@ -522,6 +606,11 @@ mod tests {
         assert!(check_token("short").is_err());
         assert!(check_token("with space in the token").is_err());
         assert!(check_token("0123456789abcdef").is_ok());
+        for h in ["Bearer t", "bearer t", "BEARER  t ", " BeArEr\tt"] {
+            assert_eq!(bearer(h), Some("t"), "{h:?}");
+        }
+        assert_eq!(bearer("Basic t"), None);
+        assert_eq!(bearer("Bearert"), None);
         assert!(same(b"abc", b"abc") && !same(b"abc", b"abd") && !same(b"abc", b"abcd"));
         assert!(parse_host("localhost").unwrap().is_loopback());
         assert!(!parse_host("0.0.0.0").unwrap().is_loopback());
