@@ -258,6 +258,20 @@ fn api_needs_the_token_and_refuses_bad_requests() {
     assert!(srv.printed.is_none());
     assert_eq!(get(srv.port, &format!("/api/runs?token={TOKEN}"), "").0, 200);
     assert_eq!(get(srv.port, &format!("/api/runs?token={token}"), "").0, 401);
+    // A run whose folder goes is dropped from the stream.
+    let rx = events(srv.port, &format!("/api/events?token={TOKEN}"));
+    let mut seen = Vec::new();
+    while seen.iter().filter(|(k, _)| k == "status").count() < 2 {
+        seen.push(rx.recv_timeout(Duration::from_secs(30)).expect("no status of the two runs"));
+    }
+    std::fs::remove_dir_all(runs.join("top")).unwrap();
+    loop {
+        let (kind, v) = rx.recv_timeout(Duration::from_secs(30)).expect("no removed event");
+        if kind == "removed" {
+            assert_eq!(v["run"], "top");
+            break;
+        }
+    }
     // A weak token is refused, naming where it came from.
     for (arg, env, from) in [(Some("short"), TOKEN, "--token"), (None, "short", "KNLP_SERVE_TOKEN")] {
         let mut cmd = Command::new(KNLP);
