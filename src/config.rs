@@ -373,6 +373,11 @@ impl Experiment {
             gpt2["embed_latent"] = json!(e);
         }
         if let Some(h) = r.int_opt("GPT2_MLP_HIDDEN")?.filter(|&h| h > 0) {
+            for (sym, what) in [("GOLDEN_RATIO", "the RATIO shape"), ("ATTN_MLP_SPLICE", "the splice MLP")] {
+                if r.bool(sym)? {
+                    bail!("GPT2_MLP_HIDDEN={h} and {sym} both set the MLP ({what}); give one");
+                }
+            }
             gpt2["mlp_hidden"] = json!(h);
         }
         for (k, sym) in [
@@ -552,10 +557,18 @@ impl Experiment {
                 (true, target) => Some(crate::hyperparams::AutoBatch { target: target.unwrap_or(0) }),
                 (false, _) => None,
             },
-            tokenizers: enabled(r, "TOKENIZER_", crate::tokenizer::train::METHODS)?
-                .into_iter()
-                .map(String::from)
-                .collect(),
+            tokenizers: {
+                let t: Vec<String> = enabled(r, "TOKENIZER_", crate::tokenizer::train::METHODS)?
+                    .into_iter()
+                    .map(String::from)
+                    .collect();
+                // `none` alone is no axis: the same cells as before the axis existed.
+                if t == ["none"] {
+                    Vec::new()
+                } else {
+                    t
+                }
+            },
             tokenizer: {
                 let d = crate::tokenizer::train::Settings::default();
                 let t = crate::tokenizer::train::Settings {

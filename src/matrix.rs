@@ -90,6 +90,11 @@ pub fn cells(exp: &Experiment) -> Result<Vec<Cell>> {
             a => a.iter().map(|x| Some(x.id.clone())).collect(),
         };
         // Image models multiply by the tokenizer axis; `none` alone keeps the plain ids.
+        if let Some(t) =
+            exp.tokenizers.iter().find(|t| !crate::tokenizer::train::METHODS.iter().any(|(_, m)| m == t))
+        {
+            bail!("unknown tokenizer '{t}' (none, pca, spline_pca)");
+        }
         let toks: Vec<Option<String>> = match exp.tokenizers.as_slice() {
             t if model == "gpt2" || t.is_empty() || t == ["none"] => vec![None],
             t => t.iter().map(|x| (x != "none").then(|| x.clone())).collect(),
@@ -97,7 +102,8 @@ pub fn cells(exp: &Experiment) -> Result<Vec<Cell>> {
         let axes = atts.iter().flat_map(|a| toks.iter().map(move |t| (a, t)));
         for (att, tok) in axes {
             let shown = match (att, tok) {
-                (Some(a), _) => format!("{model}-{a}"),
+                (Some(a), None) => format!("{model}-{a}"),
+                (Some(a), Some(t)) => format!("{model}-{a}-{t}"),
                 (None, Some(t)) => format!("{model}-{t}"),
                 (None, None) => model.clone(),
             };
@@ -589,7 +595,9 @@ fn auto_batch(
         };
         hp::probe(&mut c, |batch| {
             let step = (|| -> Result<()> {
-                let b = build(&with(batch, 1), cell, dev, false)?;
+                // A projection does not change shapes: probe without the tokenizer's fit.
+                let plain = Cell { tokenizer: None, ..cell.clone() };
+                let b = build(&with(batch, 1), &plain, dev, false)?;
                 let mut data = b.data;
                 let (x, y) = data.next_batch()?.ok_or_else(|| anyhow!("no training batch to probe with"))?;
                 let te = |e: tch::TchError| anyhow!(crate::tensor::torch_error(&e));

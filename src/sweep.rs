@@ -742,6 +742,7 @@ fn fingerprint(exp: &Experiment, cell: &Cell) -> Result<Value> {
             "sparsities",
             "variants",
             "attentions",
+            "tokenizers",
             "project",
             "runs_dir",
             "parallel_jobs",
@@ -764,6 +765,20 @@ fn fingerprint(exp: &Experiment, cell: &Cell) -> Result<Value> {
             o.remove("adamwprune_base");
         }
         o.insert("attention".into(), json!(matrix::attention_axis(exp, cell)?));
+        // The tokenizer's settings matter only to a tokenizer cell, the
+        // smoothing only to spline_pca.
+        o.insert("tokenizer_axis".into(), json!(cell.tokenizer));
+        match cell.tokenizer.as_deref() {
+            None => {
+                o.remove("tokenizer");
+            }
+            Some("spline_pca") => {}
+            Some(_) => {
+                if let Some(t) = o.get_mut("tokenizer").and_then(Value::as_object_mut) {
+                    t.remove("smoothing");
+                }
+            }
+        }
     }
     Ok(v)
 }
@@ -807,6 +822,7 @@ pub fn baseline_cells(runs_dir: &Path, spec: &str, m: &MatrixFile) -> Result<(Pa
             && c.pruning == their_cell.pruning
             && c.variant == their_cell.variant
             && c.attention == their_cell.attention
+            && c.tokenizer == their_cell.tokenizer
             && (c.sparsity - their_cell.sparsity).abs() < 1e-9
     };
     let mut ids = Vec::new();

@@ -279,6 +279,9 @@ impl Config {
             if resolved.golden_ratio {
                 bail!("gpt2: mlp_hidden and golden_ratio both set the MLP width; give one");
             }
+            if resolved.mlp != "gelu" {
+                bail!("gpt2: mlp_hidden sets the GELU MLP's width; mlp '{}' has none", resolved.mlp);
+            }
         }
         Ok(resolved)
     }

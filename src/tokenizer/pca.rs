@@ -75,6 +75,46 @@ impl Fitted {
     pub fn n_features(&self) -> i64 {
         self.image_shape.iter().product()
     }
+
+    /// The basis's tensors by name, for a training checkpoint.
+    pub fn tensors(&self) -> Vec<(&'static str, &Tensor)> {
+        vec![
+            ("mean", &self.mean),
+            ("var", &self.var),
+            ("components", &self.components),
+            ("singular_values", &self.singular_values),
+            ("explained_variance", &self.explained_variance),
+            ("explained_variance_ratio", &self.explained_variance_ratio),
+        ]
+    }
+
+    /// Put back tensors [`Self::tensors`] gave (a checkpoint of the same
+    /// fit, so that a resumed run projects exactly as before); each must
+    /// have the shape of the one it replaces.
+    pub fn restore(&mut self, named: &[(String, Tensor)], prefix: &str) -> Result<(), String> {
+        let mut next = self.copy();
+        for (name, slot) in [
+            ("mean", &mut next.mean),
+            ("var", &mut next.var),
+            ("components", &mut next.components),
+            ("singular_values", &mut next.singular_values),
+            ("explained_variance", &mut next.explained_variance),
+            ("explained_variance_ratio", &mut next.explained_variance_ratio),
+        ] {
+            let key = format!("{prefix}{name}");
+            let t = named
+                .iter()
+                .find(|(n, _)| *n == key)
+                .map(|(_, t)| t)
+                .ok_or_else(|| format!("no tensor '{key}'"))?;
+            if t.size() != slot.size() {
+                return Err(format!("'{key}' is {:?}, the basis needs {:?}", t.size(), slot.size()));
+            }
+            *slot = t.f_to_kind(Kind::Double).and_then(|t| t.f_to_device(tch::Device::Cpu)).ts()?;
+        }
+        *self = next;
+        Ok(())
+    }
 }
 
 /// Reconstruction quality of `inverse(transform(x))` with the first
@@ -183,6 +223,11 @@ impl PcaTokenizer {
 
     pub fn is_fitted(&self) -> bool {
         self.fitted.is_some()
+    }
+
+    /// The fitted state, mutable (a training checkpoint's restore).
+    pub fn fitted_mut(&mut self) -> Result<&mut Fitted, String> {
+        self.fitted.as_mut().ok_or_else(|| "the PCA tokenizer is not fitted".to_string())
     }
 
     /// The fitted state, or an error saying how to get one.

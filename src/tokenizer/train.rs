@@ -117,6 +117,15 @@ pub fn wrap(inner: Box<dyn Data>, method: &str, s: &Settings) -> Result<(Tokeniz
         bail!("tokenizer: the training split has {n} images, fewer than the {} components", s.components);
     }
     let x = Tensor::f_cat(&xs, 0)?.f_narrow(0, 0, n.min(s.fit_samples))?;
+    let features: i64 = x.size().iter().skip(1).product();
+    if s.components > features.min(x.size()[0]) {
+        bail!(
+            "TOKENIZER_COMPONENTS={} is more than the {} features of an image (or the {} images fitted on)",
+            s.components,
+            features,
+            x.size()[0]
+        );
+    }
     let mut pca = PcaTokenizer::new(s.components).map_err(te)?;
     pca.fit(&x).map_err(te)?;
     let tok = SplinePcaTokenizer::from_pca(pca, s.smoothing).map_err(te)?;
@@ -225,26 +234,50 @@ impl Hook for TokenizerHook {
     }
 
     fn state(&self) -> Value {
-        json!({ "steps": self.shared.borrow().tok.steps() })
+        json!({ "recorded": self.shared.borrow().tok.steps().len() })
     }
 
+    /// The basis (a resumed cell projects with the checkpoint's, not a
+    /// refit that threads or LAPACK could change) and the trajectory with
+    /// its steps as tensors, so the JSON state stays small.
     fn tensors(&self) -> Vec<(String, Tensor)> {
         let s = self.shared.borrow();
-        match s.tok.steps().is_empty() {
-            true => Vec::new(),
-            false => {
-                s.tok.trajectory().map(|t| vec![("tokenizer.trajectory".to_string(), t)]).unwrap_or_default()
+        let mut out: Vec<(String, Tensor)> = match s.tok.pca.fitted() {
+            Ok(f) => f
+                .tensors()
+                .into_iter()
+                .map(|(n, t)| (format!("tokenizer.basis.{n}"), t.shallow_clone()))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        if !s.tok.steps().is_empty() {
+            if let Ok(t) = s.tok.trajectory() {
+                out.push(("tokenizer.trajectory".to_string(), t));
+                out.push(("tokenizer.steps".to_string(), Tensor::from_slice(s.tok.steps())));
             }
         }
+        out
     }
 
     fn restore(&mut self, state: &Value, tensors: &[(String, Tensor)]) -> Result<()> {
-        let steps: Vec<f64> = serde_json::from_value(state.get("steps").cloned().unwrap_or(json!([])))
-            .map_err(|e| anyhow!("checkpoint: tokenizer steps: {e}"))?;
         let mut s = self.shared.borrow_mut();
+        if tensors.iter().any(|(n, _)| n.starts_with("tokenizer.basis.")) {
+            let f = s.tok.pca.fitted_mut().map_err(te)?;
+            f.restore(tensors, "tokenizer.basis.")
+                .map_err(|e| anyhow!("checkpoint: tokenizer basis: {e}"))?;
+        }
+        let recorded = state.get("recorded").and_then(Value::as_u64).unwrap_or(0) as usize;
         s.tok.clear();
-        if steps.is_empty() {
+        if recorded == 0 {
             return Ok(());
+        }
+        let steps: Vec<f64> = match tensors.iter().find(|(n, _)| n == "tokenizer.steps") {
+            Some((_, t)) => Vec::<f64>::try_from(t.f_to_kind(Kind::Double)?.f_flatten(0, -1)?)
+                .map_err(|e| anyhow!("checkpoint: tokenizer steps: {e}"))?,
+            None => bail!("checkpoint: the tokenizer's steps are missing"),
+        };
+        if steps.len() != recorded {
+            bail!("checkpoint: {} tokenizer steps, the state says {recorded}", steps.len());
         }
         let t = tensors
             .iter()
@@ -284,13 +317,16 @@ impl Hook for TokenizerHook {
                 t["trajectory_variance"] = json!(s.tok.trajectory_variance().map_err(te)?);
             }
         }
-        if let Some(dir) = &self.save_to {
+        // One file per run (rank 0); a failed write is reported, and the
+        // finished run stays finished.
+        if let Some(dir) = self.save_to.as_ref().filter(|_| crate::dist::rank() == 0) {
             let path = dir.join("tokenizer.safetensors");
-            let saved = match s.record {
-                true => s.tok.save(&path, crate::safetensors::Target::STRICT),
-                false => s.tok.pca.save(&path, crate::safetensors::Target::STRICT),
-            };
-            saved.map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            let target = crate::safetensors::Target::OWNED;
+            let saved = if s.record { s.tok.save(&path, target) } else { s.tok.pca.save(&path, target) };
+            if let Err(e) = saved {
+                eprintln!("warning: {}: {e}", path.display());
+                t["save_error"] = json!(e);
+            }
         }
         let mut m = Map::new();
         m.insert("tokenizer".into(), t);
