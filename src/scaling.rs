@@ -96,13 +96,15 @@ pub struct Point {
     pub se: Option<f64>,
 }
 
-/// Least-squares parabola `y = a (x − x_min)² + y_min` through the mean y
-/// of each distinct x (three or more).
+/// Least-squares parabola `y = a (x − x_min)² + y_min` through every run
+/// of one project (three or more distinct x); `extrapolated` when its
+/// minimum lies outside the measured x.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Fit {
     pub a: f64,
     pub x_min: f64,
     pub y_min: f64,
+    pub extrapolated: bool,
 }
 
 /// What one curve's report holds.
@@ -114,9 +116,13 @@ pub struct CurveReport {
     pub points: Vec<Point>,
     /// Mean y per distinct x, per project: what the measured lines join.
     pub means: BTreeMap<String, Vec<(f64, f64)>>,
-    pub fit: Option<Fit>,
+    /// One parabola per project, where it has one.
+    pub fits: BTreeMap<String, Fit>,
     /// GPT-2 runs seen whose position is marked on the analytic curve.
     pub positions: Vec<Point>,
+    /// Runs left out of a measured curve (their project has one x only).
+    pub left_out: Vec<String>,
+    /// The files written, relative to the output folder.
     pub files: Vec<PathBuf>,
 }
 
@@ -133,10 +139,7 @@ pub struct Report {
 /// Fit a parabola to (x, y) by least squares; None with fewer than three
 /// distinct x or when the fit opens downwards (no minimum).
 pub fn fit_parabola(pts: &[(f64, f64)]) -> Option<Fit> {
-    let mut xs: Vec<f64> = pts.iter().map(|p| p.0).collect();
-    xs.sort_by(f64::total_cmp);
-    xs.dedup();
-    if xs.len() < 3 {
+    if distinct(pts.iter().map(|p| p.0)) < 3 {
         return None;
     }
     // Normal equations of y = c0 + c1 x + c2 x², centred for conditioning.
@@ -160,7 +163,14 @@ pub fn fit_parabola(pts: &[(f64, f64)]) -> Option<Fit> {
         return None;
     }
     let u_min = -c[1] / (2.0 * c[2]);
-    Some(Fit { a: c[2], x_min: u_min + mx, y_min: c[0] - c[1] * c[1] / (4.0 * c[2]) })
+    let x_min = u_min + mx;
+    let (lo, hi) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    Some(Fit {
+        a: c[2],
+        x_min,
+        y_min: c[0] - c[1] * c[1] / (4.0 * c[2]),
+        extrapolated: x_min < lo || x_min > hi,
+    })
 }
 
 /// Cramer's rule for a 3x3 system.
@@ -206,11 +216,28 @@ fn final_se(dir: &Path) -> Option<f64> {
     v.get("final_metrics")?.get("val_loss_se")?.as_f64().filter(|x| x.is_finite())
 }
 
+/// Whether two x are the same point of a curve (one rule for the means
+/// and the fit).
+fn same_x(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(1.0)
+}
+
+/// How many distinct x (by [`same_x`]).
+fn distinct(xs: impl Iterator<Item = f64>) -> usize {
+    let mut seen: Vec<f64> = Vec::new();
+    for x in xs {
+        if !seen.iter().any(|&s| same_x(s, x)) {
+            seen.push(x);
+        }
+    }
+    seen.len()
+}
+
 /// Mean y per distinct x, sorted by x.
 fn means(pts: &[&Point]) -> Vec<(f64, f64)> {
     let mut by: Vec<(f64, Vec<f64>)> = Vec::new();
     for p in pts {
-        match by.iter_mut().find(|(x, _)| (*x - p.x).abs() <= 1e-9 * p.x.abs().max(1.0)) {
+        match by.iter_mut().find(|(x, _)| same_x(*x, p.x)) {
             Some((_, ys)) => ys.push(p.y),
             None => by.push((p.x, vec![p.y])),
         }
@@ -268,7 +295,7 @@ pub fn report(projects: &[PathBuf], out: &Path) -> Result<Report> {
         curves.push(draw_curve(c, &runs, out)?);
     }
     let markdown = out.join("scaling.md");
-    let rep = Report { out: out.to_path_buf(), curves, markdown: markdown.clone(), skipped };
+    let rep = Report { out: out.to_path_buf(), curves, markdown: PathBuf::from("scaling.md"), skipped };
     fs::write(&markdown, markdown_of(&rep))
         .with_context(|| format!("{}: cannot write", markdown.display()))?;
     let json = serde_json::to_string_pretty(&rep)?;
@@ -292,6 +319,11 @@ fn draw_curve(c: &Curve, runs: &[Run], out: &Path) -> Result<CurveReport> {
     // Only a project that varies x measures the curve.
     let means: BTreeMap<String, Vec<(f64, f64)>> =
         by_project.iter().map(|(k, v)| (k.clone(), means(v))).filter(|(_, m)| m.len() >= 2).collect();
+    let left_out: Vec<String> = points
+        .iter()
+        .filter(|p| !means.contains_key(&p.project))
+        .map(|p| format!("{}/{}: its project has one x ({})", p.project, p.run, trim(p.x)))
+        .collect();
     let points: Vec<Point> = points.iter().filter(|p| means.contains_key(&p.project)).cloned().collect();
     let measured = !means.is_empty();
     let mut plot = LinePlot { x_label: c.x_label.into(), ..LinePlot::default() };
@@ -300,42 +332,42 @@ fn draw_curve(c: &Curve, runs: &[Run], out: &Path) -> Result<CurveReport> {
         source: if measured { "measured" } else { "analytic" }.into(),
         points: Vec::new(),
         means: BTreeMap::new(),
-        fit: None,
+        fits: BTreeMap::new(),
         positions: Vec::new(),
+        left_out: if measured { left_out } else { Vec::new() },
         files: Vec::new(),
     };
     if measured {
         plot.title = format!("{} (measured)", c.title);
         plot.y_label = c.y_label.into();
         let mut i = 0;
-        for (proj, m) in means.iter().filter(|(_, m)| m.len() >= 2) {
+        for (proj, m) in &means {
             plot.lines.push(Line {
                 name: format!("measured: {proj} (mean per x)"),
                 points: m.clone(),
                 style: style(i, Dash::Solid, Marker::Circle),
             });
+            // Projects may differ in everything but x: one fit each.
+            let mine: Vec<(f64, f64)> =
+                points.iter().filter(|p| p.project == *proj).map(|p| (p.x, p.y)).collect();
+            if let Some(f) = fit_parabola(&mine) {
+                let (lo, hi) = mine
+                    .iter()
+                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
+                let pts = (0..=100)
+                    .map(|k| lo + (hi - lo) * k as f64 / 100.0)
+                    .map(|x| (x, f.a * (x - f.x_min).powi(2) + f.y_min));
+                let ext = if f.extrapolated { " (extrapolated)" } else { "" };
+                plot.lines.push(Line {
+                    name: format!("{proj} fit: min at {:.2}{ext}", f.x_min),
+                    points: pts.collect(),
+                    style: style(i, Dash::Dashed, Marker::None),
+                });
+                rep.fits.insert(proj.clone(), f);
+            }
             i += 1;
         }
-        let all: Vec<(f64, f64)> = means.values().filter(|m| m.len() >= 2).flatten().copied().collect();
-        if means.len() == 1 {
-            let one: Vec<(f64, f64)> = points.iter().map(|p| (p.x, p.y)).collect();
-            rep.fit = fit_parabola(&one);
-        } else {
-            rep.fit = fit_parabola(&all);
-        }
-        if let Some(f) = &rep.fit {
-            let (lo, hi) =
-                all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
-            let pts = (0..=100)
-                .map(|k| lo + (hi - lo) * k as f64 / 100.0)
-                .map(|x| (x, f.a * (x - f.x_min).powi(2) + f.y_min));
-            plot.lines.push(Line {
-                name: format!("least-squares parabola: minimum at x = {:.3}", f.x_min),
-                points: pts.collect(),
-                style: style(i, Dash::Dashed, Marker::None),
-            });
-            i += 1;
-        }
+        let all: Vec<(f64, f64)> = means.values().flatten().copied().collect();
         let (ylo, yhi) =
             all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
         plot.lines.push(Line {
@@ -394,7 +426,7 @@ fn draw_curve(c: &Curve, runs: &[Run], out: &Path) -> Result<CurveReport> {
     for ext in ["png", "svg"] {
         let path = out.join(format!("scaling_{}.{ext}", c.key));
         save(&plot, &path)?;
-        rep.files.push(path);
+        rep.files.push(PathBuf::from(path.file_name().unwrap_or_default()));
     }
     Ok(rep)
 }
@@ -417,12 +449,23 @@ fn markdown_of(r: &Report) -> String {
                 let se = p.se.map(|e| format!(" ± {e:.4}")).unwrap_or_default();
                 s.push_str(&format!("| {} | {} | {:.4} | {:.4}{se} |\n", p.project, p.run, p.x, p.y));
             }
-            match &cr.fit {
-                Some(f) => s.push_str(&format!(
-                    "\nLeast-squares parabola: minimum {:.4} at x = {:.3} (the seed claims x = {}).\n",
-                    f.y_min, f.x_min, c.x_opt
-                )),
-                None => s.push_str("\nNo parabola fitted (fewer than three distinct x, or no minimum).\n"),
+            s.push('\n');
+            for proj in cr.means.keys() {
+                match cr.fits.get(proj) {
+                    Some(f) => s.push_str(&format!(
+                        "- {proj}: least-squares parabola, minimum {:.4} at x = {:.3}{} (the seed claims x = {}).\n",
+                        f.y_min,
+                        f.x_min,
+                        if f.extrapolated { ", extrapolated: outside the measured x" } else { "" },
+                        c.x_opt
+                    )),
+                    None => s.push_str(&format!(
+                        "- {proj}: no parabola fitted (fewer than three distinct x, or no minimum).\n"
+                    )),
+                }
+            }
+            for l in &cr.left_out {
+                s.push_str(&format!("- left out: {l}\n"));
             }
         } else {
             s.push_str(&format!(

@@ -107,9 +107,10 @@ fn measured_ratio_curve_fits_the_parabola_the_runs_lie_on() {
         let x = ratio(64.0, h as f64);
         assert!((p["x"].as_f64().unwrap() - x).abs() < 1e-12, "{p} vs {x}");
     }
-    let fit = &c["fit"];
+    let fit = &c["fits"]["sw"];
     assert!((fit["x_min"].as_f64().unwrap() - 1.7).abs() < 1e-6, "{fit}");
     assert!((fit["y_min"].as_f64().unwrap() - 2.0).abs() < 1e-6, "{fit}");
+    assert_eq!(fit["extrapolated"], false);
     // One depth (2) only: the depth curve is the seed's analytic one, with
     // the sweep's runs marked where they sit.
     let dc = curve(&rep, "depth");

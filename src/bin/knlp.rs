@@ -732,7 +732,7 @@ fn main() -> ExitCode {
             for s in &r.skipped {
                 println!("  left out: {s}");
             }
-            println!("wrote {} and scaling_{{ratio,depth}}.{{png,svg}}", r.markdown.display());
+            println!("wrote {} and scaling_{{ratio,depth}}.{{png,svg}}", r.out.join(&r.markdown).display());
             Ok(0)
         })()),
         Command::Mechint(args) => report(knlp_mechint(&args)),

@@ -387,7 +387,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
         super::display::show_files(&[PathBuf::from(path)]);
         Ok(())
     });
-    api.f("scaling_report", "projects: array, out", "The scaling curves of the GPT-2 runs of `projects` (names under runs/ or folders) into folder `out`, as `knlp scaling` (docs/scaling.md): `#{ out, markdown, curves: [#{ key, source: \"measured\"|\"analytic\", points, means, fit, positions, files }], skipped }`.", |projects: Array, out: &str| -> RResult<Dynamic> {
+    api.f("scaling_report", "projects: array, out", "The scaling curves of the GPT-2 runs of `projects` (names under runs/ or folders) into folder `out`, as `knlp scaling` (docs/scaling.md): `#{ out, markdown, curves: [#{ key, source: \"measured\"|\"analytic\", points, means, fits: #{ project: #{ a, x_min, y_min, extrapolated } }, positions, left_out, files }], skipped }`; files are relative to `out`.", |projects: Array, out: &str| -> RResult<Dynamic> {
         let dirs = projects
             .iter()
             .map(|p| {
@@ -399,7 +399,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
             return Err(rerr("scaling_report: give at least one project"));
         }
         let r = crate::scaling::report(&dirs, Path::new(out)).rt()?;
-        super::display::show_files(&r.curves.iter().flat_map(|c| c.files.iter().filter(|f| f.extension().is_some_and(|e| e == "png")).cloned()).collect::<Vec<_>>());
+        super::display::show_files(&r.curves.iter().flat_map(|c| c.files.iter().filter(|f| f.extension().is_some_and(|e| e == "png")).map(|f| r.out.join(f))).collect::<Vec<_>>());
         rhai::serde::to_dynamic(&r).map_err(|e| rerr(e.to_string()))
     });
     api.f("graphs", "project", "Draw every graph of a project and its report.md into <project>/graphs/ (as `knlp graphs`); returns the files written.", |project: &str| graph_files(project));
