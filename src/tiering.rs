@@ -58,6 +58,30 @@ impl Default for TieringConfig {
     }
 }
 
+/// Files of a run folder the hints must not overwrite.
+pub const RESERVED: [&str; 9] = [
+    "metrics.jsonl",
+    "config.json",
+    "summary.json",
+    "status.json",
+    "tiering.json",
+    "tiering_history.jsonl",
+    "train.log",
+    "system.json",
+    "inference.json",
+];
+
+/// Is step `step` (just taken) one where tiers are (re)assigned? `last`:
+/// the step of the last assignment. The first comes at the first step at
+/// or after `assign_at` that was taken (fp16 may skip the step itself);
+/// then every `every` steps (0: never).
+pub fn due_rule(last: Option<i64>, step: i64, assign_at: i64, every: i64) -> bool {
+    match last {
+        None => step >= assign_at,
+        Some(l) => every > 0 && step - l >= every,
+    }
+}
+
 /// The modes and what they do after assignment.
 pub const MODES: [&str; 2] = ["emulated", "real"];
 
@@ -86,10 +110,18 @@ impl TieringConfig {
         if self.assign_step < 0 || self.reassign_every < 0 {
             bail!("tiering: assign_step and reassign_every (TIERING_ASSIGN_STEP, TIERING_REASSIGN_EVERY) must be >= 0");
         }
-        if self.json.contains('/') || self.json == "." || self.json == ".." {
+        if self.json.contains(['/', '\\']) || self.json == "." || self.json == ".." {
             bail!(
                 "tiering: json (TIERING_JSON_OUTPUT) is a file name in the run folder, got '{}'",
                 self.json
+            );
+        }
+        if RESERVED.contains(&self.json.as_str()) {
+            bail!(
+                "tiering: json (TIERING_JSON_OUTPUT) '{}' would overwrite the run's own file; choose another \
+                 name (reserved: {})",
+                self.json,
+                RESERVED.join(", ")
             );
         }
         Ok(())
@@ -168,6 +200,19 @@ pub fn module_scores(store: &ParamStore, opt: &Optimizer) -> Result<Vec<(String,
     Ok(out)
 }
 
+/// Refuse, before any step, an optimizer without Adam's moments.
+pub fn check_optimizer(store: &ParamStore, opt: &Optimizer) -> Result<()> {
+    if let Some(p) = store.params().first() {
+        if opt.state(store, &p.name)?.exp_avg.is_none() {
+            bail!(
+                "tiering (ENABLE_HIERARCHICAL_TIERING) scores modules by Adam's moments; the optimizer ({}) has none",
+                opt.cfg.kind.name()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// One assignment of modules to tiers, and why.
 #[derive(Clone, Debug, Serialize)]
 pub struct Assignment {
@@ -237,9 +282,21 @@ struct Points {
     stage: Option<String>,
     /// Unstaged here; None: at the end of the forward.
     unstage: Option<String>,
-    /// Its delay is charged here, for this point's bytes times `scale`.
+    /// Its delay is charged here, for `bytes` of the point's activation.
     charge: String,
-    scale: f64,
+    bytes: Bytes,
+}
+
+/// What a module's charge counts.
+#[derive(Clone, Copy, Debug)]
+enum Bytes {
+    /// The activation's bytes times this (a head widens the residual).
+    Output(f64),
+    /// One batch row of the activation: `wpe`'s [T, C] rows, which the
+    /// hook sees expanded over the batch.
+    Row,
+    /// The module's own parameters (a gate read by every block).
+    Params,
 }
 
 /// Inside a block: (child, point before it, point after it).
@@ -251,32 +308,58 @@ const BLOCK_POINTS: [(&str, &str, &str); 4] = [
 ];
 
 /// Before the blocks: embeddings, timed by the point after their lookup.
-const HEAD_POINTS: [(&str, &str); 3] = [
-    ("transformer.wte", "hook_embed"),
-    ("transformer.wpe", "hook_pos_embed"),
-    ("transformer.emb_proj", "hook_pos_embed"),
+const HEAD_POINTS: [(&str, &str, Bytes); 3] = [
+    ("transformer.wte", "hook_embed", Bytes::Output(1.0)),
+    ("transformer.wpe", "hook_pos_embed", Bytes::Row),
+    ("transformer.emb_proj", "hook_pos_embed", Bytes::Output(1.0)),
 ];
 
-fn points(module: &str, weight: Option<&[i64]>, last_block: usize) -> Points {
+/// After the blocks: from the last residual to the end of the forward.
+const TAIL_MODULES: [&str; 3] = ["transformer.ln_f", "transformer.out_proj", "lm_head"];
+
+/// `transformer.alternation_logits` (learned RA's direction), read by
+/// every block: staged before the first, charged for its own bytes.
+const GATE_MODULE: &str = "transformer";
+
+fn points(module: &str, weight: Option<&[i64]>, last_block: usize) -> Result<Points> {
     let parts: Vec<&str> = module.split('.').collect();
     if let ["transformer", "h", i, child] = parts.as_slice() {
         if let Some((_, pre, post)) = BLOCK_POINTS.iter().find(|(c, ..)| c == child) {
             let (pre, post) = (format!("blocks.{i}.{pre}"), format!("blocks.{i}.{post}"));
-            return Points { stage: Some(pre), unstage: Some(post.clone()), charge: post, scale: 1.0 };
+            return Ok(Points {
+                stage: Some(pre),
+                unstage: Some(post.clone()),
+                charge: post,
+                bytes: Bytes::Output(1.0),
+            });
         }
     }
-    if let Some((_, at)) = HEAD_POINTS.iter().find(|(m, _)| *m == module) {
-        return Points { stage: None, unstage: None, charge: at.to_string(), scale: 1.0 };
+    if let Some((_, at, bytes)) = HEAD_POINTS.iter().find(|(m, ..)| *m == module) {
+        return Ok(Points { stage: None, unstage: None, charge: at.to_string(), bytes: *bytes });
     }
-    // After the blocks (ln_f, out_proj, an untied lm_head): from the last
-    // residual to the end of the forward; a [out, in] weight widens the
-    // residual's bytes to its output's.
-    let scale = match weight {
-        Some([o, i]) if *i > 0 => *o as f64 / *i as f64,
-        _ => 1.0,
-    };
-    let at = format!("blocks.{last_block}.hook_resid_post");
-    Points { stage: Some(at.clone()), unstage: None, charge: at, scale }
+    if module == GATE_MODULE {
+        let at = "hook_embed".to_string();
+        return Ok(Points { stage: Some(at.clone()), unstage: None, charge: at, bytes: Bytes::Params });
+    }
+    if TAIL_MODULES.contains(&module) {
+        // A [out, in] weight widens the residual's bytes to its output's.
+        let scale = match weight {
+            Some([o, i]) if *i > 0 => *o as f64 / *i as f64,
+            _ => 1.0,
+        };
+        let at = format!("blocks.{last_block}.hook_resid_post");
+        return Ok(Points {
+            stage: Some(at.clone()),
+            unstage: None,
+            charge: at,
+            bytes: Bytes::Output(scale),
+        });
+    }
+    bail!(
+        "tiering: module {module} is not one tiering knows where to time (GPT-2's embeddings, blocks' \
+         ln_1/attn/ln_2/mlp, {GATE_MODULE}.alternation_logits, {})",
+        TAIL_MODULES.join(", ")
+    )
 }
 
 struct Unit {
@@ -292,6 +375,8 @@ struct Totals {
     slept_s: f64,
     staged: u64,
     moved_bytes: f64,
+    /// Real mode: bytes copied back to the host copies after updates.
+    refreshed_bytes: f64,
 }
 
 impl Totals {
@@ -300,6 +385,7 @@ impl Totals {
         self.slept_s += o.slept_s;
         self.staged += o.staged;
         self.moved_bytes += o.moved_bytes;
+        self.refreshed_bytes += o.refreshed_bytes;
     }
 }
 
@@ -356,10 +442,10 @@ impl Tiering {
                 let params: Vec<Tensor> =
                     idx.iter().map(|&i| store.params()[i].tensor.shallow_clone()).collect();
                 let weight = params.iter().map(|t| t.size()).find(|s| s.len() == 2);
-                let points = points(&name, weight.as_deref(), last_block);
-                Unit { name, params, points }
+                let points = points(&name, weight.as_deref(), last_block)?;
+                Ok(Unit { name, params, points })
             })
-            .collect::<Vec<_>>();
+            .collect::<Result<Vec<_>>>()?;
         for u in &units {
             for p in [Some(&u.points.charge), u.points.stage.as_ref(), u.points.unstage.as_ref()]
                 .into_iter()
@@ -395,10 +481,11 @@ impl Tiering {
         self.state.borrow().assignment.clone()
     }
 
-    /// Is step `step` (just taken) one where tiers are (re)assigned?
+    /// Is step `step` (just taken) one where tiers are (re)assigned
+    /// ([`due_rule`])?
     pub fn due(&self, step: i64, assign_at: i64) -> bool {
-        let every = self.cfg.reassign_every;
-        step == assign_at || (every > 0 && step > assign_at && (step - assign_at) % every == 0)
+        let last = self.state.borrow().assignment.as_ref().map(|a| a.step);
+        due_rule(last, step, assign_at, self.cfg.reassign_every)
     }
 
     /// Score the modules from `opt`'s moments and assign tiers; writes the
@@ -412,6 +499,64 @@ impl Tiering {
     ) -> Result<&'static str> {
         self.end_forward()?;
         let a = Assignment::new(module_scores(store, opt)?, self.cfg.hbm, self.cfg.cpu, step)?;
+        let mut entry = a.details();
+        entry.as_object_mut().map(|o| o.remove("modules"));
+        if let Some(dir) = run_dir.filter(|_| !self.cfg.json.is_empty()) {
+            let mut details = a.details();
+            if let Some(o) = details.as_object_mut() {
+                o.insert("mode".into(), json!(self.cfg.mode));
+                o.insert("json".into(), json!(self.cfg.json));
+                o.insert("history".into(), json!("tiering_history.jsonl"));
+            }
+            write_json(&dir.join(&self.cfg.json), &a.hints())?;
+            write_json(&dir.join("tiering.json"), &details)?;
+            append_jsonl(&dir.join("tiering_history.jsonl"), &entry)?;
+        }
+        self.state.borrow_mut().history.push(entry);
+        self.install(a)?;
+        Ok("assigned")
+    }
+
+    /// The assignment and its history, for a checkpoint (Null: none yet).
+    pub fn state(&self) -> Value {
+        let st = self.state.borrow();
+        match &st.assignment {
+            None => Value::Null,
+            Some(a) => json!({"assignment": a, "history": st.history}),
+        }
+    }
+
+    /// Put back what [`Tiering::state`] saved: the same tiers, not a new
+    /// scoring of the restored moments. Null: nothing assigned yet.
+    pub fn restore(&self, v: &Value) -> Result<()> {
+        if v.is_null() {
+            return Ok(());
+        }
+        let a = &v["assignment"];
+        let modules: Vec<String> = serde_json::from_value(a["modules"].clone())?;
+        let scores: Vec<f64> = serde_json::from_value(a["scores"].clone())?;
+        let tiers: Vec<String> = serde_json::from_value(a["tiers"].clone())?;
+        let counts: [usize; 3] = serde_json::from_value(a["counts"].clone())?;
+        let names: Vec<&String> = self.units.iter().map(|u| &u.name).collect();
+        if modules.iter().collect::<Vec<_>>() != names || scores.len() != modules.len() {
+            bail!("tiering: the checkpoint's modules are not this model's");
+        }
+        let tiers = tiers
+            .iter()
+            .map(|t| TIERS.iter().find(|x| **x == t.as_str()).copied())
+            .collect::<Option<Vec<&'static str>>>()
+            .ok_or_else(|| anyhow!("tiering: the checkpoint's tiers are not hbm, cpu or ssd"))?;
+        let num = |k: &str| a[k].as_f64().ok_or_else(|| anyhow!("tiering: the checkpoint lacks {k}"));
+        let step = a["step"].as_i64().ok_or_else(|| anyhow!("tiering: the checkpoint lacks step"))?;
+        let a = Assignment { step, hbm: num("hbm")?, cpu: num("cpu")?, modules, scores, tiers, counts };
+        self.state.borrow_mut().history = v["history"].as_array().cloned().unwrap_or_default();
+        self.install(a)
+    }
+
+    /// Hook the forwards for `a`'s tiers; real mode copies the offloaded
+    /// parameters to the host.
+    fn install(&self, a: Assignment) -> Result<()> {
+        self.end_forward()?;
         let mut st = self.state.borrow_mut();
         st.tier = a.tiers.iter().map(|t| TIERS.iter().position(|x| x == t).unwrap_or(2)).collect();
         st.actions.clear();
@@ -432,23 +577,9 @@ impl Tiering {
         for v in st.actions.values_mut() {
             v.sort();
         }
-        let mut entry = a.details();
-        entry.as_object_mut().map(|o| o.remove("modules"));
-        st.history.push(entry);
-        if let Some(dir) = run_dir.filter(|_| !self.cfg.json.is_empty()) {
-            let mut details = a.details();
-            if let Some(o) = details.as_object_mut() {
-                o.insert("mode".into(), json!(self.cfg.mode));
-                o.insert("json".into(), json!(self.cfg.json));
-                o.insert("history".into(), Value::Array(st.history.clone()));
-            }
-            write_json(&dir.join(&self.cfg.json), &a.hints())?;
-            write_json(&dir.join("tiering.json"), &details)?;
-        }
         st.assignment = Some(a);
         drop(st);
-        self.refresh_host()?;
-        Ok("assigned")
+        self.refresh_host()
     }
 
     /// Real mode: the host copies of offloaded parameters follow the
@@ -478,6 +609,7 @@ impl Tiering {
                 };
                 let mut hm = h.shallow_clone();
                 hm.f_copy_(p).map_err(te)?;
+                st.window.refreshed_bytes += (p.numel() * p.kind().elt_size_in_bytes()) as f64;
                 copies.push(h);
             }
             st.host.insert(u, copies);
@@ -489,18 +621,27 @@ impl Tiering {
         if st.staged.iter().any(|(s, _)| *s == u) {
             return Ok(());
         }
-        let Some(host) = st.host.get(&u) else { return Ok(()) };
-        let mut saved = Vec::new();
+        let Some(host) = st.host.get(&u).map(|v| v.iter().map(|h| h.shallow_clone()).collect::<Vec<_>>())
+        else {
+            return Ok(());
+        };
+        let params = &self.units[u].params;
+        let saved = params.iter().map(|p| p.f_detach()).collect::<Result<Vec<_>, _>>()?;
+        // Recorded before any parameter changes: a failed copy (out of
+        // memory) gives every parameter staged so far its data back.
+        st.staged.push((u, saved));
         let mut bytes = 0.0;
-        for (p, h) in self.units[u].params.iter().zip(host) {
-            saved.push(p.f_detach()?);
-            let on_device = h.f_to_device(self.device)?;
-            crate::shim::set_data(p, &on_device).map_err(TchError::Kind)?;
+        for (p, h) in params.iter().zip(&host) {
+            let r =
+                h.f_to_device(self.device).and_then(|d| crate::shim::set_data(p, &d).map_err(TchError::Kind));
+            if let Err(e) = r {
+                self.unstage(st, u)?;
+                return Err(e);
+            }
             bytes += (h.numel() * h.kind().elt_size_in_bytes()) as f64;
         }
         st.window.staged += 1;
         st.window.moved_bytes += bytes;
-        st.staged.push((u, saved));
         if let Some(t) = st.trace.as_mut() {
             t.push(format!("stage {}", self.units[u].name));
         }
@@ -520,7 +661,14 @@ impl Tiering {
     }
 
     fn charge(&self, st: &mut State, u: usize, act: &Tensor) {
-        let bytes = (act.numel() * act.kind().elt_size_in_bytes()) as f64 * self.units[u].points.scale;
+        let out = (act.numel() * act.kind().elt_size_in_bytes()) as f64;
+        let bytes = match self.units[u].points.bytes {
+            Bytes::Output(scale) => out * scale,
+            Bytes::Row => out / act.size().first().copied().unwrap_or(1).max(1) as f64,
+            Bytes::Params => {
+                self.units[u].params.iter().map(|p| (p.numel() * p.kind().elt_size_in_bytes()) as f64).sum()
+            }
+        };
         let d = delay_s(st.tier[u], bytes);
         let t0 = Instant::now();
         std::thread::sleep(Duration::from_secs_f64(d));
@@ -557,6 +705,7 @@ impl Tiering {
             "real" => {
                 m.insert("tier_staged".into(), json!(w.staged as f64 / n));
                 m.insert("tier_moved_mb".into(), json!(w.moved_bytes / n / 1e6));
+                m.insert("tier_refreshed_mb".into(), json!(w.refreshed_bytes / n / 1e6));
             }
             _ => {
                 m.insert("tier_delay_ms".into(), json!(w.requested_s / n * 1e3));
@@ -581,6 +730,7 @@ impl Tiering {
             "delay_slept_s": t.slept_s,
             "staged": t.staged,
             "moved_mb": t.moved_bytes / 1e6,
+            "refreshed_mb": t.refreshed_bytes / 1e6,
         })
     }
 }
@@ -602,6 +752,16 @@ impl Hooks for Tiering {
         }
         Ok(None)
     }
+}
+
+fn append_jsonl(path: &Path, v: &Value) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    writeln!(f, "{}", serde_json::to_string(v)?).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
 fn write_json(path: &Path, v: &Value) -> Result<()> {

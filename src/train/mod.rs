@@ -545,6 +545,10 @@ impl Trainer<'_> {
             Ok(extra) => m.extend(extra),
             Err(e) => eprintln!("warning: the model's evaluation analysis failed: {e:#}"),
         }
+        // The analysis may change weights: real mode's host copies follow.
+        if let Some(t) = tiering {
+            t.refresh_host()?;
+        }
         Ok(m)
     }
 
@@ -635,9 +639,13 @@ impl Trainer<'_> {
     /// status `failed` and the run directory says why.
     pub fn run(mut self) -> Result<Summary> {
         self.cfg.validate()?;
-        // Tiering needs the model's hook points: refused before any work.
+        // Tiering needs the model's hook points and Adam's moments:
+        // refused before any work.
         let tiering = match &self.cfg.tiering {
-            Some(c) => Some(crate::tiering::Tiering::new(c, &*self.model)?),
+            Some(c) => {
+                crate::tiering::check_optimizer(self.model.store(), self.opt)?;
+                Some(crate::tiering::Tiering::new(c, &*self.model)?)
+            }
             None => None,
         };
         let assign_at =
@@ -716,9 +724,10 @@ impl Trainer<'_> {
                 self.run.truncate_metrics_after(step)?;
             }
             progress.line(&self.run, &format!("resumed from {} at step {step}", last.display()));
-            // Tiers are not checkpointed: the restored moments give them again.
-            if let Some(t) = tiering.as_ref().filter(|_| step >= assign_at) {
-                t.assign(self.model.store(), self.opt, step, lead.then_some(self.run.path.as_path()))?;
+            // The checkpoint's tiers, not a new scoring of its moments.
+            if let Some(t) = &tiering {
+                t.restore(p.get("tiering").unwrap_or(&Value::Null))
+                    .with_context(|| format!("{}: tiering", last.display()))?;
             }
         }
         // The local sink writes config.json and starts a new metrics.jsonl
@@ -828,6 +837,7 @@ impl Trainer<'_> {
                         // checkpoint: a killed epoch-based run resumes there.
                         if self.cfg.checkpoint_every == 0 && step > 0 {
                             let p = progress_state(&best, &last_eval, elapsed(&start), items_done, total);
+                            let p = with_tiering(p, tiering.as_ref());
                             self.save("last", step, epoch, &p)?;
                         }
                     }
@@ -969,16 +979,24 @@ impl Trainer<'_> {
                     h.after_step(&mut ctx)?;
                 }
                 if let Some(t) = &tiering {
-                    // Real mode's host copies follow the update; tiers
-                    // come from the moments once the warm-up filled them.
-                    t.refresh_host()?;
+                    // Tiers come from the moments once the warm-up filled
+                    // them, at the first step taken from then on (fp16
+                    // may skip one); real mode's host copies follow the
+                    // update (an assignment refreshes them itself).
                     if t.due(step, assign_at) {
-                        t.assign(ctx.store, ctx.opt, step, lead.then_some(self.run.path.as_path()))?;
+                        let dir = lead.then_some(self.run.path.as_path());
+                        if let Err(e) = t.assign(ctx.store, ctx.opt, step, dir) {
+                            failure = Some(format!("tiering at step {step}: {e:#}"));
+                            break 'outer;
+                        }
                         if let Some(a) = t.assignment() {
                             let [h, c, d] = a.counts;
                             let msg = format!("tiering at step {step}: {h} modules in HBM, {c} CPU, {d} SSD");
                             progress.line(&self.run, &msg);
                         }
+                    } else if let Err(e) = t.refresh_host() {
+                        failure = Some(format!("tiering at step {step}: {e:#}"));
+                        break 'outer;
                     }
                 }
                 report
@@ -1099,6 +1117,7 @@ impl Trainer<'_> {
             let ck_every = self.cfg.checkpoint_every;
             if (ck_every > 0 && step % ck_every == 0) || (ck_every == 0 && at_eval) {
                 let p = progress_state(&best, &last_eval, elapsed(&start), items_done, total);
+                let p = with_tiering(p, tiering.as_ref());
                 self.save("last", step, epoch, &p)?;
             }
             if self.cfg.stop_after > 0 && step >= self.cfg.stop_after {
@@ -1136,6 +1155,7 @@ impl Trainer<'_> {
             );
             if status == Status::Interrupted && step > 0 {
                 let p = progress_state(&best, &last_eval, secs, items_done, total);
+                let p = with_tiering(p, tiering.as_ref());
                 self.save("last", step, epoch, &p)?;
             }
             if lead {
@@ -1157,7 +1177,8 @@ impl Trainer<'_> {
                 finish_monitor(m, &mut progress, &self.run, &mut s.extra);
             }
             if let Some(t) = &tiering {
-                s.extra.insert("tiering".into(), t.summary());
+                s.extra
+                    .insert("tiering".into(), tiering_summary(t, step, assign_at, &mut progress, &self.run));
             }
             let name = if status == Status::Failed { "failed" } else { "interrupted" };
             tracker.finish(&serde_json::to_value(&s)?, name)?;
@@ -1182,6 +1203,7 @@ impl Trainer<'_> {
             )?;
         }
         let p = progress_state(&best, &last_eval, secs, items_done, total);
+        let p = with_tiering(p, tiering.as_ref());
         self.save("last", step, epoch, &p)?;
         let inference = self.inference_test(sample_shape, &mut progress);
         let mut s = self.summary(
@@ -1200,7 +1222,7 @@ impl Trainer<'_> {
             finish_monitor(m, &mut progress, &self.run, &mut s.extra);
         }
         if let Some(t) = &tiering {
-            s.extra.insert("tiering".into(), t.summary());
+            s.extra.insert("tiering".into(), tiering_summary(t, step, assign_at, &mut progress, &self.run));
         }
         if let Some(report) = inference {
             s.extra.extend(crate::inference::headline(&report));
@@ -1355,6 +1377,31 @@ impl Trainer<'_> {
             extra,
         })
     }
+}
+
+/// The tiers in a checkpoint's progress state, so a resumed run keeps them.
+fn with_tiering(mut p: Value, t: Option<&crate::tiering::Tiering>) -> Value {
+    if let (Some(t), Some(o)) = (t, p.as_object_mut()) {
+        o.insert("tiering".into(), t.state());
+    }
+    p
+}
+
+/// Tiering's summary; a run that ended before the assignment says so.
+fn tiering_summary(
+    t: &crate::tiering::Tiering,
+    step: i64,
+    assign_at: i64,
+    progress: &mut Progress,
+    run: &RunDir,
+) -> Value {
+    let mut s = t.summary();
+    if !t.active() {
+        let msg = format!("tiering never assigned: the run ended at step {step} before step {assign_at}");
+        progress.line(run, &msg);
+        s["never_assigned"] = json!(msg);
+    }
+    s
 }
 
 fn progress_state(
