@@ -521,6 +521,27 @@ impl Experiment {
                 _ => bail!("GRAD_CLIP_NORM must be auto, 0 or a positive number, got '{s}'"),
             },
         };
+        if train.tiering.is_some() {
+            // Tiering times GPT-2's modules and scores them by Adam's
+            // moments: a matrix with anything else would fail per cell.
+            let models_off: Vec<&String> = models.iter().filter(|m| *m != "gpt2").collect();
+            if !models_off.is_empty() {
+                bail!(
+                    "CONFIG_ENABLE_HIERARCHICAL_TIERING needs GPT-2's hook points; the matrix also has {:?} \
+                     (disable the tiering or those models)",
+                    models_off
+                );
+            }
+            let opts_off: Vec<&String> =
+                optimizers.iter().filter(|o| matches!(o.as_str(), "sgd" | "sinkgd")).collect();
+            if !opts_off.is_empty() {
+                bail!(
+                    "CONFIG_ENABLE_HIERARCHICAL_TIERING scores modules by Adam's moments; the matrix also has \
+                     {:?}, which keep none (disable the tiering or those optimizers)",
+                    opts_off
+                );
+            }
+        }
         Ok(Experiment {
             models,
             gpt2,
