@@ -521,9 +521,12 @@ impl Experiment {
                 _ => bail!("GRAD_CLIP_NORM must be auto, 0 or a positive number, got '{s}'"),
             },
         };
-        if train.tiering.is_some() {
-            // Tiering times GPT-2's modules and scores them by Adam's
-            // moments: a matrix with anything else would fail per cell.
+        // Tiering times GPT-2's modules and scores them by Adam's moments:
+        // a matrix with anything else would fail per cell. Kconfig turns
+        // the option off for such a matrix; one set to y is refused here.
+        let asked =
+            r.kc.symbol("ENABLE_HIERARCHICAL_TIERING").and_then(|s| s.user_value()).is_some_and(|v| v == "y");
+        if train.tiering.is_some() || asked {
             let models_off: Vec<&String> = models.iter().filter(|m| *m != "gpt2").collect();
             if !models_off.is_empty() {
                 bail!(

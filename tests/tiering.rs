@@ -298,6 +298,8 @@ fn bad_thresholds_name_the_option() {
     for (extra, want) in [("CONFIG_MODEL_LENET5=y\n", "lenet5"), ("CONFIG_OPTIMIZER_SGD=y\n", "sgd")] {
         let f = tmp(&format!("matrix-{want}"));
         std::fs::write(&f, base.clone() + extra).unwrap();
+        // Kconfig turns the option off (it depends on the matrix); one set
+        // to y is refused, not dropped silently.
         let (kc, _) = config::load(&root().join("Kconfig"), &f, &[]).unwrap();
         let e = format!("{:#}", Experiment::read(&Reader::new(&kc)).unwrap_err());
         assert!(e.contains("ENABLE_HIERARCHICAL_TIERING") && e.contains(want), "{extra}: {e}");
