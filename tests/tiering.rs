@@ -708,3 +708,39 @@ fn real_mode_on_cuda() {
     assert!(s["moved_mb"].as_f64().unwrap() > 0.0, "{s}");
     eprintln!("cuda real staging: {s}");
 }
+
+/// Learned RA's `transformer.alternation_logits` is a module of its own,
+/// staged before the blocks and charged its own bytes, not timed as if it
+/// came after them.
+#[test]
+fn learned_ra_gate_is_mapped() {
+    let _g = serial();
+    tch::manual_seed(7);
+    let c = gpt2::Config {
+        block_size: BLOCK,
+        vocab_size: VOCAB,
+        dropout: 0.0,
+        attention: "ra".into(),
+        direction: Some("learned".into()),
+        ..gpt2::Config::custom(2, 4, 32)
+    };
+    let mut m = Gpt2::new(c).unwrap();
+    m.store_mut().finalize(CPU).unwrap();
+    let mut opt = adamw(&m);
+    steps(&m, &mut opt, 1, None, None);
+    for (mode, want) in [("emulated", "charge transformer ssd 8"), ("real", "stage transformer")] {
+        let cfg = TieringConfig { mode: mode.into(), hbm: 0.0, cpu: 0.0, ..Default::default() };
+        let t = Tiering::new(&cfg, &m).unwrap();
+        t.assign(m.store(), &opt, 1, None).unwrap();
+        t.trace(true);
+        let (x, _) = batch(1);
+        let _ = m.forward_hooked(&x, false, Some(&t)).unwrap();
+        t.end_forward().unwrap();
+        let trace = t.take_trace();
+        assert_eq!(trace.iter().filter(|l| *l == want).count(), 1, "{mode}: {trace:?}");
+        if mode == "real" {
+            let first = trace.iter().position(|l| l.starts_with("stage transformer.h.0")).unwrap();
+            assert!(trace.iter().position(|l| l == "stage transformer").unwrap() < first, "{trace:?}");
+        }
+    }
+}
