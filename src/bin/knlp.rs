@@ -1,6 +1,6 @@
 //! `knlp`: the command-line front end. Each subcommand is a thin call into
 //! the library.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
@@ -710,14 +710,7 @@ fn main() -> ExitCode {
                 .map(|set| i32::from(!set.warnings.is_empty())),
         ),
         Command::Scaling { projects, runs_dir, out } => report((|| {
-            let dirs: Vec<PathBuf> = if projects.is_empty() {
-                vec![::report::resolve_project(None, &runs_dir)?]
-            } else {
-                projects
-                    .iter()
-                    .map(|p| ::report::resolve_project(Some(p), &runs_dir))
-                    .collect::<anyhow::Result<_>>()?
-            };
+            let dirs = project_dirs(&projects, &runs_dir)?;
             let out = match (out, dirs.as_slice()) {
                 (Some(o), _) => o,
                 (None, [one]) => one.join("graphs"),
@@ -737,14 +730,7 @@ fn main() -> ExitCode {
         })()),
         Command::Mechint(args) => report(knlp_mechint(&args)),
         Command::Archive { name, projects, runs_dir, out } => report((|| {
-            let dirs: Vec<PathBuf> = if projects.is_empty() {
-                vec![::report::resolve_project(None, &runs_dir)?]
-            } else {
-                projects
-                    .iter()
-                    .map(|p| ::report::resolve_project(Some(p), &runs_dir))
-                    .collect::<anyhow::Result<_>>()?
-            };
+            let dirs = project_dirs(&projects, &runs_dir)?;
             let a = ::report::archive(&name, &dirs, &out)?;
             for (p, runs, done) in &a.projects {
                 println!("  {p:<40} {runs} run(s), {done} done");
@@ -772,6 +758,14 @@ fn main() -> ExitCode {
 }
 
 /// Print an error from a command and turn it into an exit status.
+/// Project folders named on the command line, or the most recent one.
+fn project_dirs(projects: &[String], runs_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if projects.is_empty() {
+        return Ok(vec![::report::resolve_project(None, runs_dir)?]);
+    }
+    projects.iter().map(|p| ::report::resolve_project(Some(p), runs_dir)).collect()
+}
+
 fn report(r: anyhow::Result<i32>) -> i32 {
     match r {
         Ok(code) => code,
