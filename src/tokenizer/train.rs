@@ -68,8 +68,6 @@ impl Settings {
 pub struct Shared {
     pub method: String,
     pub tok: SplinePcaTokenizer,
-    /// Record code trajectories (spline-PCA).
-    record: bool,
     /// Training batches drawn so far (the trajectory's step axis).
     batches: i64,
     pub fitted_on: i64,
@@ -82,11 +80,20 @@ fn te(e: String) -> anyhow::Error {
 }
 
 impl Shared {
+    /// Spline-PCA records code trajectories.
+    fn records(&self) -> bool {
+        self.method == "spline_pca"
+    }
+
     /// `x̂ = inverse(transform(x))` in x's dtype and shape.
     fn project(&self, x: &Tensor) -> Result<Tensor> {
-        let codes = self.tok.pca.transform(x).map_err(te)?;
-        let back = self.tok.pca.inverse(&codes).map_err(te)?;
-        Ok(back.f_to_kind(x.f_kind()?)?.f_reshape(x.size())?)
+        self.decode(&self.tok.pca.transform(x).map_err(te)?, x)
+    }
+
+    /// `inverse(codes)` in the dtype and shape of the images `like`.
+    fn decode(&self, codes: &Tensor, like: &Tensor) -> Result<Tensor> {
+        let back = self.tok.pca.inverse(codes).map_err(te)?;
+        Ok(back.f_to_kind(like.f_kind()?)?.f_reshape(like.size())?)
     }
 }
 
@@ -101,7 +108,7 @@ pub struct TokenizedFeed {
 /// cell), measure its quality on the evaluation split, and wrap `inner`.
 pub fn wrap(inner: Box<dyn Data>, method: &str, s: &Settings) -> Result<(TokenizedFeed, TokenizerHook)> {
     s.validate()?;
-    if !matches!(method, "pca" | "spline_pca") {
+    if method == "none" || !METHODS.iter().any(|(_, m)| *m == method) {
         bail!("tokenizer: unknown method '{method}' (pca, spline_pca)");
     }
     let mut inner = inner;
@@ -141,7 +148,6 @@ pub fn wrap(inner: Box<dyn Data>, method: &str, s: &Settings) -> Result<(Tokeniz
     let shared = Rc::new(RefCell::new(Shared {
         method: method.to_string(),
         tok,
-        record: method == "spline_pca",
         batches: 0,
         fitted_on: x.size()[0],
         quality,
@@ -154,11 +160,13 @@ impl Data for TokenizedFeed {
         let Some((x, y)) = self.inner.next_batch()? else { return Ok(None) };
         let mut s = self.shared.borrow_mut();
         s.batches += 1;
-        if s.record {
+        // One encoding serves both the record and the projection.
+        let codes = s.tok.pca.transform(&x).map_err(te)?;
+        if s.records() {
             let step = s.batches as f64;
-            s.tok.record_images(step, &x).map_err(te)?;
+            s.tok.record(step, &codes).map_err(te)?;
         }
-        Ok(Some((s.project(&x)?, y)))
+        Ok(Some((s.decode(&codes, &x)?, y)))
     }
 
     fn new_epoch(&mut self) -> Result<()> {
@@ -309,7 +317,7 @@ impl Hook for TokenizerHook {
             t["eval_rel_mse"] = json!(q.rel_mse);
             t["eval_psnr"] = json!(q.psnr);
         }
-        if s.record {
+        if s.records() {
             t["recorded_steps"] = json!(s.tok.steps().len());
             // A spline needs a few points; short runs report the count only.
             if s.tok.steps().len() >= 4 {
@@ -322,7 +330,7 @@ impl Hook for TokenizerHook {
         if let Some(dir) = self.save_to.as_ref().filter(|_| crate::dist::rank() == 0) {
             let path = dir.join("tokenizer.safetensors");
             let target = crate::safetensors::Target::OWNED;
-            let saved = if s.record { s.tok.save(&path, target) } else { s.tok.pca.save(&path, target) };
+            let saved = if s.records() { s.tok.save(&path, target) } else { s.tok.pca.save(&path, target) };
             if let Err(e) = saved {
                 eprintln!("warning: {}: {e}", path.display());
                 t["save_error"] = json!(e);
