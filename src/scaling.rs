@@ -164,7 +164,7 @@ pub fn fit_parabola(pts: &[(f64, f64)]) -> Option<Fit> {
     }
     let u_min = -c[1] / (2.0 * c[2]);
     let x_min = u_min + mx;
-    let (lo, hi) = pts.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (lo, hi) = span(pts.iter().map(|p| p.0));
     Some(Fit {
         a: c[2],
         x_min,
@@ -206,14 +206,12 @@ fn run_model(dir: &Path) -> Result<gpt2::Config> {
     serde_json::from_value(m).with_context(|| format!("{}: model", path.display()))
 }
 
-/// A finished GPT-2 run: project, files, model, `val_loss_se`.
-type Run = (String, RunInfo, gpt2::Config, Option<f64>);
+/// A finished GPT-2 run: project, files, model.
+type Run = (String, RunInfo, gpt2::Config);
 
-/// The final evaluation's standard error, if the run logged one.
-fn final_se(dir: &Path) -> Option<f64> {
-    let text = fs::read_to_string(dir.join(crate::runs::SUMMARY)).ok()?;
-    let v: Value = serde_json::from_str(&text).ok()?;
-    v.get("final_metrics")?.get("val_loss_se")?.as_f64().filter(|x| x.is_finite())
+/// The smallest and largest of `v`.
+fn span(v: impl Iterator<Item = f64>) -> (f64, f64) {
+    v.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| (lo.min(x), hi.max(x)))
 }
 
 /// Whether two x are the same point of a curve (one rule for the means
@@ -252,7 +250,7 @@ fn position_groups(seen: &[Point]) -> Vec<(String, f64, usize)> {
     let mut groups: Vec<(String, f64, usize)> = Vec::new();
     for p in seen {
         let name = if p.project.is_empty() { p.run.clone() } else { p.project.clone() };
-        match groups.iter_mut().find(|(n, x, _)| *n == name && (*x - p.x).abs() < 1e-9) {
+        match groups.iter_mut().find(|(n, x, _)| *n == name && same_x(*x, p.x)) {
             Some(g) => g.2 += 1,
             None => groups.push((name, p.x, 1)),
         }
@@ -262,8 +260,7 @@ fn position_groups(seen: &[Point]) -> Vec<(String, f64, usize)> {
 
 /// A number without trailing zeros (4, 2.5, 1.994).
 fn trim(x: f64) -> String {
-    let s = format!("{x:.3}");
-    s.trim_end_matches('0').trim_end_matches('.').to_string()
+    report::util::trim_float(x, 3)
 }
 
 fn style(i: usize, dash: Dash, marker: Marker) -> Style {
@@ -284,7 +281,7 @@ pub fn report(projects: &[PathBuf], out: &Path) -> Result<Report> {
                 continue;
             }
             match run_model(&rd) {
-                Ok(m) => runs.push((p.name.clone(), r, m, final_se(&rd))),
+                Ok(m) => runs.push((p.name.clone(), r, m)),
                 Err(e) => skipped.push(format!("{}/{}: {e:#}", p.name, r.run)),
             }
         }
@@ -307,8 +304,8 @@ pub fn report(projects: &[PathBuf], out: &Path) -> Result<Report> {
 fn draw_curve(c: &Curve, runs: &[Run], out: &Path) -> Result<CurveReport> {
     let points: Vec<Point> = runs
         .iter()
-        .filter_map(|(p, r, m, se)| {
-            let se = if c.key == "ratio" { *se } else { None };
+        .filter_map(|(p, r, m)| {
+            let se = if c.key == "ratio" { r.final_loss_se.filter(|e| e.is_finite()) } else { None };
             (c.measure)(m, r).map(|(x, y)| Point { project: p.clone(), run: r.run.clone(), x, y, se })
         })
         .collect();
@@ -351,9 +348,7 @@ fn draw_curve(c: &Curve, runs: &[Run], out: &Path) -> Result<CurveReport> {
             let mine: Vec<(f64, f64)> =
                 points.iter().filter(|p| p.project == *proj).map(|p| (p.x, p.y)).collect();
             if let Some(f) = fit_parabola(&mine) {
-                let (lo, hi) = mine
-                    .iter()
-                    .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.0), b.max(p.0)));
+                let (lo, hi) = span(mine.iter().map(|p| p.0));
                 let pts = (0..=100)
                     .map(|k| lo + (hi - lo) * k as f64 / 100.0)
                     .map(|x| (x, f.a * (x - f.x_min).powi(2) + f.y_min));
@@ -367,9 +362,7 @@ fn draw_curve(c: &Curve, runs: &[Run], out: &Path) -> Result<CurveReport> {
             }
             i += 1;
         }
-        let all: Vec<(f64, f64)> = means.values().flatten().copied().collect();
-        let (ylo, yhi) =
-            all.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+        let (ylo, yhi) = span(means.values().flatten().map(|p| p.1));
         plot.lines.push(Line {
             name: format!("the seed's claimed optimum x = {}", c.x_opt),
             points: vec![(c.x_opt, ylo), (c.x_opt, yhi)],
@@ -390,7 +383,7 @@ fn draw_curve(c: &Curve, runs: &[Run], out: &Path) -> Result<CurveReport> {
         // Where the runs found (or GPT-2 124M) sit on it.
         let mut seen: Vec<Point> = runs
             .iter()
-            .filter_map(|(p, r, m, _)| {
+            .filter_map(|(p, r, m)| {
                 (c.position)(m).map(|x| Point {
                     project: p.clone(),
                     run: r.run.clone(),

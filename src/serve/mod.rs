@@ -327,7 +327,7 @@ fn state(dir: &Path) -> (String, Option<String>, Option<String>) {
 
 fn process_gone(rec: &StatusRecord) -> bool {
     match (rec.pid, &rec.host) {
-        (Some(pid), Some(host)) if *host == runs::hostname() => !Path::new(&format!("/proc/{pid}")).exists(),
+        (Some(pid), Some(host)) => report::load::pid_gone(pid.into(), host),
         _ => false,
     }
 }

@@ -52,6 +52,8 @@ pub struct RunInfo {
     pub final_ppl: Option<f64>,
     /// Final evaluation loss (`test_loss` or `val_loss`).
     pub final_loss: Option<f64>,
+    /// Its standard error (`val_loss_se`), where the run logged one.
+    pub final_loss_se: Option<f64>,
     pub train_loss: Option<f64>,
     pub steps: Option<i64>,
     pub epochs: Option<f64>,
@@ -429,6 +431,7 @@ fn load_run(dir: &Path, warnings: &mut Vec<String>) -> (RunInfo, History) {
     info.final_ppl = get_f64(fin, "val_ppl");
     info.best_ppl = get_f64(best, "val_ppl").or_else(|| logged("val_ppl", false));
     info.final_loss = get_f64(fin, "test_loss").or_else(|| get_f64(fin, "val_loss"));
+    info.final_loss_se = get_f64(fin, "val_loss_se");
     let s = summary.as_ref();
     info.train_loss = get_f64(s, "train_loss").or_else(|| last_of(&records, "train_loss"));
     info.steps = s
@@ -532,11 +535,15 @@ pub fn resolve_project(arg: Option<&str>, root: &Path) -> Result<PathBuf> {
 /// A running run whose recorded process (on this host) no longer exists.
 fn process_gone(status: Option<&Value>) -> bool {
     let Some(st) = status else { return false };
-    let (Some(pid), Some(host)) =
-        (st.get("pid").and_then(|p| p.as_u64()), st.get("host").and_then(|h| h.as_str()))
-    else {
-        return false;
-    };
+    match (st.get("pid").and_then(|p| p.as_u64()), st.get("host").and_then(|h| h.as_str())) {
+        (Some(pid), Some(host)) => pid_gone(pid, host),
+        _ => false,
+    }
+}
+
+/// Whether process `pid` of machine `host`, as a status file records them,
+/// is gone; false when that cannot be told (another host, no /proc).
+pub fn pid_gone(pid: u64, host: &str) -> bool {
     let here = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string());
     match here {
         Ok(h) if h == host => !Path::new(&format!("/proc/{pid}")).exists(),
