@@ -148,16 +148,7 @@ impl RunDir {
     /// Append one metrics record and flush it, so a crash loses nothing
     /// already logged.
     pub fn append_metrics(&self, rec: &serde_json::Value) -> Result<()> {
-        let p = self.file(METRICS);
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&p)
-            .with_context(|| format!("{}", p.display()))?;
-        let mut line = serde_json::to_vec(rec)?;
-        line.push(b'\n');
-        f.write_all(&line).with_context(|| format!("{}", p.display()))?;
-        Ok(())
+        append_jsonl(&self.file(METRICS), rec)
     }
 
     /// All metrics records, skipping a torn last line from a crash.
@@ -208,6 +199,20 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
         }
     }
     Ok(out)
+}
+
+/// Append one JSON record as a line of `path` (created if missing), in one
+/// write.
+pub fn append_jsonl(path: &Path, rec: &serde_json::Value) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("{}", path.display()))?;
+    let mut line = serde_json::to_vec(rec)?;
+    line.push(b'\n');
+    f.write_all(&line).with_context(|| format!("{}", path.display()))?;
+    Ok(())
 }
 
 /// This machine's name, as status files, locks and system.json record it.

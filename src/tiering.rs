@@ -510,7 +510,7 @@ impl Tiering {
             }
             write_json(&dir.join(&self.cfg.json), &a.hints())?;
             write_json(&dir.join("tiering.json"), &details)?;
-            append_jsonl(&dir.join("tiering_history.jsonl"), &entry)?;
+            crate::runs::append_jsonl(&dir.join("tiering_history.jsonl"), &entry)?;
         }
         self.state.borrow_mut().history.push(entry);
         self.install(a)?;
@@ -754,19 +754,6 @@ impl Hooks for Tiering {
     }
 }
 
-fn append_jsonl(path: &Path, v: &Value) -> Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    writeln!(f, "{}", serde_json::to_string(v)?).map_err(|e| anyhow!("{}: {e}", path.display()))
-}
-
 fn write_json(path: &Path, v: &Value) -> Result<()> {
-    let text = serde_json::to_string_pretty(v)?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text + "\n").map_err(|e| anyhow!("{}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| anyhow!("{}: {e}", path.display()))
+    crate::runs::write_atomic(path, (serde_json::to_string_pretty(v)? + "\n").as_bytes())
 }
