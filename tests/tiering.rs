@@ -37,6 +37,10 @@ fn tmp(name: &str) -> PathBuf {
 
 /// Two blocks, 32 wide, untied head (so `lm_head` is a module of its own).
 fn small(tie: bool) -> Gpt2 {
+    small_on(tie, CPU)
+}
+
+fn small_on(tie: bool, dev: Device) -> Gpt2 {
     tch::manual_seed(7);
     let c = gpt2::Config {
         block_size: BLOCK,
@@ -46,7 +50,7 @@ fn small(tie: bool) -> Gpt2 {
         ..gpt2::Config::custom(2, 4, 32)
     };
     let mut m = Gpt2::new(c).unwrap();
-    m.store_mut().finalize(CPU).unwrap();
+    m.store_mut().finalize(dev).unwrap();
     m
 }
 
@@ -60,11 +64,14 @@ fn batch(seed: i64) -> (Tensor, Tensor) {
     (x.narrow(1, 0, BLOCK), x.narrow(1, 1, BLOCK))
 }
 
-/// `n` optimizer steps by hand, visiting `hooks` in every forward.
+/// `n` optimizer steps by hand on the model's device, visiting `hooks` in
+/// every forward.
 fn steps(m: &Gpt2, opt: &mut Optimizer, n: i64, hooks: Option<&dyn Hooks>, tiering: Option<&Tiering>) -> f64 {
+    let dev = m.store().device();
     let mut last = 0.0;
     for s in 0..n {
         let (x, y) = batch(100 + s);
+        let (x, y) = (x.to_device(dev), y.to_device(dev));
         let logits = m.forward_hooked(&x, true, hooks).unwrap();
         if let Some(t) = tiering {
             t.end_forward().unwrap();
@@ -658,39 +665,12 @@ fn real_mode_on_cuda() {
     let _g = serial();
     let dev = Device::Cuda(0);
     let build = || {
-        tch::manual_seed(7);
-        let c = gpt2::Config {
-            block_size: BLOCK,
-            vocab_size: VOCAB,
-            dropout: 0.0,
-            ..gpt2::Config::custom(2, 4, 32)
-        };
-        let mut m = Gpt2::new(c).unwrap();
-        m.store_mut().finalize(dev).unwrap();
-        let opt =
-            Optimizer::new(m.store(), OptConfig { lr: 1e-2, ..OptConfig::for_kind(OptKind::AdamW) }).unwrap();
+        let m = small_on(true, dev);
+        let opt = adamw(&m);
         (m, opt)
     };
-    let run = |m: &Gpt2, opt: &mut Optimizer, t: Option<&Tiering>| {
-        let mut last = 0.0;
-        for s in 0..3 {
-            let (x, y) = batch(100 + s);
-            let (x, y) = (x.to_device(dev), y.to_device(dev));
-            let logits = m.forward_hooked(&x, true, t.map(|t| t as &dyn Hooks)).unwrap();
-            if let Some(t) = t {
-                t.end_forward().unwrap();
-            }
-            let loss = cross_entropy(&logits, &y).unwrap();
-            loss.backward();
-            last = loss.double_value(&[]);
-            opt.step(m.store()).unwrap();
-            if let Some(t) = t {
-                t.refresh_host().unwrap();
-            }
-            m.store().zero_grad().unwrap();
-        }
-        last
-    };
+    let run =
+        |m: &Gpt2, opt: &mut Optimizer, t: Option<&Tiering>| steps(m, opt, 3, t.map(|t| t as &dyn Hooks), t);
     let cfg = TieringConfig { mode: "real".into(), hbm: 0.0, cpu: 0.5, ..Default::default() };
     let (m, mut opt) = build();
     run(&m, &mut opt, None);

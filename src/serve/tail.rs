@@ -167,15 +167,21 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// An empty folder of this test process.
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("knlp-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
     fn records(lines: &[Line]) -> Vec<u64> {
         lines.iter().filter_map(|l| if let Line::Record(n, _) = l { Some(*n) } else { None }).collect()
     }
 
     #[test]
     fn follows_appends_waits_for_torn_lines_and_restarts_on_replacement() {
-        let d = std::env::temp_dir().join(format!("knlp-tail-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
+        let d = scratch("tail");
         let p = d.join("metrics.jsonl");
         let mut t = Tail::new(&p);
         t.max_line = 16;
@@ -220,9 +226,7 @@ mod tests {
     /// its first line changed, or the bytes before the position did.
     #[test]
     fn a_file_rewritten_in_place_is_read_again() {
-        let d = std::env::temp_dir().join(format!("knlp-tail-inplace-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
+        let d = scratch("tail-inplace");
         let p = d.join("metrics.jsonl");
         let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
         std::fs::write(&p, "{\"step\":1}\n{\"step\":2}\n").unwrap();
