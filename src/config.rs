@@ -107,6 +107,8 @@ pub const FLOAT_RULES: &[(&str, f64, f64, bool)] = &[
     ("RA_ROUTE_WARMUP_DROP", 0.0, 1.0, true),
     ("TIERING_HBM_THRESHOLD", 0.0, 1.0, true),
     ("TIERING_CPU_THRESHOLD", 0.0, 1.0, true),
+    ("KV_PRUNE_EMA", 0.0, 1.0, false),
+    ("KV_PRUNE_RECON_LR", f64::MIN_POSITIVE, f64::MAX, true),
 ];
 
 /// Why `x` is not a valid value of float option `name`, if it is not.
@@ -311,6 +313,44 @@ impl Experiment {
         Ok(Some(c))
     }
 
+    /// KV_PRUNE_EVAL and its settings (docs/attention.md).
+    fn kv_prune_eval(r: &Reader) -> Result<Option<crate::attention::kveval::KvEvalConfig>> {
+        // Every symbol is read, whether the menu is on or not.
+        let on = r.bool("KV_PRUNE_EVAL")?;
+        let ratios = r.string("KV_PRUNE_KEEP_RATIOS")?;
+        let (k_min, recency) = (r.int_opt("KV_PRUNE_K_MIN")?, r.int_opt("KV_PRUNE_RECENCY")?);
+        let (exposure, evict) = (r.bool("KV_PRUNE_EXPOSURE")?, r.bool("KV_PRUNE_EVICT")?);
+        let (ema, ema_every) = (r.float_opt("KV_PRUNE_EMA")?, r.int_opt("KV_PRUNE_EMA_EVERY")?);
+        let mode = chosen(r, "KV_PRUNE_MODE_", &[("V_ONLY", "v_only"), ("SCORES_REUSE", "scores_reuse")])?;
+        let (seqs, prefill) = (r.int_opt("KV_PRUNE_SEQS")?, r.int_opt("KV_PRUNE_PREFILL")?);
+        let recon = r.bool("KV_PRUNE_RECON")?;
+        let (steps, lr) = (r.int_opt("KV_PRUNE_RECON_STEPS")?, r.float_opt("KV_PRUNE_RECON_LR")?);
+        let recon_seqs = r.int_opt("KV_PRUNE_RECON_SEQS")?;
+        if !on {
+            return Ok(None);
+        }
+        let d = crate::attention::kveval::KvEvalConfig::default();
+        let c = crate::attention::kveval::KvEvalConfig {
+            keep_ratios: crate::attention::kveval::parse_ratios(&ratios)
+                .map_err(|e| anyhow!("CONFIG_KV_PRUNE_KEEP_RATIOS: {e}"))?,
+            k_min: k_min.unwrap_or(d.k_min),
+            recency: recency.unwrap_or(d.recency),
+            exposure,
+            ema: ema.unwrap_or(d.ema),
+            ema_every: ema_every.unwrap_or(d.ema_every),
+            mode: mode.unwrap_or("v_only").into(),
+            evict,
+            seqs: seqs.unwrap_or(d.seqs),
+            prefill: prefill.unwrap_or(d.prefill),
+            recon,
+            recon_steps: steps.unwrap_or(d.recon_steps),
+            recon_lr: lr.unwrap_or(d.recon_lr),
+            recon_seqs: recon_seqs.unwrap_or(d.recon_seqs),
+        };
+        c.validate().map_err(|e| anyhow!("CONFIG_KV_PRUNE_*: {e}"))?;
+        Ok(Some(c))
+    }
+
     /// Read the evaluated configuration. Every symbol of the tree is read
     /// (values of disabled menus are simply unused).
     pub fn read(r: &Reader) -> Result<Experiment> {
@@ -511,6 +551,7 @@ impl Experiment {
             inference: Self::inference(r)?,
             gpu_monitor_ms: r.int("GPU_MONITOR_MS")?,
             tiering: Self::tiering(r)?,
+            kv_prune_eval: Self::kv_prune_eval(r)?,
             ..TrainConfig::default()
         };
         let devices = [("AUTO", "auto"), ("CPU", "cpu"), ("CUDA", "cuda")];

@@ -111,12 +111,12 @@ fn kv_pruned_decoding_is_causal_and_prunes() {
     let mut st = State::new(cfg(0.5, 1, 1));
     let q = Tensor::randn([1, 2, 1, 4], (Kind::Float, CPU));
     let k = Tensor::randn([1, 2, 5, 4], (Kind::Float, CPU));
-    assert!(st.attend(&q, &k, &k, 3, 8).is_err(), "keys after the query were read");
+    assert!(st.attend(&q, &k, &k, None, 3, 8).is_err(), "keys after the query were read");
     // The prefill's importance is the column mass of the *causal* pattern.
     let mut st = State::new(Config { exposure: false, ema: 0.0, ..cfg(0.5, 1, 0) });
     let q = Tensor::randn([1, 2, 3, 4], (Kind::Float, CPU));
     let k = Tensor::randn([1, 2, 3, 4], (Kind::Float, CPU));
-    let _ = st.attend(&q, &k, &k, 0, 8).unwrap();
+    let _ = st.attend(&q, &k, &k, None, 0, 8).unwrap();
     let imp = st.importance().unwrap();
     // Key 2 is seen only by query 2 (its own row): mass = A[2, 2] / 3, with
     // A from the causal softmax; the non-causal seed would add rows 0 and 1.
@@ -166,13 +166,13 @@ fn kv_kept_count_and_recency_window() {
         let mut st = State::new(c.clone());
         let q = Tensor::randn([2, 2, 20, 8], (Kind::Float, CPU));
         let k = Tensor::randn([2, 2, 40, 8], (Kind::Float, CPU));
-        let _ = st.attend(&q, &k.narrow(2, 0, 20), &k.narrow(2, 0, 20), 0, 40).unwrap();
+        let _ = st.attend(&q, &k.narrow(2, 0, 20), &k.narrow(2, 0, 20), None, 0, 40).unwrap();
         let mut read = 0;
         for pos in 20..40 {
             let q1 = Tensor::randn([2, 2, 1, 8], (Kind::Float, CPU));
             let kk = k.narrow(2, 0, pos + 1);
             let before = st.evicted();
-            let _ = st.attend(&q1, &kk, &kk, pos, 40).unwrap();
+            let _ = st.attend(&q1, &kk, &kk, None, pos, 40).unwrap();
             let len = pos + 1;
             read += c.kept(len);
             // k = max(k_min, ⌊r·L⌋, recency) positions stay alive, the window among them.
@@ -314,4 +314,203 @@ fn kv_script_bindings() {
         .unwrap()
         .rendered;
     assert!(e.contains("'mla'") && e.contains("per-head K and V"), "{e}");
+}
+
+/// A fresh scratch folder, removed when dropped.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let d = std::env::temp_dir().join(format!("knlp-kvprune-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Scratch(d)
+    }
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// K_i by brute force: the decode step's selection at query i with no EMA.
+fn brute_keep(a: &[Vec<f64>], c: &Config, i: usize) -> Vec<bool> {
+    let len = i + 1;
+    let score: Vec<f64> = (0..len)
+        .map(|j| {
+            if j + (c.recency as usize) > i {
+                return f64::INFINITY;
+            }
+            let mass: f64 = (j..=i).map(|q| a[q][j]).sum();
+            mass / if c.exposure { (len - j) as f64 } else { len as f64 }
+        })
+        .collect();
+    let k = c.kept(len as i64) as usize;
+    let mut order: Vec<usize> = (0..len).collect();
+    order.sort_by(|&x, &y| score[y].partial_cmp(&score[x]).unwrap());
+    let mut keep = vec![false; a.len()];
+    for &j in &order[..k] {
+        keep[j] = true;
+    }
+    keep
+}
+
+#[test]
+fn kv_recon_keep_mask_is_the_decode_selection() {
+    let _rng = rng();
+    tch::manual_seed(3);
+    let t = 24;
+    let s = Tensor::randn([1, 2, t, t], (Kind::Float, CPU)).f_mul_scalar(2.0).unwrap();
+    let causal = Tensor::ones([t, t], (Kind::Bool, CPU)).tril(0);
+    let a = s.masked_fill(&causal.logical_not(), f64::NEG_INFINITY).softmax(-1, Kind::Float);
+    for c in [cfg(0.3, 2, 3), Config { exposure: false, ..cfg(0.5, 1, 0) }, cfg(0.1, 5, 1)] {
+        let got = knlp::attention::vrecon::keep_mask(&a, &c).unwrap();
+        for h in 0..2 {
+            let rows: Vec<Vec<f64>> =
+                (0..t).map(|i| Vec::<f64>::try_from(a.get(0).get(h).get(i)).unwrap()).collect();
+            for i in 0..t as usize {
+                let want = brute_keep(&rows, &c, i);
+                let have = Vec::<bool>::try_from(got.get(0).get(h).get(i as i64)).unwrap();
+                assert_eq!(have, want, "{c:?} head {h} query {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn kv_recon_fits_is_used_by_decoding_and_round_trips() {
+    use knlp::attention::kvprune::Recon;
+    use knlp::attention::vrecon::{fit, FitOptions, VRecon};
+    use std::sync::Arc;
+    let _rng = rng();
+    tch::manual_seed(5);
+    let m = small("mha");
+    let held = tokens(6, 40);
+    let fit_rows = tokens(8, 40);
+    let c = Config { ema: 0.0, ..cfg(0.25, 2, 2) };
+    let (r, rep) = fit(&m, &fit_rows, &c, &FitOptions { steps: 40, lr: 3e-3, batch: 4, seed: 0 }).unwrap();
+    // The loss falls, and on the fixed batch the reconstructor beats the plain values in every layer.
+    let (first, last) = (rep.losses[0], *rep.losses.last().unwrap());
+    assert!(last < 0.8 * first, "fit loss {first} -> {last}");
+    for (p, q) in rep.rel_err_plain.iter().zip(&rep.rel_err_recon) {
+        assert!(q < p, "relative error plain {p}, recon {q}");
+    }
+    let with = |r: &Arc<VRecon>| Config { recon: Some(Recon(r.clone())), ..c.clone() };
+    let r = Arc::new(r);
+    let plain = score_cached(&m, &held, 1, Some(&c)).unwrap();
+    let rec = score_cached(&m, &held, 1, Some(&with(&r))).unwrap();
+    assert!((plain.loss - rec.loss).abs() > 1e-6, "the reconstructor changed nothing");
+    // A gate pinned at 1 reads the true values: the plain pruned result.
+    let mut ident = VRecon::new(&m, 1).unwrap();
+    for l in &mut ident.layers {
+        l.g_b = l.g_b.f_fill(50.0).unwrap();
+    }
+    let one = score_cached(&m, &held, 1, Some(&with(&Arc::new(ident)))).unwrap();
+    assert!(max_diff(&one.nll, &plain.nll) < 1e-5);
+    // Saved and loaded: the same decode; a wrong shape and a wrong file are refused.
+    let dir = Scratch::new("recon");
+    let path = dir.path().join("recon.safetensors");
+    r.save(&path).unwrap();
+    let back = VRecon::load(&path, CPU).unwrap();
+    back.check(&m).unwrap();
+    let again = score_cached(&m, &held, 1, Some(&with(&Arc::new(back)))).unwrap();
+    assert_eq!(max_diff(&again.nll, &rec.nll), 0.0);
+    let other = small("kv_tying");
+    let bigger =
+        Gpt2::new(gpt2::Config { block_size: 40, vocab_size: 61, ..gpt2::Config::custom(3, 4, 32) }).unwrap();
+    assert!(VRecon::load(&path, CPU).unwrap().check(&other).is_ok());
+    let e = VRecon::load(&path, CPU).unwrap().check(&bigger).unwrap_err().to_string();
+    assert!(e.contains("2 layers") && e.contains("3"), "{e}");
+    std::fs::write(dir.path().join("bad.safetensors"), b"not a file at all").unwrap();
+    let e = VRecon::load(&dir.path().join("bad.safetensors"), CPU).unwrap_err().to_string();
+    assert!(e.contains("bad.safetensors"), "{e}");
+    let e = fit(&m, &tokens(2, 60), &c, &FitOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("block_size"), "{e}");
+}
+
+#[test]
+fn kv_prune_eval_runs_from_train_kconfig_and_the_results_table() {
+    let _rng = rng();
+    let dir = Scratch::new("train");
+    // nanoGPT token files of random ids below 61.
+    let toks = dir.path().join("toks");
+    std::fs::create_dir(&toks).unwrap();
+    let ids = Vec::<i64>::try_from(tokens(1, 6000).view([-1])).unwrap();
+    for (name, part) in [("train.bin", &ids[..4000]), ("val.bin", &ids[4000..])] {
+        let bytes: Vec<u8> = part.iter().flat_map(|&i| (i as u16).to_le_bytes()).collect();
+        std::fs::write(toks.join(name), bytes).unwrap();
+    }
+    let mut rt = Runtime::new(dir.path().to_path_buf(), Limits::default());
+    let d = dir.path().display().to_string();
+    let code = r#"
+        let m = gpt2(#{ n_layer: 2, n_head: 2, n_embd: 32, block_size: 32, vocab_size: 61, seed: 1 });
+        let data = text_dataset("DIR/toks", #{ vocab_size: 61 });
+        let opt = optimizer(m, #{ kind: "adamw", lr: 3e-3 });
+        let run = train(m, opt, data, #{ steps: 12, batch_size: 4, block_size: 32, eval_batches: 4, progress: "off",
+            run_dir: "DIR/runs/kvp/mha", kv_prune_eval: #{ keep_ratios: [0.5, 0.25], k_min: 2, recency: 2, seqs: 3,
+            recon: true, recon_steps: 4, recon_seqs: 4 } });
+        let r = kv_recon_fit(m, randint(0, 61, [4, 32]), #{ keep_ratio: 0.25, k_min: 2, recency: 2, steps: 3 });
+        r.save("DIR/r.safetensors");
+        let back = kv_recon_load(m, "DIR/r.safetensors");
+        let a = kv_prune_eval(m, randint(0, 61, [2, 32]), #{ keep_ratio: 0.25, k_min: 2, recency: 2, recon: back });
+        [run.summary.extra.kv_ppl, run.summary.extra.kv_ppl_dense, run.summary.extra.kv_ppl_recon, run.summary.extra.kv_keep,
+         r.report.losses.len(), back.layers, a.ppl]
+    "#
+    .replace("DIR", &d);
+    let r = rt.eval_input(&code).unwrap_or_else(|e| panic!("{}", e.rendered)).into_array().unwrap();
+    for v in [&r[0], &r[1], &r[2], &r[6]] {
+        let p = v.as_float().unwrap();
+        assert!(p.is_finite() && p > 1.0, "{r:?}");
+    }
+    assert_eq!(r[3].as_float().unwrap(), 0.5);
+    assert_eq!(r[4].as_int().unwrap(), 3);
+    assert_eq!(r[5].as_int().unwrap(), 2);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("runs/kvp/mha/kv_prune.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["sequences"], 3);
+    assert_eq!(report["fit_sequences"], 4);
+    let res = report["results"].as_array().unwrap();
+    assert_eq!(res.len(), 2);
+    assert!(res[1]["read_fraction"].as_f64().unwrap() < res[0]["read_fraction"].as_f64().unwrap());
+    assert_eq!(res[0]["recon"]["rel_err_recon"].as_array().unwrap().len(), 2);
+    // The results table of the project shows the headline columns.
+    let p = report::load_project(&dir.path().join("runs/kvp")).unwrap();
+    let t = report::results_table(&p, &Default::default()).unwrap();
+    for col in ["kv_keep", "kv_ppl", "kv_ppl_dense", "kv_ppl_recon"] {
+        assert!(t.column(col).is_ok(), "{col} missing from {:?}", t.get_column_names());
+    }
+    // Bad options are refused before training.
+    let e = rt
+        .eval_input(&r#"let m = gpt2(#{ n_layer: 1, n_head: 2, n_embd: 16, block_size: 32, vocab_size: 61 }); train(m, optimizer(m, #{ kind: "adamw" }), text_dataset("DIR/toks", #{ vocab_size: 61 }), #{ steps: 1, batch_size: 2, block_size: 32, kv_prune_eval: #{ keep_ratios: [1.5] } })"#.replace("DIR", &d))
+        .err()
+        .unwrap()
+        .rendered;
+    assert!(e.contains("keep ratio must be in (0, 1]"), "{e}");
+    let e = rt
+        .eval_input(&r#"let m = gpt2(#{ n_layer: 1, n_head: 2, n_embd: 16, block_size: 32, vocab_size: 61 }); train(m, optimizer(m, #{ kind: "adamw" }), text_dataset("DIR/toks", #{ vocab_size: 61 }), #{ steps: 1, batch_size: 2, block_size: 32, kv_prune_eval: #{ keep: 0.5 } })"#.replace("DIR", &d))
+        .err()
+        .unwrap()
+        .rendered;
+    assert!(e.contains("unknown field `keep`"), "{e}");
+    // The preset reads into the same options, off by default.
+    use knlp::config::{self, Experiment, Reader};
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let read = |name: &str| {
+        let (kc, _) = config::load(&root.join("Kconfig"), &root.join("defconfigs").join(name), &[]).unwrap();
+        Experiment::read(&Reader::new(&kc)).unwrap()
+    };
+    let exp = read("gpt2-brown-kv-prune");
+    let k = exp.train.kv_prune_eval.clone().unwrap();
+    assert_eq!(k.keep_ratios, vec![0.5, 0.382, 0.25]);
+    assert_eq!(
+        (k.seqs, k.recon, k.recon_seqs, k.recon_steps, k.mode.as_str()),
+        (16, true, 16, 200, "v_only")
+    );
+    assert_eq!(knlp::matrix::cells(&exp).unwrap().len(), 4);
+    assert!(read("gpt2-brown-small").train.kv_prune_eval.is_none());
 }

@@ -5,6 +5,7 @@
 //! | layer kind                         | slots (per token unless noted)        |
 //! |------------------------------------|---------------------------------------|
 //! | proj, tied_t, route                | key-role [H, hs] and value [H, hs]    |
+//! | KV pruning with a V reconstructor  | adds ṽ [H, hs]                        |
 //! | tied (K = V), standard direction   | value [H, hs] only (keys are values)  |
 //! | latent                             | latent c [d_latent]                   |
 //! | splice                             | compressed latent z [d_c]             |
@@ -22,6 +23,8 @@ pub struct LayerCache {
     pub key: Option<Tensor>,
     /// [B, H, cap, hs]
     pub value: Option<Tensor>,
+    /// KV pruning with a V reconstructor: ṽ [B, H, cap, hs].
+    pub value_eff: Option<Tensor>,
     /// [B, cap, r]
     pub latent: Option<Tensor>,
     /// SBA: [B, H, cap] log Σ_{i'=j..i} exp(s_{i'j}) for the newest i.
@@ -55,8 +58,10 @@ impl Cache {
     /// Prune every later decode step with `cfg` (fresh statistics per layer).
     /// Set it before the prefill: the prefill's attention seeds the importance.
     pub fn set_prune(&mut self, cfg: &super::kvprune::Config) {
-        for l in &mut self.layers {
-            l.prune = Some(super::kvprune::State::new(cfg.clone()));
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let mut st = super::kvprune::State::new(cfg.clone());
+            st.layer = i;
+            l.prune = Some(st);
         }
     }
 
@@ -80,7 +85,9 @@ impl Cache {
         let n = |t: &Option<Tensor>| t.as_ref().map_or(0, |t| t.numel() as i64 * elem_size(t.kind()));
         self.layers
             .iter()
-            .map(|l| n(&l.key) + n(&l.value) + n(&l.latent) + n(&l.col_norm) + n(&l.ctx_sum))
+            .map(|l| {
+                n(&l.key) + n(&l.value) + n(&l.value_eff) + n(&l.latent) + n(&l.col_norm) + n(&l.ctx_sum)
+            })
             .sum()
     }
 }

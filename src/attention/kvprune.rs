@@ -38,8 +38,8 @@
 //! the prefill's column mass comes from the causal pattern and a decode
 //! step only ever sees positions ≤ its own. The seed forced the recency
 //! window to importance 1, which ties with a key every query attended to
-//! fully; +∞ cannot tie. Not built: the seed's `VReconstructor` (a learned
-//! V̂ and gate from the MLP hidden state), which needs training.
+//! fully; +∞ cannot tie. With a fitted V reconstructor (`vrecon`, the
+//! seed's `VReconstructor`) pruned steps read ṽ_j in place of v_j.
 use anyhow::{bail, Result};
 use tch::{Kind, TchError, Tensor};
 
@@ -71,7 +71,23 @@ impl Mode {
     }
 }
 
-/// The seed's `KVPruneCfg`, plus `evict`.
+/// A shared, fitted V reconstructor (`vrecon`); equal only to itself.
+#[derive(Clone)]
+pub struct Recon(pub std::sync::Arc<super::vrecon::VRecon>);
+
+impl PartialEq for Recon {
+    fn eq(&self, other: &Recon) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::fmt::Debug for Recon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The seed's `KVPruneCfg`, plus `evict` and the optional reconstructor.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// Fraction of the cached positions a step reads, in (0, 1].
@@ -90,6 +106,8 @@ pub struct Config {
     pub mode: Mode,
     /// A position left out once is never read again.
     pub evict: bool,
+    /// Pruned steps read ṽ = g·v + (1 − g)·v̂ instead of v (`vrecon`).
+    pub recon: Option<Recon>,
 }
 
 impl Default for Config {
@@ -103,6 +121,7 @@ impl Default for Config {
             ema_every: 8,
             mode: Mode::VOnly,
             evict: false,
+            recon: None,
         }
     }
 }
@@ -165,6 +184,8 @@ fn se(msg: String) -> TchError {
 /// One layer's pruning state, kept in its cache slot.
 pub struct State {
     pub cfg: Config,
+    /// The layer this state prunes (selects the reconstructor's layer).
+    pub layer: usize,
     /// [B, H, cap] float32: M_j, the attention each position received.
     mass: Option<Tensor>,
     /// [B, H, cap] float32: the EMA of the importance.
@@ -184,7 +205,18 @@ pub struct State {
 
 impl State {
     pub fn new(cfg: Config) -> State {
-        State { cfg, mass: None, ema: None, ema_len: 0, evicted: None, steps: 0, read: 0, cached: 0, len: 0 }
+        State {
+            cfg,
+            layer: 0,
+            mass: None,
+            ema: None,
+            ema_len: 0,
+            evicted: None,
+            steps: 0,
+            read: 0,
+            cached: 0,
+            len: 0,
+        }
     }
 
     fn mass_slot(&mut self, like: &Tensor, cap: i64) -> Result<&Tensor, TchError> {
@@ -294,12 +326,15 @@ impl State {
 
     /// Attention of the new queries `q` [B, H, t, hs] at positions
     /// `pos0..` over the cached keys and values `k`, `v` [B, H, pos0 + t, hs]:
-    /// dense (and observed) for t > 1, pruned for a single-token step.
+    /// dense (and observed) for t > 1, pruned for a single-token step,
+    /// which reads the rows of `v_eff` (the reconstructed values, same
+    /// shape) instead of `v` when given.
     pub fn attend(
         &mut self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
+        v_eff: Option<&Tensor>,
         pos0: i64,
         cap: i64,
     ) -> Result<Tensor, TchError> {
@@ -339,7 +374,7 @@ impl State {
         };
         let s = v.size();
         let rows = idx.f_unsqueeze(-1)?.f_expand([s[0], s[1], kk, s[3]], false)?;
-        let v_k = v.f_gather(2, &rows, false)?.f_to_kind(Kind::Float)?;
+        let v_k = v_eff.unwrap_or(v).f_gather(2, &rows, false)?.f_to_kind(Kind::Float)?;
         a_k.f_matmul(&v_k)?.f_to_kind(v.f_kind()?)
     }
 }

@@ -447,7 +447,7 @@ impl Attention {
         let (y, ctx_sum) = match cache {
             None => (self.hook_heads(ctx, "hook_z", self.attend_full(f, ctx)?)?, None),
             Some((lc, cap)) => {
-                let y = self.attend_cached(f, pos0, lc, cap, ctx)?;
+                let y = self.attend_cached(x, f, pos0, lc, cap, ctx)?;
                 (y, Some(&mut lc.ctx_sum))
             }
         };
@@ -531,6 +531,7 @@ impl Attention {
     /// Attention of new tokens over the cache (decoding, chunked prefill).
     fn attend_cached(
         &self,
+        x: &Tensor,
         f: Fresh,
         pos0: i64,
         lc: &mut LayerCache,
@@ -548,6 +549,7 @@ impl Attention {
             let axes = format!("kv {:?}, mixer {:?}", self.spec.kv, self.spec.mixer).to_lowercase();
             super::kvprune::check_spec(&self.spec, &axes).map_err(|e| te(e.to_string()))?;
         }
+        let mut value_eff = None;
         let (query, key, value) = if let Some(c_new) = &f.c {
             let t = c_new.size()[1];
             let c_all = match (&self.splice, &f.z) {
@@ -575,6 +577,11 @@ impl Attention {
             let q = self.rope(f.q.ok_or_else(|| te("no query".into()))?, pos0)?;
             let v = f.v.ok_or_else(|| te("no value".into()))?;
             let shape = [b, h, cap, hs];
+            if let Some(r) = lc.prune.as_ref().and_then(|st| st.cfg.recon.clone()) {
+                // ṽ of the new positions, from their own attention input.
+                let ve = r.0.veff(self.layer as usize, x, &v)?;
+                value_eff = Some(cache::write(&mut lc.value_eff, &shape, 2, pos0, &ve)?);
+            }
             if self.spec.kv == KvSource::Tied && !recip {
                 // K = V: keep the values once; keys are the (rotated) values.
                 let v_all = cache::write(&mut lc.value, &shape, 2, pos0, &v)?;
@@ -593,7 +600,7 @@ impl Attention {
             return sba::f32_only(|| sba::cached(&query, &key, &value, &alpha, pos0, &mut lc.col_norm, cap));
         }
         if let Some(st) = lc.prune.as_mut() {
-            return st.attend(&query, &key, &value, pos0, cap);
+            return st.attend(&query, &key, &value, value_eff.as_ref(), pos0, cap);
         }
         self.keep_pattern(ctx, || pattern(&query, &key, pos0))?;
         sdpa(&query, &key, &value, pos0, 0.0)

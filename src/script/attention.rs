@@ -24,11 +24,11 @@ const GEN_KEYS: &[&str] =
     &["max_new_tokens", "temperature", "top_k", "seed", "cache", "details", "amp", "kv_prune"];
 
 const PRUNE_KEYS: &[&str] =
-    &["keep_ratio", "k_min", "recency", "exposure", "ema", "ema_every", "mode", "evict"];
+    &["keep_ratio", "k_min", "recency", "exposure", "ema", "ema_every", "mode", "evict", "recon"];
 
 /// KV-pruning options over the seed's defaults; `extra` keys are allowed
 /// (and ignored) for callers that mix in their own.
-fn prune_options(o: &Map, what: &str, extra: &[&str]) -> RResult<kvprune::Config> {
+pub(super) fn prune_options(o: &Map, what: &str, extra: &[&str]) -> RResult<kvprune::Config> {
     let valid: Vec<&str> = PRUNE_KEYS.iter().chain(extra).copied().collect();
     check_keys(o, &valid, what)?;
     let mut c = kvprune::Config::default();
@@ -56,8 +56,27 @@ fn prune_options(o: &Map, what: &str, extra: &[&str]) -> RResult<kvprune::Config
     if let Some(m) = o.get("mode") {
         c.mode = kvprune::Mode::parse(&expect_str(m, "mode")?).rt()?;
     }
+    if let Some(r) = o.get("recon") {
+        if !r.is_unit() {
+            let r = r.read_lock::<super::kvrecon::RRecon>().ok_or_else(|| {
+                rerr(format!(
+                    "{what}: recon must be a KvRecon (kv_recon_fit, kv_recon_load), got {}",
+                    r.type_name()
+                ))
+            })?;
+            c.recon = Some(r.0.clone());
+        }
+    }
     c.validate().rt()?;
     Ok(c)
+}
+
+/// A reconstructor in `p` must have been fitted for `g`'s shape.
+fn check_recon(g: &Gpt2, p: Option<&kvprune::Config>) -> RResult<()> {
+    match p.and_then(|p| p.recon.as_ref()) {
+        Some(r) => r.0.check(g).rt(),
+        None => Ok(()),
+    }
 }
 
 fn gen_options(o: &Map) -> RResult<(Options, bool)> {
@@ -104,6 +123,7 @@ fn gen_options(o: &Map) -> RResult<(Options, bool)> {
 fn run_generate(m: &RModel, tokens: &RTensor, o: &Map) -> RResult<Dynamic> {
     let (opts, details) = gen_options(o)?;
     with_gpt2(m, "generate", |g| {
+        check_recon(g, opts.kv_prune.as_ref())?;
         let out = decode::generate(g, &tokens.0, &opts).rt()?;
         if !details {
             return Ok(Dynamic::from(RTensor(out.tokens)));
@@ -216,7 +236,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     api.f(
         "kv_prune_eval",
         "model, tokens, options: map",
-        "Perplexity of held-out ids [B, T] under teacher-forced cached decoding with KV pruning (docs/attention.md): the first `prefill` tokens in one dense forward, then one token per step, each step reading only the selected cached positions. Options `#{ keep_ratio: 0.382, k_min: 64, recency: 64, exposure: true, ema: 0.9 (0 = off), ema_every: 8, mode: \"v_only\"|\"scores_reuse\", evict: false, prefill: 1, prune: true (false: the unpruned cache) }` -> `#{ loss, ppl, tokens, decode_ms, tokens_per_s, read_fraction, nll [B, T-1] }`.",
+        "Perplexity of held-out ids [B, T] under teacher-forced cached decoding with KV pruning (docs/attention.md): the first `prefill` tokens in one dense forward, then one token per step, each step reading only the selected cached positions. Options `#{ keep_ratio: 0.382, k_min: 64, recency: 64, exposure: true, ema: 0.9 (0 = off), ema_every: 8, mode: \"v_only\"|\"scores_reuse\", evict: false, recon: a KvRecon (kv_recon_fit), prefill: 1, prune: true (false: the unpruned cache) }` -> `#{ loss, ppl, tokens, decode_ms, tokens_per_s, read_fraction, nll [B, T-1] }`.",
         |m: RModel, tokens: RTensor, o: Map| -> RResult<Dynamic> {
             let cfg = prune_options(&o, "kv_prune_eval", &["prefill", "prune"])?;
             let prefill = match o.get("prefill") {
@@ -228,6 +248,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
                 None => true,
             };
             with_gpt2(&m, "kv_prune_eval", |g| {
+                check_recon(g, Some(&cfg))?;
                 let s = decode::score_cached(g, &tokens.0, prefill, prune.then_some(&cfg)).rt()?;
                 Ok(Dynamic::from_map(map_of(vec![
                     ("loss", Dynamic::from_float(s.loss)),

@@ -12,6 +12,7 @@ pub mod dist;
 pub mod errors;
 pub mod helpers;
 pub mod kv_circuit;
+pub mod kvrecon;
 pub mod matrix;
 pub mod mechint;
 pub mod models;
@@ -99,6 +100,7 @@ pub fn register_all(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     script_model::register(engine, docs);
     nn::register(engine, docs);
     attention::register(engine, docs);
+    kvrecon::register(engine, docs);
     mechint::register(engine, docs);
     kv_circuit::register(engine, docs);
     optim::register(engine, docs);

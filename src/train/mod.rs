@@ -133,6 +133,9 @@ pub struct TrainConfig {
     /// Hierarchical memory tiering of the model's modules
     /// ([`crate::tiering`], docs/tiering.md); None: off.
     pub tiering: Option<crate::tiering::TieringConfig>,
+    /// After a completed GPT-2 run, score held-out sequences through a
+    /// pruned KV cache ([`crate::attention::kveval`]); None: off.
+    pub kv_prune_eval: Option<crate::attention::kveval::KvEvalConfig>,
 }
 
 impl Default for TrainConfig {
@@ -158,6 +161,7 @@ impl Default for TrainConfig {
             inference: None,
             gpu_monitor_ms: 1000,
             tiering: None,
+            kv_prune_eval: None,
         }
     }
 }
@@ -181,6 +185,9 @@ impl TrainConfig {
         }
         if let Some(t) = &self.tiering {
             t.validate()?;
+        }
+        if let Some(k) = &self.kv_prune_eval {
+            k.validate()?;
         }
         let choices: [(&str, &str, &[&str]); 3] = [
             ("schedule", &self.schedule, &["auto", "constant", "warmup_cosine", "cosine_epoch"]),
@@ -1206,6 +1213,7 @@ impl Trainer<'_> {
         let p = with_tiering(p, tiering.as_ref());
         self.save("last", step, epoch, &p)?;
         let inference = self.inference_test(sample_shape, &mut progress);
+        let kv_eval = self.kv_prune_eval(&mut progress);
         let mut s = self.summary(
             Status::Done,
             stop_reason,
@@ -1229,6 +1237,15 @@ impl Trainer<'_> {
             if lead {
                 crate::runs::write_atomic(
                     &self.run.path.join("inference.json"),
+                    &serde_json::to_vec_pretty(&report)?,
+                )?;
+            }
+        }
+        if let Some(report) = kv_eval {
+            s.extra.extend(crate::attention::kveval::headline(&report));
+            if lead {
+                crate::runs::write_atomic(
+                    &self.run.path.join("kv_prune.json"),
                     &serde_json::to_vec_pretty(&report)?,
                 )?;
             }
@@ -1272,6 +1289,59 @@ impl Trainer<'_> {
             }
             Err(e) => {
                 progress.line(&self.run, &format!("inference test failed: {e:#}"));
+                None
+            }
+        }
+    }
+
+    /// The KV-pruning evaluation of a completed GPT-2 run, if configured;
+    /// like the inference test, its failure is reported but does not fail
+    /// the trained run.
+    fn kv_prune_eval(&mut self, progress: &mut Progress) -> Option<Value> {
+        let cfg = self.cfg.kv_prune_eval.clone()?;
+        let report = (|| -> Result<Value> {
+            let g = self
+                .model
+                .as_any()
+                .and_then(|a| a.downcast_ref::<crate::models::gpt2::Gpt2>())
+                .ok_or_else(|| anyhow!("GPT-2 models only"))?;
+            // Held-out rows: the scored ones first, then those the
+            // reconstructor is fitted on (disjoint).
+            let need = cfg.rows_needed();
+            let mut rows: Vec<Tensor> = Vec::new();
+            let mut have = 0;
+            self.data.for_each_eval(&mut |x, _| {
+                if have < need {
+                    let take = (need - have).min(x.size()[0]);
+                    rows.push(x.f_narrow(0, 0, take).map_err(|e| anyhow!(torch_error(&e)))?);
+                    have += take;
+                }
+                Ok(())
+            })?;
+            if have < need {
+                bail!(
+                    "{need} held-out sequences needed ({} scored{}), the evaluation data has {have}",
+                    cfg.seqs,
+                    if cfg.recon { format!(" + {} to fit on", cfg.recon_seqs) } else { String::new() }
+                );
+            }
+            let all = Tensor::f_cat(&rows, 0).map_err(|e| anyhow!(torch_error(&e)))?;
+            let scored = all.f_narrow(0, 0, cfg.seqs).map_err(|e| anyhow!(torch_error(&e)))?;
+            let fit = if cfg.recon {
+                Some(all.f_narrow(0, cfg.seqs, cfg.recon_seqs).map_err(|e| anyhow!(torch_error(&e)))?)
+            } else {
+                None
+            };
+            crate::attention::kveval::run(g, &scored, fit.as_ref(), &cfg)
+        })();
+        match report {
+            Ok(r) => {
+                let h = crate::attention::kveval::headline(&r);
+                progress.line(&self.run, &format!("kv prune eval: {}", format_record(&h)));
+                Some(r)
+            }
+            Err(e) => {
+                progress.line(&self.run, &format!("kv prune eval skipped: {e:#}"));
                 None
             }
         }

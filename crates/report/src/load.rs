@@ -64,6 +64,12 @@ pub struct RunInfo {
     /// The inference test: latency at its smallest batch size, best throughput.
     pub infer_ms: Option<f64>,
     pub infer_per_s: Option<f64>,
+    /// GPT-2's KV-pruning evaluation: the headline keep ratio, perplexity
+    /// there, unpruned through the same cache, and with the V reconstructor.
+    pub kv_keep: Option<f64>,
+    pub kv_ppl: Option<f64>,
+    pub kv_ppl_dense: Option<f64>,
+    pub kv_ppl_recon: Option<f64>,
     /// GPU monitoring: mean utilisation (%) and power (W) over the run.
     pub gpu_util: Option<f64>,
     pub gpu_power_w: Option<f64>,
@@ -408,6 +414,10 @@ fn load_run(dir: &Path, warnings: &mut Vec<String>) -> (RunInfo, History) {
     info.sparsity = get_f64(extra, "sparsity").or_else(|| last_of(&records, "sparsity"));
     info.infer_ms = get_f64(extra, "infer_ms");
     info.infer_per_s = get_f64(extra, "infer_per_s");
+    info.kv_keep = get_f64(extra, "kv_keep");
+    info.kv_ppl = get_f64(extra, "kv_ppl");
+    info.kv_ppl_dense = get_f64(extra, "kv_ppl_dense");
+    info.kv_ppl_recon = get_f64(extra, "kv_ppl_recon");
     info.gpu_util = get_f64(extra, "gpu_util_mean").or_else(|| mean_of(&records, "gpu_util"));
     info.gpu_power_w = get_f64(extra, "gpu_power_mean_w").or_else(|| mean_of(&records, "gpu_power_w"));
 
