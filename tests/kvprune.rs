@@ -385,7 +385,7 @@ fn kv_recon_keep_mask_is_the_decode_selection() {
 fn kv_recon_fits_is_used_by_decoding_and_round_trips() {
     use knlp::attention::kvprune::Recon;
     use knlp::attention::vrecon::{fit, FitOptions, VRecon};
-    use std::sync::Arc;
+    use std::rc::Rc;
     let _rng = rng();
     tch::manual_seed(5);
     let m = small("mha");
@@ -399,8 +399,8 @@ fn kv_recon_fits_is_used_by_decoding_and_round_trips() {
     for (p, q) in rep.rel_err_plain.iter().zip(&rep.rel_err_recon) {
         assert!(q < p, "relative error plain {p}, recon {q}");
     }
-    let with = |r: &Arc<VRecon>| Config { recon: Some(Recon(r.clone())), ..c.clone() };
-    let r = Arc::new(r);
+    let with = |r: &Rc<VRecon>| Config { recon: Some(Recon(r.clone())), ..c.clone() };
+    let r = Rc::new(r);
     let plain = score_cached(&m, &held, 1, Some(&c)).unwrap();
     let rec = score_cached(&m, &held, 1, Some(&with(&r))).unwrap();
     assert!((plain.loss - rec.loss).abs() > 1e-6, "the reconstructor changed nothing");
@@ -409,7 +409,7 @@ fn kv_recon_fits_is_used_by_decoding_and_round_trips() {
     for l in &mut ident.layers {
         l.g_b = l.g_b.f_fill(50.0).unwrap();
     }
-    let one = score_cached(&m, &held, 1, Some(&with(&Arc::new(ident)))).unwrap();
+    let one = score_cached(&m, &held, 1, Some(&with(&Rc::new(ident)))).unwrap();
     assert!(max_diff(&one.nll, &plain.nll) < 1e-5);
     // Saved and loaded: the same decode; a wrong shape and a wrong file are refused.
     let dir = Scratch::new("recon");
@@ -417,7 +417,7 @@ fn kv_recon_fits_is_used_by_decoding_and_round_trips() {
     r.save(&path).unwrap();
     let back = VRecon::load(&path, CPU).unwrap();
     back.check(&m).unwrap();
-    let again = score_cached(&m, &held, 1, Some(&with(&Arc::new(back)))).unwrap();
+    let again = score_cached(&m, &held, 1, Some(&with(&Rc::new(back)))).unwrap();
     assert_eq!(max_diff(&again.nll, &rec.nll), 0.0);
     let other = small("kv_tying");
     let bigger =

@@ -183,7 +183,7 @@ pub fn run(model: &Gpt2, rows: &Tensor, fit_rows: Option<&Tensor>, cfg: &KvEvalC
         if let (true, Some(fit)) = (cfg.recon, fit_rows) {
             let o = FitOptions { steps: cfg.recon_steps, lr: cfg.recon_lr, ..FitOptions::default() };
             let (rc, rep) = vrecon::fit(model, fit, &p, &o)?;
-            let pr = kvprune::Config { recon: Some(Recon(std::sync::Arc::new(rc))), ..p.clone() };
+            let pr = kvprune::Config { recon: Some(Recon(std::rc::Rc::new(rc))), ..p.clone() };
             let s2 = decode::score_cached(model, rows, cfg.prefill, Some(&pr))?;
             let mut rj = scored_json(&s2, Some(&dense))?;
             rj["fit_loss_first"] = json!(rep.losses.first());

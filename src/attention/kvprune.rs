@@ -73,11 +73,11 @@ impl Mode {
 
 /// A shared, fitted V reconstructor (`vrecon`); equal only to itself.
 #[derive(Clone)]
-pub struct Recon(pub std::sync::Arc<super::vrecon::VRecon>);
+pub struct Recon(pub std::rc::Rc<super::vrecon::VRecon>);
 
 impl PartialEq for Recon {
     fn eq(&self, other: &Recon) -> bool {
-        std::sync::Arc::ptr_eq(&self.0, &other.0)
+        std::rc::Rc::ptr_eq(&self.0, &other.0)
     }
 }
 

@@ -2,7 +2,7 @@
 //! (`crate::attention::vrecon`): fit, save, load, and pass it to
 //! `generate`/`kv_prune_eval` as `kv_prune: #{ ..., recon: r }`.
 use std::path::Path;
-use std::sync::Arc;
+use std::rc::Rc;
 
 use rhai::{Array, Dynamic, Engine, Map, INT};
 
@@ -16,7 +16,7 @@ use crate::models::Model;
 
 /// A fitted reconstructor and what its fit reported.
 #[derive(Clone)]
-pub struct RRecon(pub Recon, pub Arc<FitReport>);
+pub struct RRecon(pub Recon, pub Rc<FitReport>);
 
 fn floats(v: &[f64]) -> Dynamic {
     Dynamic::from_array(v.iter().map(|&x| Dynamic::from_float(x)).collect::<Array>())
@@ -49,7 +49,7 @@ fn fit(m: &RModel, tokens: &RTensor, o: &Map) -> RResult<RRecon> {
     };
     with_gpt2(m, "kv_recon_fit", |g| {
         let (r, rep) = vrecon::fit(g, &tokens.0, &cfg, &fo).rt()?;
-        Ok(RRecon(Recon(Arc::new(r)), Arc::new(rep)))
+        Ok(RRecon(Recon(Rc::new(r)), Rc::new(rep)))
     })
 }
 
@@ -71,7 +71,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
             with_gpt2(&m, "kv_recon_load", |g| {
                 let r = VRecon::load(Path::new(path), g.store().device()).rt()?;
                 r.check(g).rt()?;
-                Ok(RRecon(Recon(Arc::new(r)), Arc::new(FitReport::default())))
+                Ok(RRecon(Recon(Rc::new(r)), Rc::new(FitReport::default())))
             })
         },
     );
