@@ -27,6 +27,7 @@ fn main() {
         .file("csrc/shim.cpp")
         .compile("knlp_shim");
     build_dist(&include);
+    build_graph(&include);
 
     // Keep libtorch_cuda in NEEDED although no symbol of it is referenced:
     // otherwise `--as-needed` drops it and CUDA is silently unavailable.
@@ -67,18 +68,10 @@ fn build_dist(include: &std::path::Path) {
             gloo.display()
         );
     }
-    // site-packages/torch/include -> site-packages/nvidia
     let nvidia = include.join("../../nvidia");
-    let cu = nvidia.join("cu13/include");
-    let nccl_headers = [
-        cu.join("cuda_runtime_api.h"),
-        cu.join("crt/host_config.h"),
-        cu.join("cccl/nv/target"),
-        nvidia.join("nccl/include/nccl.h"),
-    ];
-    if nccl_headers.iter().all(|p| p.exists()) {
-        println!("cargo:rerun-if-changed={}", cu.join("crt/host_config.h").display());
-        b.include(&cu)
+    let cu = cuda_include(include);
+    if let (Some(cu), true) = (&cu, nvidia.join("nccl/include/nccl.h").exists()) {
+        b.include(cu)
             .include(cu.join("cccl"))
             .include(nvidia.join("nccl/include"))
             .define("USE_C10D_NCCL", None)
@@ -91,6 +84,47 @@ fn build_dist(include: &std::path::Path) {
         );
     }
     b.compile("knlp_dist");
+}
+
+/// The CUDA runtime, CRT and CCCL headers of the wheels beside torch
+/// (site-packages/torch/include -> site-packages/nvidia/cu13/include), if
+/// all are there.
+fn cuda_include(include: &std::path::Path) -> Option<PathBuf> {
+    let cu = include.join("../../nvidia/cu13/include");
+    let headers = [cu.join("cuda_runtime_api.h"), cu.join("crt/host_config.h"), cu.join("cccl/nv/target")];
+    if !headers.iter().all(|p| p.exists()) {
+        return None;
+    }
+    println!("cargo:rerun-if-changed={}", cu.join("crt/host_config.h").display());
+    Some(cu)
+}
+
+/// The CUDA graph shim: with the CUDA headers it captures and replays
+/// `at::cuda::CUDAGraph`; without them its functions report that knlp was
+/// built without CUDA graph support.
+fn build_graph(include: &std::path::Path) {
+    println!("cargo:rerun-if-changed=csrc/graph.cpp");
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("csrc/graph.cpp");
+    match cuda_include(include) {
+        Some(cu) => {
+            b.include(&cu).include(cu.join("cccl")).define("KNLP_CUDA_GRAPH", None);
+            println!("cargo:rustc-link-lib=dylib=c10_cuda");
+        }
+        None => println!(
+            "cargo:warning=CUDA headers not found under {}: knlp is built without CUDA graphs",
+            include.join("../../nvidia/cu13/include").display()
+        ),
+    }
+    b.compile("knlp_graph");
 }
 
 /// Embed `stdlib/*.rhai` so `import` finds the standard library wherever the

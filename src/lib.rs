@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod checkpoint;
 pub mod config;
+pub mod cudagraph;
 pub mod data;
 pub mod decode;
 pub mod dist;
