@@ -617,4 +617,75 @@ impl Attention {
     pub fn sba_alpha(&self) -> Option<&Tensor> {
         self.sba_alpha.as_ref()
     }
+
+    /// Why this layer has no static-shape decode step ([`Self::forward_static`]);
+    /// None when it has one: per-token K/V projections (or K = V), softmax
+    /// mixing, no RoPE.
+    pub fn static_unsupported(spec: &Spec) -> Option<String> {
+        if !matches!(spec.kv, KvSource::Proj | KvSource::Tied | KvSource::TiedT) {
+            return Some(format!("the static decode step needs per-token K/V, not kv {:?}", spec.kv));
+        }
+        if spec.mixer != Mixer::Softmax {
+            return Some(format!("the static decode step needs softmax mixing, not mixer {:?}", spec.mixer));
+        }
+        if spec.rope {
+            return Some("the static decode step has no RoPE".into());
+        }
+        None
+    }
+
+    /// One decode token `x` [B, 1, d] at the device position `pos` ([1]
+    /// int64) over the whole preallocated cache: the new K/V are written
+    /// with `index_copy_` at `pos`; `mask` [1, 1, 1, cap] is added to the
+    /// scores (0 for slots `<= pos`, -inf for those not yet written), in
+    /// the attention's dtype. Every shape is the same at every
+    /// step and nothing reads back to the host, so a CUDA graph can record
+    /// it. The projections and the output are [`Self::forward`]'s.
+    pub fn forward_static(
+        &self,
+        x: &Tensor,
+        pos: &Tensor,
+        mask: &Tensor,
+        lc: &LayerCache,
+        ctx: &Ctx,
+    ) -> Result<Tensor, TchError> {
+        if let Some(why) = Self::static_unsupported(&self.spec) {
+            return Err(te(why));
+        }
+        let size = x.size();
+        let (b, t, d) = (size[0], size[1], size[2]);
+        let f = self.fresh(x, ctx)?;
+        let q = f.q.ok_or_else(|| te("no query".into()))?;
+        let v = f.v.ok_or_else(|| te("no value".into()))?;
+        let slot = |s: &Option<Tensor>| {
+            s.as_ref()
+                .map(|t| t.shallow_clone())
+                .ok_or_else(|| te("static decode: the cache slot is empty (prefill first)".into()))
+        };
+        let (query, key, value) = if self.spec.kv == KvSource::Tied && !lc.reciprocal {
+            let mut v_all = slot(&lc.value)?;
+            let _ = v_all.f_index_copy_(2, pos, &v)?;
+            (q, v_all.shallow_clone(), v_all)
+        } else {
+            let k = f.k.ok_or_else(|| te("no key".into()))?;
+            let (query, key_new) = if lc.reciprocal { (k, q) } else { (q, k) };
+            let mut key_all = slot(&lc.key)?;
+            let mut v_all = slot(&lc.value)?;
+            let _ = key_all.f_index_copy_(2, pos, &key_new)?;
+            let _ = v_all.f_index_copy_(2, pos, &v)?;
+            (query, key_all, v_all)
+        };
+        let y = Tensor::f_scaled_dot_product_attention(
+            &query,
+            &key,
+            &value,
+            Some(mask.shallow_clone()),
+            0.0,
+            false,
+            None,
+            false,
+        )?;
+        let y = y.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, d])?;
+        self.c_proj.forward(&y)
+    }
 }

@@ -5,6 +5,9 @@
 //! Sampling: temperature 0 is greedy (argmax); otherwise logits / T, keep
 //! the `top_k` largest, softmax, one multinomial draw. Only the tokenizer's
 //! `vocab_size` ids are candidates (the padded rows never are).
+//!
+//! Greedy cached decoding on CUDA replays a CUDA graph of one static-shape
+//! step by default ([`graph`], [`GraphMode`]).
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
@@ -15,6 +18,8 @@ use crate::models::gpt2::Gpt2;
 use crate::models::Model;
 use crate::shim::AutocastDtype;
 use crate::tensor::torch_error;
+
+pub mod graph;
 
 fn te(e: tch::TchError) -> anyhow::Error {
     anyhow!(torch_error(&e))
@@ -38,6 +43,24 @@ pub struct Options {
     pub amp: Option<AutocastDtype>,
     /// Prune what each decode step reads from the cache (`attention::kvprune`).
     pub kv_prune: Option<kvprune::Config>,
+    /// Decode steps through a CUDA graph ([`graph`]).
+    pub graph: GraphMode,
+}
+
+/// How the decode steps after the prefill run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GraphMode {
+    /// A CUDA graph of the static-shape step where one can run (CUDA, a
+    /// supported variant, greedy, cache on, no kv_prune); eager otherwise.
+    #[default]
+    Auto,
+    /// Eager steps through the growing cache.
+    Off,
+    /// A CUDA graph; where none can run, eager with one warning on stderr.
+    On,
+    /// The static-shape step run eagerly, never captured (tests on any
+    /// device; an error where the step cannot run).
+    StaticEager,
 }
 
 impl Default for Options {
@@ -51,6 +74,7 @@ impl Default for Options {
             keep_logits: false,
             amp: None,
             kv_prune: None,
+            graph: GraphMode::Auto,
         }
     }
 }
@@ -71,6 +95,10 @@ pub struct Generated {
     pub decode_s: f64,
     /// Fraction of the cached positions the decode steps read (1.0 unpruned).
     pub read_fraction: f64,
+    /// The decode steps replayed a CUDA graph.
+    pub graph: bool,
+    /// Seconds of `decode_s` spent on the graph's warm-up and capture.
+    pub capture_s: f64,
 }
 
 fn sync(d: Device) {
@@ -157,6 +185,8 @@ pub fn generate(model: &Gpt2, prompt: &Tensor, o: &Options) -> Result<Generated>
     let prompt = prompt.f_to_device(dev).and_then(|p| p.f_to_kind(Kind::Int64)).map_err(te)?;
     let mut out = vec![prompt.shallow_clone()];
     let mut kept = Vec::new();
+    let plan = graph::plan(model, o, dev)?;
+    let (mut graph_used, mut capture_s) = (false, 0.0);
     let last = |l: &Tensor| -> Result<Tensor> {
         let t = l.size()[1];
         l.f_select(1, t - 1).and_then(|x| x.f_narrow(-1, 0, vocab)).map_err(te)
@@ -174,7 +204,15 @@ pub fn generate(model: &Gpt2, prompt: &Tensor, o: &Options) -> Result<Generated>
         let mut cur = last(&logits)?;
         sync(dev);
         prefill_s = start.elapsed().as_secs_f64();
-        for step in 0..o.max_new_tokens {
+        let steps = if plan == graph::Plan::Eager { o.max_new_tokens } else { 0 };
+        if plan != graph::Plan::Eager {
+            let r = graph::decode(model, &mut cache, &cur, o, amp, plan == graph::Plan::Capture)?;
+            out.push(r.tokens);
+            kept = r.logits;
+            graph_used = r.graph;
+            capture_s = r.capture_s;
+        }
+        for step in 0..steps {
             let next = pick(&cur, o)?;
             if o.keep_logits {
                 kept.push(cur.f_to_kind(Kind::Float).map_err(te)?);
@@ -233,6 +271,8 @@ pub fn generate(model: &Gpt2, prompt: &Tensor, o: &Options) -> Result<Generated>
         prefill_s,
         decode_s,
         read_fraction,
+        graph: graph_used,
+        capture_s,
     })
 }
 

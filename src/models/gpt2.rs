@@ -482,6 +482,26 @@ impl Block {
     }
 }
 
+impl Block {
+    /// [`Self::forward`] for one decode token through
+    /// [`Attention::forward_static`] (no hooks, no dropout).
+    fn forward_static(
+        &self,
+        x: &Tensor,
+        pos: &Tensor,
+        mask: &Tensor,
+        lc: &LayerCache,
+        ctx: &Ctx,
+        act: fn(&Tensor) -> Result<Tensor, TchError>,
+    ) -> Result<Tensor, TchError> {
+        let h = self.ln_1.forward(x)?;
+        let x = x.f_add(&self.attn.forward_static(&h, pos, mask, lc, ctx)?)?;
+        let (Some(ln_2), Some(mlp)) = (&self.ln_2, &self.mlp) else { return Ok(x) };
+        let m = mlp.forward(&ln_2.forward(&x)?, 0.0, act, |_, t| Ok(t))?;
+        x.f_add(&m)
+    }
+}
+
 pub struct Gpt2 {
     cfg: Config,
     spec: Spec,
@@ -850,6 +870,62 @@ impl Gpt2 {
     /// reconstruction, router statistics, Fisher when `fisher`), on `sample`.
     pub fn attention_metrics(&self, sample: Option<&Tensor>, fisher: bool) -> Result<Map<String, Value>> {
         super::gpt2_metrics::collect(self, sample, fisher)
+    }
+
+    /// Why this model has no static-shape decode step ([`Self::forward_static`]),
+    /// or None when it has one.
+    pub fn static_unsupported(&self) -> Option<String> {
+        let why = Attention::static_unsupported(&self.spec)?;
+        Some(format!("attention '{}': {why}", self.cfg.attention))
+    }
+
+    /// Logits [B, 1, vocab] of the decode tokens `tok` [B, 1] at the device
+    /// position `pos` ([1] int64), following the `pos` tokens `cache` holds
+    /// (filled by a prefill through [`Self::forward_cached`]); their K/V are
+    /// written at `pos`. `mask` [1, 1, 1, cap] is added to the attention
+    /// scores: 0 where `arange(cap) <= pos`, -inf elsewhere, in the cache's
+    /// dtype (SDPA then needs no conversion or padding per layer). Static
+    /// shapes and no host reads: the step a CUDA graph records
+    /// (`decode::graph`). `cache.len` is left to the caller.
+    pub fn forward_static(
+        &self,
+        tok: &Tensor,
+        pos: &Tensor,
+        mask: &Tensor,
+        cache: &Cache,
+    ) -> Result<Tensor, TchError> {
+        if let Some(why) = self.static_unsupported() {
+            return Err(TchError::Shape(why));
+        }
+        if cache.layers.len() != self.blocks.len() {
+            return Err(TchError::Shape(format!(
+                "gpt2: cache has {} layers, the model {}",
+                cache.layers.len(),
+                self.blocks.len()
+            )));
+        }
+        let ctx = Ctx {
+            p: 0.0,
+            train: false,
+            route_on: false,
+            route_penalty: 0.0,
+            probe: None,
+            aux: None,
+            hooks: None,
+        };
+        let mut x = self.wte.forward(tok)?;
+        if let Some(ep) = &self.emb_proj {
+            x = ep.forward(&x)?;
+        }
+        let mut x = x.f_add(&self.wpe.weight.f_index_select(0, pos)?)?;
+        for (block, lc) in self.blocks.iter().zip(&cache.layers) {
+            x = block.forward_static(&x, pos, mask, lc, &ctx, self.act)?;
+        }
+        let mut h = self.ln_f.forward(&x)?;
+        if let Some(op) = &self.out_proj {
+            h = op.forward(&h)?;
+        }
+        h.f_linear(&self.lm_head, self.lm_head_bias.as_ref())
     }
 
     pub(crate) fn blocks_attn(&self) -> impl Iterator<Item = &Attention> {

@@ -21,7 +21,7 @@ pub(super) fn with_gpt2<T>(m: &RModel, what: &str, f: impl FnOnce(&Gpt2) -> RRes
 }
 
 const GEN_KEYS: &[&str] =
-    &["max_new_tokens", "temperature", "top_k", "seed", "cache", "details", "amp", "kv_prune"];
+    &["max_new_tokens", "temperature", "top_k", "seed", "cache", "details", "amp", "kv_prune", "graph"];
 
 const PRUNE_KEYS: &[&str] =
     &["keep_ratio", "k_min", "recency", "exposure", "ema", "ema_every", "mode", "evict", "recon"];
@@ -116,6 +116,10 @@ fn gen_options(o: &Map) -> RResult<(Options, bool)> {
             g.kv_prune = Some(prune_options(&m, "kv_prune", &[])?);
         }
     }
+    if let Some(v) = o.get("graph") {
+        let on = v.as_bool().map_err(|t| rerr(format!("graph must be a bool, got {t}")))?;
+        g.graph = if on { decode::GraphMode::On } else { decode::GraphMode::Off };
+    }
     g.keep_logits = details;
     Ok((g, details))
 }
@@ -145,6 +149,8 @@ fn run_generate(m: &RModel, tokens: &RTensor, o: &Map) -> RResult<Dynamic> {
             ("prefill_ms", Dynamic::from_float(out.prefill_s * 1e3)),
             ("decode_ms", Dynamic::from_float(out.decode_s * 1e3)),
             ("kv_read_fraction", Dynamic::from_float(out.read_fraction)),
+            ("graph", Dynamic::from_bool(out.graph)),
+            ("capture_ms", Dynamic::from_float(out.capture_s * 1e3)),
             (
                 "decode_tokens_per_s",
                 Dynamic::from_float(if out.decode_s > 0.0 { decoded / out.decode_s } else { 0.0 }),
@@ -206,7 +212,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     api.f(
         "generate",
         "self, tokens, options: map",
-        "Continue token ids [B, T]: `#{ max_new_tokens: 32, temperature: 0.0 (greedy), top_k, seed, cache: true, amp: \"bf16\"|\"fp16\"|\"none\" (CUDA), kv_prune: #{ keep_ratio, k_min, recency, ... } (see kv_prune_eval), details: false }`. Returns the ids [B, T + new]; with `details: true` a map `#{ tokens, logits [B, new, vocab], cache_bytes, cache_tokens, cache_elem_bytes, prefill_ms, decode_ms, decode_tokens_per_s, kv_read_fraction }`.",
+        "Continue token ids [B, T]: `#{ max_new_tokens: 32, temperature: 0.0 (greedy), top_k, seed, cache: true, amp: \"bf16\"|\"fp16\"|\"none\" (CUDA), kv_prune: #{ keep_ratio, k_min, recency, ... } (see kv_prune_eval), graph, details: false }`. `graph`: decode through a CUDA graph of one static-shape step (docs/attention.md \"Graphed decode\"); by default on where it can run (CUDA, greedy, cache on, no kv_prune, mha/ra/kv_tying-style attention without RoPE), `false` decodes eagerly, `true` warns on stderr and decodes eagerly where it cannot run. Returns the ids [B, T + new]; with `details: true` a map `#{ tokens, logits [B, new, vocab], cache_bytes, cache_tokens, cache_elem_bytes, prefill_ms, decode_ms (includes the graph's warm-up and capture), capture_ms, graph (a graph was replayed), decode_tokens_per_s, kv_read_fraction }`.",
         |m: &mut RModel, tokens: RTensor, o: Map| -> RResult<Dynamic> { run_generate(m, &tokens, &o) },
     );
     api.f(
