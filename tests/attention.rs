@@ -412,3 +412,7 @@ fn bad_options_are_named() {
         assert!(e.to_string().contains(want), "{opts}: {e}");
     }
 }
+
+// The CUDA-graphed decode step; a module here so it shares this test binary.
+#[path = "attention/graph_decode.rs"]
+mod graph_decode;

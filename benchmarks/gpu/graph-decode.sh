@@ -5,7 +5,8 @@
 # tokens, bf16, greedy, B = 1 and 32, in the same call. Runs on the device
 # machine from the repository root with gpu-bin/knlp.xz and
 # gpu-bin/graph_decode.xz (stripped release binaries: knlp, and
-# `cargo test --release --test graph_decode --no-run`); carry them in.
+# `cargo test --release --test attention --no-run`, whose
+# graph tests live in tests/attention/graph_decode.rs); carry them in.
 #   bash benchmarks/gpu/graph-decode.sh          # REPEATS=3 timed runs (medians)
 set -u
 source benchmarks/gpu/common.sh
