@@ -116,7 +116,8 @@ int knlp_graph_capture_begin(void* p) {
     if (g->captured || g->capturing) throw std::runtime_error("cuda graph: already captured");
     enter(g);
     g->guard->current_stream().synchronize();
-    g->graph.capture_begin();
+    // Thread-local: CUDA calls of other threads (loaders, monitors) stay legal.
+    g->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
     g->capturing = true;
 #else
     (void)p;
@@ -157,6 +158,18 @@ int knlp_graph_replay(void* p) {
     g->graph.replay();
 #else
     (void)p;
+    unsupported();
+#endif
+  });
+}
+
+// The current CUDA device (graphs capture and replay there).
+int knlp_graph_current_device(int* out) {
+  return guarded([&] {
+#ifdef KNLP_CUDA_GRAPH
+    *out = static_cast<int>(c10::cuda::current_device());
+#else
+    (void)out;
     unsupported();
 #endif
   });

@@ -21,6 +21,7 @@ extern "C" {
     fn knlp_graph_capture_end(g: *mut c_void) -> c_int;
     fn knlp_graph_replay(g: *mut c_void) -> c_int;
     fn knlp_graph_stream_sync() -> c_int;
+    fn knlp_graph_current_device(out: *mut c_int) -> c_int;
     fn knlp_graph_free(g: *mut c_void);
 }
 
@@ -38,6 +39,14 @@ fn check(rc: c_int) -> Result<(), String> {
 pub fn supported() -> bool {
     // SAFETY: no arguments, no state.
     unsafe { knlp_graph_supported() != 0 }
+}
+
+/// The current CUDA device's index (where a graph captures and replays).
+pub fn current_device() -> Result<usize, String> {
+    let mut d: c_int = -1;
+    // SAFETY: `d` outlives the call, which writes one int.
+    check(unsafe { knlp_graph_current_device(&mut d) })?;
+    Ok(d.max(0) as usize)
 }
 
 /// Wait for the current CUDA stream of the current device.

@@ -77,6 +77,17 @@ fn capture_unsupported(dev: Device) -> Option<String> {
     if !cudagraph::supported() {
         return Some("knlp was built without CUDA graph support".into());
     }
+    // Capture and replay use the current device's streams: a model on
+    // another device would run uncaptured and leave an empty graph.
+    if let Device::Cuda(i) = dev {
+        match cudagraph::current_device() {
+            Ok(cur) if cur == i => {}
+            Ok(cur) => {
+                return Some(format!("the model is on cuda:{i} but the current CUDA device is cuda:{cur}"))
+            }
+            Err(e) => return Some(e),
+        }
+    }
     None
 }
 
