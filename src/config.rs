@@ -332,7 +332,11 @@ impl Experiment {
         let d = crate::attention::kveval::KvEvalConfig::default();
         let c = crate::attention::kveval::KvEvalConfig {
             keep_ratios: crate::attention::kveval::parse_ratios(&ratios)
-                .map_err(|e| anyhow!("CONFIG_KV_PRUNE_KEEP_RATIOS: {e}"))?,
+                .and_then(|v| match v.iter().find(|r| !(**r > 0.0 && **r <= 1.0)) {
+                    Some(r) => Err(anyhow!("keep ratio {r} is not in (0, 1]")),
+                    None => Ok(v),
+                })
+                .map_err(|e| anyhow!("CONFIG_KV_PRUNE_KEEP_RATIOS=\"{ratios}\": {e}"))?,
             k_min: k_min.unwrap_or(d.k_min),
             recency: recency.unwrap_or(d.recency),
             exposure,

@@ -404,6 +404,29 @@ fn kv_recon_fits_is_used_by_decoding_and_round_trips() {
     let plain = score_cached(&m, &held, 1, Some(&c)).unwrap();
     let rec = score_cached(&m, &held, 1, Some(&with(&r))).unwrap();
     assert!((plain.loss - rec.loss).abs() > 1e-6, "the reconstructor changed nothing");
+    // The cache's ṽ slot holds ṽ of each position's own attention input
+    // (ln_1's output) and values, as the fit computed them.
+    let mut cache = m.new_cache(2, 40).unwrap();
+    cache.set_prune(&with(&r));
+    let x = held.narrow(0, 0, 2).narrow(1, 0, 30);
+    let _ = m.forward_cached(&x, &mut cache).unwrap();
+    let rec_hooks = knlp::hooks::Recorder::new(
+        |n: &str| n.ends_with(".ln1.hook_normalized") || n.ends_with(".attn.hook_v"),
+        None,
+    );
+    let _ = tch::no_grad(|| m.forward_hooked(&x, false, Some(&rec_hooks))).unwrap();
+    let acts = rec_hooks.take();
+    for l in 0..2usize {
+        let get = |n: String| acts.iter().find(|(k, _)| *k == n).unwrap().1.shallow_clone();
+        let xl = get(format!("blocks.{l}.ln1.hook_normalized"));
+        let vl = get(format!("blocks.{l}.attn.hook_v")).transpose(1, 2);
+        let want = r.veff(l, &xl, &vl).unwrap();
+        let slot = cache.layers[l].value_eff.as_ref().unwrap().narrow(2, 0, 30);
+        assert!(max_diff(&slot, &want) < 1e-5, "layer {l}: ṽ slot differs by {}", max_diff(&slot, &want));
+    }
+    // Output errors on rows the fit never saw: the reconstructor still helps.
+    let (p_err, r_err) = knlp::attention::vrecon::output_errors(&m, &r, &held, &c).unwrap();
+    assert!(p_err.iter().zip(&r_err).all(|(p, q)| q < p), "held-out errors {p_err:?} -> {r_err:?}");
     // A gate pinned at 1 reads the true values: the plain pruned result.
     let mut ident = VRecon::new(&m, 1).unwrap();
     for l in &mut ident.layers {

@@ -58,10 +58,8 @@ impl Cache {
     /// Prune every later decode step with `cfg` (fresh statistics per layer).
     /// Set it before the prefill: the prefill's attention seeds the importance.
     pub fn set_prune(&mut self, cfg: &super::kvprune::Config) {
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            let mut st = super::kvprune::State::new(cfg.clone());
-            st.layer = i;
-            l.prune = Some(st);
+        for l in &mut self.layers {
+            l.prune = Some(super::kvprune::State::new(cfg.clone()));
         }
     }
 

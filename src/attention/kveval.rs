@@ -183,13 +183,17 @@ pub fn run(model: &Gpt2, rows: &Tensor, fit_rows: Option<&Tensor>, cfg: &KvEvalC
         if let (true, Some(fit)) = (cfg.recon, fit_rows) {
             let o = FitOptions { steps: cfg.recon_steps, lr: cfg.recon_lr, ..FitOptions::default() };
             let (rc, rep) = vrecon::fit(model, fit, &p, &o)?;
+            // Output errors on the scored rows, which the fit never saw.
+            let (plain, with) = vrecon::output_errors(model, &rc, rows, &p)?;
             let pr = kvprune::Config { recon: Some(Recon(std::rc::Rc::new(rc))), ..p.clone() };
             let s2 = decode::score_cached(model, rows, cfg.prefill, Some(&pr))?;
             let mut rj = scored_json(&s2, Some(&dense))?;
             rj["fit_loss_first"] = json!(rep.losses.first());
             rj["fit_loss_last"] = json!(rep.losses.last());
-            rj["rel_err_plain"] = json!(rep.rel_err_plain);
-            rj["rel_err_recon"] = json!(rep.rel_err_recon);
+            rj["rel_err_plain"] = json!(plain);
+            rj["rel_err_recon"] = json!(with);
+            rj["fit_rel_err_plain"] = json!(rep.rel_err_plain);
+            rj["fit_rel_err_recon"] = json!(rep.rel_err_recon);
             rj["mean_gate"] = json!(rep.mean_gate);
             entry["recon"] = rj;
         }

@@ -184,8 +184,6 @@ fn se(msg: String) -> TchError {
 /// One layer's pruning state, kept in its cache slot.
 pub struct State {
     pub cfg: Config,
-    /// The layer this state prunes (selects the reconstructor's layer).
-    pub layer: usize,
     /// [B, H, cap] float32: M_j, the attention each position received.
     mass: Option<Tensor>,
     /// [B, H, cap] float32: the EMA of the importance.
@@ -205,18 +203,7 @@ pub struct State {
 
 impl State {
     pub fn new(cfg: Config) -> State {
-        State {
-            cfg,
-            layer: 0,
-            mass: None,
-            ema: None,
-            ema_len: 0,
-            evicted: None,
-            steps: 0,
-            read: 0,
-            cached: 0,
-            len: 0,
-        }
+        State { cfg, mass: None, ema: None, ema_len: 0, evicted: None, steps: 0, read: 0, cached: 0, len: 0 }
     }
 
     fn mass_slot(&mut self, like: &Tensor, cap: i64) -> Result<&Tensor, TchError> {

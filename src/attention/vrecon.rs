@@ -104,11 +104,20 @@ impl VRecon {
         let (n_layer, d, h) = shape(model)?;
         let hs = d / h;
         let dev = model.store().device();
+        // Seeded from the CPU generator, whose state is put back: fitting
+        // does not disturb the script's random numbers.
+        let saved = crate::shim::rng_state(None).map_err(|e| anyhow!(e))?;
         tch::manual_seed(seed);
-        let layers = (0..n_layer)
-            .map(|_| -> Result<Layer, TchError> {
+        let init = (0..n_layer)
+            .map(|_| Tensor::f_randn([h * hs, d], (Kind::Float, Device::Cpu)))
+            .collect::<Result<Vec<_>, _>>();
+        crate::shim::set_rng_state(None, &saved).map_err(|e| anyhow!(e))?;
+        let init = init.map_err(te)?;
+        let layers = init
+            .into_iter()
+            .map(|w| -> Result<Layer, TchError> {
                 Ok(Layer {
-                    w: Tensor::f_randn([h * hs, d], (Kind::Float, dev))?.f_mul_scalar(0.02)?,
+                    w: w.f_to_device(dev)?.f_mul_scalar(0.02)?,
                     b: Tensor::f_zeros([h * hs], (Kind::Float, dev))?,
                     g_w: Tensor::f_zeros([h, d], (Kind::Float, dev))?,
                     g_b: Tensor::f_full([h], GATE_BIAS, (Kind::Float, dev))?,
@@ -276,7 +285,8 @@ impl Default for FitOptions {
 }
 
 /// What a fit did: the loss per step, and at the end, per layer, the
-/// relative error ‖ŷ − y‖² / ‖y‖² without and with the reconstructor.
+/// relative error ‖ŷ − y‖² / ‖y‖² without and with the reconstructor on
+/// the first fitting batch (in-sample; [`output_errors`] on other rows).
 #[derive(Clone, Debug, Default)]
 pub struct FitReport {
     pub losses: Vec<f64>,
@@ -338,6 +348,24 @@ fn loss_of(recon: Option<&VRecon>, acts: &Acts, masks: &[Tensor]) -> Result<(Ten
     }
     let total = total.ok_or_else(|| TchError::Shape("vrecon: the model has no layers".into()))?;
     Ok((total, rel))
+}
+
+/// Per layer, ‖ŷ − y‖² / ‖y‖² on `tokens` [N, T] without and with `recon`
+/// (the errors a fit reports, here on rows of the caller's choosing).
+pub fn output_errors(
+    model: &Gpt2,
+    recon: &VRecon,
+    tokens: &Tensor,
+    cfg: &kvprune::Config,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    recon.check(model)?;
+    let x = tokens.f_to_device(model.store().device()).and_then(|x| x.f_to_kind(Kind::Int64)).map_err(te)?;
+    let acts = record(model, &x)?;
+    tch::no_grad(|| -> Result<(Vec<f64>, Vec<f64>), TchError> {
+        let masks = acts.iter().map(|(_, _, a)| keep_mask(a, cfg)).collect::<Result<Vec<_>, _>>()?;
+        Ok((loss_of(None, &acts, &masks)?.1, loss_of(Some(recon), &acts, &masks)?.1))
+    })
+    .map_err(te)
 }
 
 /// Fit a reconstructor for `model` under pruning `cfg` on held-out token
