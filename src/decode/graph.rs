@@ -248,7 +248,13 @@ fn decode_in(model: &Gpt2, cache: &mut Cache, first: &Tensor, o: &Options, captu
                 }
             };
             if o.keep_logits {
-                kept.push(keep(&cur)?);
+                match keep(&cur) {
+                    Ok(k) => kept.push(k),
+                    Err(e) => {
+                        let _ = g.exit_stream();
+                        return Err(e);
+                    }
+                }
             }
             done += 1;
         }
@@ -258,21 +264,27 @@ fn decode_in(model: &Gpt2, cache: &mut Cache, first: &Tensor, o: &Options, captu
         }
         capture_s = t.elapsed().as_secs_f64();
     }
-    while done < steps {
-        let cur = match &graph {
-            Some((g, cur)) => {
-                g.replay().map_err(|e| anyhow!("generate: {e}"))?;
-                cur.shallow_clone()
+    let mut rest = || -> Result<()> {
+        while done < steps {
+            let cur = match &graph {
+                Some((g, cur)) => {
+                    g.replay().map_err(|e| anyhow!("generate: {e}"))?;
+                    cur.shallow_clone()
+                }
+                None => st.run(model, cache).map_err(te)?,
+            };
+            if o.keep_logits {
+                kept.push(keep(&cur)?);
             }
-            None => st.run(model, cache).map_err(te)?,
-        };
-        if o.keep_logits {
-            kept.push(keep(&cur)?);
+            done += 1;
         }
-        done += 1;
-    }
-    // The replays read autocast's cached weights: finish them inside the scope.
+        Ok(())
+    };
+    let result = rest();
+    // The replays read autocast's cached weights: finish them inside the
+    // scope, also when a step failed with replays still queued.
     super::sync(dev);
+    result?;
     cache.len = t0 + steps;
     Ok(Run { tokens: st.out, logits: kept, graph: graph.is_some(), capture_s })
 }
