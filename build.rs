@@ -15,17 +15,7 @@ fn main() {
             .expect("torch-sys did not report libtorch's lib folder (set LIBTORCH_USE_PYTORCH=1)"),
     );
     let include = lib.join("../include");
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .warnings(false)
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
-        .flag("-DGLOG_USE_GLOG_EXPORT")
-        .file("csrc/shim.cpp")
-        .compile("knlp_shim");
+    torch_build(&include, "csrc/shim.cpp").compile("knlp_shim");
     build_dist(&include);
     build_graph(&include);
 
@@ -40,13 +30,9 @@ fn main() {
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
 }
 
-/// The c10d shim. Gloo needs gloo's headers (Debian's libgloo-dev; the
-/// wheel ships none); NCCL needs the CUDA runtime, CRT and CCCL headers of the
-/// wheels `nvidia-cuda-crt` and `nvidia-cuda-cccl` beside torch. Without them
-/// the backend is left out and reports so at run time, never at build time.
-fn build_dist(include: &std::path::Path) {
-    println!("cargo:rerun-if-changed=csrc/dist.cpp");
-    println!("cargo:rerun-if-env-changed=KNLP_GLOO_INCLUDE");
+/// A C++17 build of `file` against libtorch's headers, with the ABI and
+/// glog settings of the torch wheel.
+fn torch_build(include: &std::path::Path, file: &str) -> cc::Build {
     let mut b = cc::Build::new();
     b.cpp(true)
         .pic(true)
@@ -56,7 +42,18 @@ fn build_dist(include: &std::path::Path) {
         .flag("-std=c++17")
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag("-DGLOG_USE_GLOG_EXPORT")
-        .file("csrc/dist.cpp");
+        .file(file);
+    b
+}
+
+/// The c10d shim. Gloo needs gloo's headers (Debian's libgloo-dev; the
+/// wheel ships none); NCCL needs the CUDA runtime, CRT and CCCL headers of the
+/// wheels `nvidia-cuda-crt` and `nvidia-cuda-cccl` beside torch. Without them
+/// the backend is left out and reports so at run time, never at build time.
+fn build_dist(include: &std::path::Path) {
+    println!("cargo:rerun-if-changed=csrc/dist.cpp");
+    println!("cargo:rerun-if-env-changed=KNLP_GLOO_INCLUDE");
+    let mut b = torch_build(include, "csrc/dist.cpp");
     let gloo =
         env::var("KNLP_GLOO_INCLUDE").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("/usr/include"));
     if gloo.join("gloo/config.h").exists() {
@@ -104,16 +101,7 @@ fn cuda_include(include: &std::path::Path) -> Option<PathBuf> {
 /// built without CUDA graph support.
 fn build_graph(include: &std::path::Path) {
     println!("cargo:rerun-if-changed=csrc/graph.cpp");
-    let mut b = cc::Build::new();
-    b.cpp(true)
-        .pic(true)
-        .warnings(false)
-        .include(include)
-        .include(include.join("torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
-        .flag("-DGLOG_USE_GLOG_EXPORT")
-        .file("csrc/graph.cpp");
+    let mut b = torch_build(include, "csrc/graph.cpp");
     match cuda_include(include) {
         Some(cu) => {
             b.include(&cu).include(cu.join("cccl")).define("KNLP_CUDA_GRAPH", None);
