@@ -314,7 +314,7 @@ impl Experiment {
     }
 
     /// KV_PRUNE_EVAL and its settings (docs/attention.md).
-    fn kv_prune_eval(r: &Reader) -> Result<Option<crate::attention::kveval::KvEvalConfig>> {
+    fn kv_prune_eval(r: &Reader) -> Result<Option<crate::decode::kveval::KvEvalConfig>> {
         // Every symbol is read, whether the menu is on or not.
         let on = r.bool("KV_PRUNE_EVAL")?;
         let ratios = r.string("KV_PRUNE_KEEP_RATIOS")?;
@@ -329,13 +329,9 @@ impl Experiment {
         if !on {
             return Ok(None);
         }
-        let d = crate::attention::kveval::KvEvalConfig::default();
-        let c = crate::attention::kveval::KvEvalConfig {
-            keep_ratios: crate::attention::kveval::parse_ratios(&ratios)
-                .and_then(|v| match v.iter().find(|r| !(**r > 0.0 && **r <= 1.0)) {
-                    Some(r) => Err(anyhow!("keep ratio {r} is not in (0, 1]")),
-                    None => Ok(v),
-                })
+        let d = crate::decode::kveval::KvEvalConfig::default();
+        let c = crate::decode::kveval::KvEvalConfig {
+            keep_ratios: crate::decode::kveval::parse_ratios(&ratios)
                 .map_err(|e| anyhow!("CONFIG_KV_PRUNE_KEEP_RATIOS=\"{ratios}\": {e}"))?,
             k_min: k_min.unwrap_or(d.k_min),
             recency: recency.unwrap_or(d.recency),

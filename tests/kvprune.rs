@@ -384,7 +384,8 @@ fn kv_recon_keep_mask_is_the_decode_selection() {
 #[test]
 fn kv_recon_fits_is_used_by_decoding_and_round_trips() {
     use knlp::attention::kvprune::Recon;
-    use knlp::attention::vrecon::{fit, FitOptions, VRecon};
+    use knlp::attention::vrecon::VRecon;
+    use knlp::decode::recon::{check, fit, new_for, FitOptions};
     use std::rc::Rc;
     let _rng = rng();
     tch::manual_seed(5);
@@ -425,10 +426,10 @@ fn kv_recon_fits_is_used_by_decoding_and_round_trips() {
         assert!(max_diff(&slot, &want) < 1e-5, "layer {l}: ṽ slot differs by {}", max_diff(&slot, &want));
     }
     // Output errors on rows the fit never saw: the reconstructor still helps.
-    let (p_err, r_err) = knlp::attention::vrecon::output_errors(&m, &r, &held, &c).unwrap();
+    let (p_err, r_err) = knlp::decode::recon::output_errors(&m, &r, &held, &c).unwrap();
     assert!(p_err.iter().zip(&r_err).all(|(p, q)| q < p), "held-out errors {p_err:?} -> {r_err:?}");
     // A gate pinned at 1 reads the true values: the plain pruned result.
-    let mut ident = VRecon::new(&m, 1).unwrap();
+    let mut ident = new_for(&m, 1).unwrap();
     for l in &mut ident.layers {
         l.g_b = l.g_b.f_fill(50.0).unwrap();
     }
@@ -439,14 +440,14 @@ fn kv_recon_fits_is_used_by_decoding_and_round_trips() {
     let path = dir.path().join("recon.safetensors");
     r.save(&path).unwrap();
     let back = VRecon::load(&path, CPU).unwrap();
-    back.check(&m).unwrap();
+    check(&back, &m).unwrap();
     let again = score_cached(&m, &held, 1, Some(&with(&Rc::new(back)))).unwrap();
     assert_eq!(max_diff(&again.nll, &rec.nll), 0.0);
     let other = small("kv_tying");
     let bigger =
         Gpt2::new(gpt2::Config { block_size: 40, vocab_size: 61, ..gpt2::Config::custom(3, 4, 32) }).unwrap();
-    assert!(VRecon::load(&path, CPU).unwrap().check(&other).is_ok());
-    let e = VRecon::load(&path, CPU).unwrap().check(&bigger).unwrap_err().to_string();
+    assert!(check(&VRecon::load(&path, CPU).unwrap(), &other).is_ok());
+    let e = check(&VRecon::load(&path, CPU).unwrap(), &bigger).unwrap_err().to_string();
     assert!(e.contains("2 layers") && e.contains("3"), "{e}");
     std::fs::write(dir.path().join("bad.safetensors"), b"not a file at all").unwrap();
     let e = VRecon::load(&dir.path().join("bad.safetensors"), CPU).unwrap_err().to_string();

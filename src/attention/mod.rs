@@ -9,11 +9,9 @@
 //! - `cache`: per-layer slots written in place.
 //! - `kvprune`: KV-cache pruning during decoding (top-k positions per step).
 //! - `vrecon`: the optional learned V reconstructor pruned steps read.
-//! - `kveval`: the KV-pruning evaluation of a trained run (Kconfig, matrix).
 //! - `fisher`: Fisher-information metrics of attention patterns.
 pub mod cache;
 pub mod fisher;
-pub mod kveval;
 pub mod kvprune;
 pub mod kvsplice;
 pub mod layer;

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tch::{Kind, Tensor};
 
-use super::kvprune::{self, Mode, Recon};
-use super::vrecon::{self, FitOptions};
+use super::recon::{self, FitOptions};
+use crate::attention::kvprune::{self, Mode, Recon};
 use crate::decode::{self, Scored};
 use crate::models::gpt2::Gpt2;
 use crate::tensor::torch_error;
@@ -67,7 +67,7 @@ impl Default for KvEvalConfig {
     }
 }
 
-/// Parse "0.5, 0.382 0.25" (commas or spaces).
+/// Parse "0.5, 0.382 0.25" (commas or spaces), each in (0, 1].
 pub fn parse_ratios(s: &str) -> Result<Vec<f64>> {
     let v = s
         .split(|c: char| c == ',' || c.is_whitespace())
@@ -76,6 +76,9 @@ pub fn parse_ratios(s: &str) -> Result<Vec<f64>> {
         .collect::<Result<Vec<_>>>()?;
     if v.is_empty() {
         bail!("no keep ratio given");
+    }
+    if let Some(r) = v.iter().find(|r| !(**r > 0.0 && **r <= 1.0)) {
+        bail!("keep ratio {r} is not in (0, 1]");
     }
     Ok(v)
 }
@@ -182,9 +185,9 @@ pub fn run(model: &Gpt2, rows: &Tensor, fit_rows: Option<&Tensor>, cfg: &KvEvalC
         entry["recency"] = json!(p.recency);
         if let (true, Some(fit)) = (cfg.recon, fit_rows) {
             let o = FitOptions { steps: cfg.recon_steps, lr: cfg.recon_lr, ..FitOptions::default() };
-            let (rc, rep) = vrecon::fit(model, fit, &p, &o)?;
+            let (rc, rep) = recon::fit(model, fit, &p, &o)?;
             // Output errors on the scored rows, which the fit never saw.
-            let (plain, with) = vrecon::output_errors(model, &rc, rows, &p)?;
+            let (plain, with) = recon::output_errors(model, &rc, rows, &p)?;
             let pr = kvprune::Config { recon: Some(Recon(std::rc::Rc::new(rc))), ..p.clone() };
             let s2 = decode::score_cached(model, rows, cfg.prefill, Some(&pr))?;
             let mut rj = scored_json(&s2, Some(&dense))?;

@@ -20,6 +20,8 @@ use crate::shim::AutocastDtype;
 use crate::tensor::torch_error;
 
 pub mod graph;
+pub mod kveval;
+pub mod recon;
 
 fn te(e: tch::TchError) -> anyhow::Error {
     anyhow!(torch_error(&e))
@@ -130,6 +132,17 @@ fn pick(logits: &Tensor, o: &Options) -> Result<Tensor> {
     l.f_softmax(-1, Kind::Float).and_then(|p| p.f_multinomial(1, true)).map_err(te)
 }
 
+/// Can `model` decode with pruning `p`: valid options, a prunable
+/// attention, and a reconstructor (if any) made for this model's shape?
+fn check_prune(model: &Gpt2, p: &kvprune::Config) -> Result<()> {
+    p.validate()?;
+    kvprune::check_spec(model.spec(), &model.cfg().attention)?;
+    match &p.recon {
+        Some(r) => recon::check(&r.0, model),
+        None => Ok(()),
+    }
+}
+
 /// Generate `o.max_new_tokens` tokens after `prompt` [B, T0] (int64 ids).
 pub fn generate(model: &Gpt2, prompt: &Tensor, o: &Options) -> Result<Generated> {
     let shape = prompt.size();
@@ -173,8 +186,7 @@ pub fn generate(model: &Gpt2, prompt: &Tensor, o: &Options) -> Result<Generated>
         if !o.cache {
             bail!("generate: kv_prune prunes the KV cache; it needs cache: true");
         }
-        p.validate()?;
-        kvprune::check_spec(model.spec(), &model.cfg().attention)?;
+        check_prune(model, p)?;
     }
     if let Some(s) = o.seed {
         tch::manual_seed(s);
@@ -319,8 +331,7 @@ pub fn score_cached(
         bail!("kv_prune_eval: prefill must be in 1..{} (T − 1), got {prefill}", t - 1);
     }
     if let Some(p) = prune {
-        p.validate()?;
-        kvprune::check_spec(model.spec(), &model.cfg().attention)?;
+        check_prune(model, p)?;
     }
     let _guard = tch::no_grad_guard();
     let dev = model.store().device();

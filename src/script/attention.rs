@@ -71,14 +71,6 @@ pub(super) fn prune_options(o: &Map, what: &str, extra: &[&str]) -> RResult<kvpr
     Ok(c)
 }
 
-/// A reconstructor in `p` must have been fitted for `g`'s shape.
-fn check_recon(g: &Gpt2, p: Option<&kvprune::Config>) -> RResult<()> {
-    match p.and_then(|p| p.recon.as_ref()) {
-        Some(r) => r.0.check(g).rt(),
-        None => Ok(()),
-    }
-}
-
 fn gen_options(o: &Map) -> RResult<(Options, bool)> {
     check_keys(o, GEN_KEYS, "generate")?;
     let mut g = Options { amp: Some(AutocastDtype::BF16), ..Options::default() };
@@ -127,7 +119,6 @@ fn gen_options(o: &Map) -> RResult<(Options, bool)> {
 fn run_generate(m: &RModel, tokens: &RTensor, o: &Map) -> RResult<Dynamic> {
     let (opts, details) = gen_options(o)?;
     with_gpt2(m, "generate", |g| {
-        check_recon(g, opts.kv_prune.as_ref())?;
         let out = decode::generate(g, &tokens.0, &opts).rt()?;
         if !details {
             return Ok(Dynamic::from(RTensor(out.tokens)));
@@ -254,7 +245,6 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
                 None => true,
             };
             with_gpt2(&m, "kv_prune_eval", |g| {
-                check_recon(g, Some(&cfg))?;
                 let s = decode::score_cached(g, &tokens.0, prefill, prune.then_some(&cfg)).rt()?;
                 Ok(Dynamic::from_map(map_of(vec![
                     ("loss", Dynamic::from_float(s.loss)),

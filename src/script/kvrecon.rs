@@ -1,5 +1,5 @@
 //! The V reconstructor of KV-cache pruning in scripts
-//! (`crate::attention::vrecon`): fit, save, load, and pass it to
+//! (`crate::attention::vrecon`, `crate::decode::recon`): fit, save, load, and pass it to
 //! `generate`/`kv_prune_eval` as `kv_prune: #{ ..., recon: r }`.
 use std::path::Path;
 use std::rc::Rc;
@@ -11,7 +11,8 @@ use super::attention::{prune_options, with_gpt2};
 use super::models::RModel;
 use super::value::*;
 use crate::attention::kvprune::Recon;
-use crate::attention::vrecon::{self, FitOptions, FitReport, VRecon};
+use crate::attention::vrecon::VRecon;
+use crate::decode::recon::{self, FitOptions, FitReport};
 use crate::models::Model;
 
 /// A fitted reconstructor and what its fit reported.
@@ -48,7 +49,7 @@ fn fit(m: &RModel, tokens: &RTensor, o: &Map) -> RResult<RRecon> {
         lr: o.get("lr").map_or(Ok(d.lr), |v| as_number(v, "lr"))?,
     };
     with_gpt2(m, "kv_recon_fit", |g| {
-        let (r, rep) = vrecon::fit(g, &tokens.0, &cfg, &fo).rt()?;
+        let (r, rep) = recon::fit(g, &tokens.0, &cfg, &fo).rt()?;
         Ok(RRecon(Recon(Rc::new(r)), Rc::new(rep)))
     })
 }
@@ -70,7 +71,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
         |m: RModel, path: &str| -> RResult<RRecon> {
             with_gpt2(&m, "kv_recon_load", |g| {
                 let r = VRecon::load(Path::new(path), g.store().device()).rt()?;
-                r.check(g).rt()?;
+                recon::check(&r, g).rt()?;
                 Ok(RRecon(Recon(Rc::new(r)), Rc::new(FitReport::default())))
             })
         },

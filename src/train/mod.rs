@@ -134,8 +134,8 @@ pub struct TrainConfig {
     /// ([`crate::tiering`], docs/tiering.md); None: off.
     pub tiering: Option<crate::tiering::TieringConfig>,
     /// After a completed GPT-2 run, score held-out sequences through a
-    /// pruned KV cache ([`crate::attention::kveval`]); None: off.
-    pub kv_prune_eval: Option<crate::attention::kveval::KvEvalConfig>,
+    /// pruned KV cache ([`crate::decode::kveval`]); None: off.
+    pub kv_prune_eval: Option<crate::decode::kveval::KvEvalConfig>,
 }
 
 impl Default for TrainConfig {
@@ -1242,7 +1242,7 @@ impl Trainer<'_> {
             }
         }
         if let Some(report) = kv_eval {
-            s.extra.extend(crate::attention::kveval::headline(&report));
+            s.extra.extend(crate::decode::kveval::headline(&report));
             if lead {
                 crate::runs::write_atomic(
                     &self.run.path.join("kv_prune.json"),
@@ -1332,11 +1332,11 @@ impl Trainer<'_> {
             } else {
                 None
             };
-            crate::attention::kveval::run(g, &scored, fit.as_ref(), &cfg)
+            crate::decode::kveval::run(g, &scored, fit.as_ref(), &cfg)
         })();
         match report {
             Ok(r) => {
-                let h = crate::attention::kveval::headline(&r);
+                let h = crate::decode::kveval::headline(&r);
                 progress.line(&self.run, &format!("kv prune eval: {}", format_record(&h)));
                 Some(r)
             }
