@@ -158,6 +158,7 @@ pub const ATTENTIONS: &[(&str, &str)] = &[
     ("MHA", "mha"),
     ("RA", "ra"),
     ("MLA", "mla"),
+    ("MLA_DECOUPLED", "mla_decoupled"),
     ("RA_MLA", "ra_mla"),
     ("MLA_KVSPLICE", "mla_kvsplice"),
     ("RA_MLA_KVSPLICE", "ra_mla_kvsplice"),

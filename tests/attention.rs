@@ -51,6 +51,8 @@ fn parameter_counts_at_the_124m_shape() {
     let cases: &[(&str, i64)] = &[
         ("mha", 124_439_808),
         ("mla", 117_364_992),
+        // + per layer q_rope (768→12·32) and k_rope (768→32): 3,838,848.
+        ("mla_decoupled", 121_203_840),
         ("ra_mla", 112_646_412),
         ("mla_kvsplice", 113_438_976),
         ("ra_mla_kvsplice", 113_438_988),
@@ -149,6 +151,44 @@ fn cached_greedy_decoding_matches_full_recomputation() {
             assert_eq!(cached.cache_bytes, m.kv_cache_bytes(3, cached.cache_tokens, 4).unwrap(), "{what}");
         }
     }
+}
+
+#[test]
+fn absorbed_latent_decoding_matches_expanded_attention() {
+    use knlp::attention::Rope;
+    let _rng = rng();
+    // Axis combinations beyond the presets whose decode steps attend
+    // absorbed: no RoPE, and the decoupled key with KVSplice and a token
+    // latent's query. Full recomputation expands K and V.
+    for (att, rope) in [("mla", Rope::Off), ("mla_kvsplice", Rope::Decoupled), ("ra_mla", Rope::Off)] {
+        tch::manual_seed(8);
+        let m = small(att, |c| {
+            c.rope = Some(rope);
+            c.direction = (att == "ra_mla").then(|| "standard".into());
+        });
+        assert!(m.spec().absorbable(), "{att} {rope:?}");
+        let prompt = tokens(2, 4, 61);
+        let o = Options { max_new_tokens: 10, keep_logits: true, ..Options::default() };
+        let cached = generate(&m, &prompt, &o).unwrap();
+        let full = generate(&m, &prompt, &Options { cache: false, ..o.clone() }).unwrap();
+        let what = format!("{att} rope={rope:?}");
+        assert!(cached.tokens.equal(&full.tokens), "{what}: tokens differ");
+        for (i, (a, b)) in cached.logits.iter().zip(&full.logits).enumerate() {
+            let d = (a - b).abs().max().double_value(&[]);
+            assert!(d <= 1e-4, "{what}: step {i} logits differ by {d}");
+        }
+        assert_eq!(cached.cache_bytes, m.kv_cache_bytes(2, cached.cache_tokens, 4).unwrap(), "{what}");
+    }
+    // The decoupled cache row: latent plus a rotated key of hs/2 per token
+    // and layer, in whole multiples of 16 rows.
+    let m = small("mla_decoupled", |_| {});
+    assert_eq!(m.kv_cache_bytes(1, 10, 4).unwrap(), 2 * 16 * (16 + 4) * 4);
+    assert_eq!(m.kv_cache_bytes(1, 17, 4).unwrap(), 2 * 32 * (16 + 4) * 4);
+    let e = Gpt2::new(gpt2::Config { attention: "mla_decoupled".into(), ..gpt2::Config::custom(2, 4, 24) })
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("divisible by 4"), "{e}");
 }
 
 #[test]

@@ -5,9 +5,10 @@ use std::cell::RefCell;
 use anyhow::Result;
 use tch::{Kind, TchError, Tensor};
 
+use super::absorb::{Fold, Mask};
 use super::cache::{self, LayerCache};
 use super::kvsplice::KvSplice;
-use super::spec::{Direction, KvSource, Mixer, QSource, Spec};
+use super::spec::{Direction, KvSource, Mixer, QSource, Rope, Spec};
 use super::{rope, route, sba};
 use crate::hooks::{self, Hooks};
 use crate::layers::{Linear, Path};
@@ -29,6 +30,11 @@ pub struct Dims {
 impl Dims {
     pub fn head_size(&self) -> i64 {
         self.n_embd / self.n_head
+    }
+
+    /// Width of the decoupled RoPE query and key (DeepSeek-V2's d_h/2).
+    pub fn rope_dim(&self) -> i64 {
+        self.head_size() / 2
     }
 }
 
@@ -124,6 +130,8 @@ pub struct Attention {
     dims: Dims,
     proj: Proj,
     splice: Option<KvSplice>,
+    /// Decoupled RoPE: `rope_qk` (d → (H+1)·d_r): H query parts, then the shared key.
+    rope_qk: Option<Linear>,
     c_proj: Linear,
     sba_alpha: Option<Tensor>,
     router: Option<route::Router>,
@@ -180,6 +188,15 @@ pub fn pattern(q: &Tensor, k: &Tensor, pos0: i64) -> Result<Tensor, TchError> {
     scores.f_masked_fill(&allowed.f_logical_not()?, f64::NEG_INFINITY)?.f_softmax(-1, Kind::Float)
 }
 
+/// Decoupled RoPE: Q = [q_c; q_r] and K = [k_c; k_r] with the rotated
+/// shared key `kr` [B, 1, S, d_r] repeated over the heads.
+fn join_rope(q: &Tensor, k: &Tensor, qr: &Tensor, kr: &Tensor) -> Result<(Tensor, Tensor), TchError> {
+    let ks = k.size();
+    let kr = kr.f_to_kind(k.f_kind()?)?.f_expand([ks[0], ks[1], ks[2], kr.size()[3]], false)?;
+    let q = Tensor::f_cat(&[q, &qr.f_to_kind(q.f_kind()?)?], 3)?;
+    Ok((q, Tensor::f_cat(&[k, &kr], 3)?))
+}
+
 /// New-token projections before direction and mixing.
 struct Fresh {
     q: Option<Tensor>,
@@ -189,6 +206,8 @@ struct Fresh {
     c: Option<Tensor>,
     /// The compressed latent (what a splice cache stores).
     z: Option<Tensor>,
+    /// Decoupled RoPE, unrotated: H query parts, then the shared key [B, H+1, T, d_r].
+    qkr: Option<Tensor>,
 }
 
 impl Attention {
@@ -234,12 +253,17 @@ impl Attention {
         } else {
             (Linear::new(s, &p.sub("c_proj"), d, d, b, proj_init)?, None)
         };
+        let rope_qk = if spec.rope == Rope::Decoupled {
+            Some(lin(s, "rope_qk", d, (dims.n_head + 1) * dims.rope_dim(), b)?)
+        } else {
+            None
+        };
         let sba_alpha = if spec.mixer == Mixer::Sba {
             Some(s.param(&p.name("alpha_logit"), &[1], Init::Zeros, crate::params::Role::Gate)?)
         } else {
             None
         };
-        Ok(Attention { layer, spec, dims, proj, splice, c_proj, sba_alpha, router, gate })
+        Ok(Attention { layer, spec, dims, proj, splice, rope_qk, c_proj, sba_alpha, router, gate })
     }
 
     /// Trainable parameters of one layer (excluding the model-level gate).
@@ -253,6 +277,8 @@ impl Attention {
             (_, QSource::Latent) => lin(d, r) + lin(r, 3 * d),
         };
         let splice = if spec.kv == KvSource::Splice { KvSplice::params(r, dims.splice_ratio) } else { 0 };
+        let dr = dims.rope_dim();
+        let splice = splice + if spec.rope == Rope::Decoupled { lin(d, (dims.n_head + 1) * dr) } else { 0 };
         let out = match spec.mixer {
             Mixer::Route => route::Router::num_params(dims),
             Mixer::Sba => lin(d, d) + 1,
@@ -276,6 +302,7 @@ impl Attention {
             KvSource::Latent => dims.d_latent,
             KvSource::Splice => super::kvsplice::compressed_dim(dims.d_latent, dims.splice_ratio),
         };
+        let main = main + if spec.rope == Rope::Decoupled { dims.rope_dim() } else { 0 };
         let f32s = if spec.mixer == Mixer::Sba { h } else { 0 };
         (main, f32s)
     }
@@ -312,7 +339,11 @@ impl Attention {
 
     fn fresh(&self, x: &Tensor, ctx: &Ctx) -> Result<Fresh, TchError> {
         let (d, h, hs) = (self.dims.n_embd, self.dims.n_head, self.dims.head_size());
-        let none = Fresh { q: None, k: None, v: None, c: None, z: None };
+        let none = Fresh { q: None, k: None, v: None, c: None, z: None, qkr: None };
+        let qkr = match &self.rope_qk {
+            Some(l) => Some(heads(&l.forward(x)?, h + 1, self.dims.rope_dim())?),
+            None => None,
+        };
         Ok(match &self.proj {
             Proj::Fused(l) => {
                 let qkv = l.forward(x)?.f_split(d, 2)?;
@@ -342,11 +373,11 @@ impl Attention {
             }
             Proj::Mla { q_proj, down, .. } => {
                 let (c, z) = self.latent(&down.forward(x)?, ctx)?;
-                Fresh { q: Some(heads(&q_proj.forward(x)?, h, hs)?), c: Some(c), z, ..none }
+                Fresh { q: Some(heads(&q_proj.forward(x)?, h, hs)?), c: Some(c), z, qkr, ..none }
             }
             Proj::TokenLatent { down, .. } => {
                 let (c, z) = self.latent(&down.forward(x)?, ctx)?;
-                Fresh { c: Some(c), z, ..none }
+                Fresh { c: Some(c), z, qkr, ..none }
             }
         })
     }
@@ -425,7 +456,7 @@ impl Attention {
     }
 
     fn rope(&self, x: Tensor, start: i64) -> Result<Tensor, TchError> {
-        if self.spec.rope {
+        if self.spec.rope == Rope::Full {
             rope::apply(&x, start, self.dims.rope_theta)
         } else {
             Ok(x)
@@ -462,11 +493,12 @@ impl Attention {
     }
 
     /// Whole-sequence attention (training and evaluation without a cache).
-    fn attend_full(&self, f: Fresh, ctx: &Ctx) -> Result<Tensor, TchError> {
+    fn attend_full(&self, mut f: Fresh, ctx: &Ctx) -> Result<Tensor, TchError> {
         // A learned direction in training mixes both (straight-through);
         // otherwise the layer's direction is fixed now.
         let mixed = self.spec.direction == Direction::Learned && ctx.train;
         let recip_now = !mixed && self.reciprocal_now()?;
+        let qkr = f.qkr.take();
         let (q, k, v) = match (&f.c, f.q) {
             (Some(c), q) => {
                 let (ql, k, v) = self.qkv_of_latent(c, q.is_none())?;
@@ -484,7 +516,11 @@ impl Attention {
         let v = self.hook_heads(ctx, "hook_v", v)?;
         let mut q = self.rope(q, 0)?;
         let mut k = self.rope(k, 0)?;
-        if self.spec.rope {
+        if let Some(qkr) = qkr {
+            let (qr, kr) = self.split_rope(rope::apply(&qkr, 0, self.dims.rope_theta)?)?;
+            (q, k) = join_rope(&q, &k, &qr, &kr.f_unsqueeze(1)?)?;
+        }
+        if self.spec.rope.on() {
             q = self.hook_heads(ctx, "hook_rot_q", q)?;
             k = self.hook_heads(ctx, "hook_rot_k", k)?;
         }
@@ -552,13 +588,36 @@ impl Attention {
         let mut value_eff = None;
         let (query, key, value) = if let Some(c_new) = &f.c {
             let t = c_new.size()[1];
-            let c_all = match (&self.splice, &f.z) {
-                (Some(sp), Some(z)) => {
-                    let zs = z.size();
-                    let all = cache::write(&mut lc.latent, &[b, cap, zs[2]], 1, pos0, z)?;
-                    sp.decompress(&all)?
+            let theta = self.dims.rope_theta;
+            // A cache row: the stored latent (z with KVSplice), then the
+            // rotated decoupled RoPE key when there is one.
+            let stored = f.z.as_ref().unwrap_or(c_new);
+            let width = stored.size()[2];
+            let (q_rot, row) = match &f.qkr {
+                Some(qkr) => {
+                    let (qr, kr) = self.split_rope(rope::apply(qkr, pos0, theta)?)?;
+                    (Some(qr), Tensor::f_cat(&[stored, &kr.f_to_kind(stored.f_kind()?)?], 2)?)
                 }
-                _ => cache::write(&mut lc.latent, &[b, cap, c_new.size()[2]], 1, pos0, c_new)?,
+                None => (None, stored.shallow_clone()),
+            };
+            let slot_len = Self::slot_tokens(&self.spec, cap);
+            let all = cache::write(&mut lc.latent, &[b, slot_len, row.size()[2]], 1, pos0, &row)?;
+            if t == 1 && !recip && self.spec.absorbable() {
+                let q_c = match &f.q {
+                    Some(q) => q.shallow_clone(),
+                    None => self.q_of_latent(c_new)?,
+                };
+                // Read an aligned prefix; the rows past pos0 are masked.
+                let n = Self::slot_tokens(&self.spec, pos0 + 1).min(slot_len);
+                let rows = lc.latent.as_ref().ok_or_else(|| te("latent slot".into()))?.f_narrow(1, 0, n)?;
+                let (y, p) = self.fold()?.attend(&q_c, q_rot.as_ref(), &rows, Mask::Causal(pos0))?;
+                self.keep_pattern(ctx, || p.f_narrow(3, 0, pos0 + 1))?;
+                return Ok(y);
+            }
+            let lat = all.f_narrow(2, 0, width)?;
+            let c_all = match &self.splice {
+                Some(sp) => sp.decompress(&lat)?,
+                None => lat,
             };
             let (q_all, k_all, v_all) = self.qkv_of_latent(&c_all, recip)?;
             let k_all = self.rope(k_all, 0)?;
@@ -571,7 +630,15 @@ impl Attention {
                     Some(q) => q,
                     None => self.q_of_latent(c_new)?,
                 };
-                (self.rope(q_new, pos0)?, k_all, v_all)
+                let q_new = self.rope(q_new, pos0)?;
+                match q_rot {
+                    Some(qr) => {
+                        let kr = all.f_narrow(2, width, row.size()[2] - width)?.f_unsqueeze(1)?;
+                        let (q, k) = join_rope(&q_new, &k_all, &qr, &kr)?;
+                        (q, k, v_all)
+                    }
+                    None => (q_new, k_all, v_all),
+                }
             }
         } else {
             let q = self.rope(f.q.ok_or_else(|| te("no query".into()))?, pos0)?;
@@ -606,6 +673,47 @@ impl Attention {
         sdpa(&query, &key, &value, pos0, 0.0)
     }
 
+    /// Rotated decoupled RoPE parts [B, H+1, T, d_r] split into the queries
+    /// [B, H, T, d_r] and the shared key [B, T, d_r].
+    fn split_rope(&self, rotated: Tensor) -> Result<(Tensor, Tensor), TchError> {
+        let h = self.dims.n_head;
+        Ok((rotated.f_narrow(1, 0, h)?, rotated.f_select(1, h)?))
+    }
+
+    /// Rows a cache slot of `n` tokens allocates. An absorbed latent rounds
+    /// up to a multiple of 16: its score and mixing matmuls run over the
+    /// rows, and a row count that is not a multiple of 8 keeps cuBLAS off
+    /// its bf16 tensor-core kernels (measured: 5× slower at 16k tokens).
+    /// The extra rows are masked.
+    pub fn slot_tokens(spec: &Spec, n: i64) -> i64 {
+        if spec.absorbable() {
+            (n + 15) / 16 * 16
+        } else {
+            n
+        }
+    }
+
+    /// The maps an absorbed step folds (`absorb`); latent layers only.
+    fn fold(&self) -> Result<Fold<'_>, TchError> {
+        let d = self.dims.n_embd;
+        let (up, k_off) = match &self.proj {
+            Proj::Mla { up, .. } => (up, 0),
+            Proj::TokenLatent { up, .. } => (up, d),
+            _ => return Err(te("absorbed attention on a layer without a latent".into())),
+        };
+        let width = self.splice.as_ref().map_or(self.dims.d_latent, |sp| sp.d_c);
+        let rope_dim = if self.rope_qk.is_some() { self.dims.rope_dim() } else { 0 };
+        Ok(Fold {
+            up,
+            k_off,
+            splice: self.splice.as_ref(),
+            n_head: self.dims.n_head,
+            head_size: self.dims.head_size(),
+            width,
+            rope_dim,
+        })
+    }
+
     fn q_of_latent(&self, c: &Tensor) -> Result<Tensor, TchError> {
         let (d, h, hs) = (self.dims.n_embd, self.dims.n_head, self.dims.head_size());
         match &self.proj {
@@ -620,25 +728,32 @@ impl Attention {
 
     /// Why this layer has no static-shape decode step ([`Self::forward_static`]);
     /// None when it has one: per-token K/V projections (or K = V), softmax
-    /// mixing, no RoPE.
+    /// mixing, no RoPE; or a latent the step attends to absorbed (`absorb`).
     pub fn static_unsupported(spec: &Spec) -> Option<String> {
+        if spec.latent() {
+            return (!spec.absorbable()).then(|| {
+                "the static decode step reads a latent only absorbed: it needs direction standard, softmax \
+                 mixing and RoPE off or decoupled (RoPE over the whole head expands every cached latent)"
+                    .into()
+            });
+        }
         if !matches!(spec.kv, KvSource::Proj | KvSource::Tied | KvSource::TiedT) {
             return Some(format!("the static decode step needs per-token K/V, not kv {:?}", spec.kv));
         }
         if spec.mixer != Mixer::Softmax {
             return Some(format!("the static decode step needs softmax mixing, not mixer {:?}", spec.mixer));
         }
-        if spec.rope {
-            return Some("the static decode step has no RoPE".into());
+        if spec.rope.on() {
+            return Some("the static decode step has no RoPE over per-token K/V".into());
         }
         None
     }
 
     /// One decode token `x` [B, 1, d] at the device position `pos` ([1]
     /// int64) over the whole preallocated cache: the new K/V are written
-    /// with `index_copy_` at `pos`; `mask` [1, 1, 1, cap] is added to the
-    /// scores (0 for slots `<= pos`, -inf for those not yet written), in
-    /// the attention's dtype. Every shape is the same at every
+    /// with `index_copy_` at `pos`; `mask` [1, 1, 1, ≥ slot rows] is added
+    /// to the scores over the slot's rows (0 for rows `<= pos`, -inf for
+    /// those not yet written), in the attention's dtype. Every shape is the same at every
     /// step and nothing reads back to the host, so a CUDA graph can record
     /// it. The projections and the output are [`Self::forward`]'s.
     pub fn forward_static(
@@ -655,13 +770,35 @@ impl Attention {
         let size = x.size();
         let (b, t, d) = (size[0], size[1], size[2]);
         let f = self.fresh(x, ctx)?;
-        let q = f.q.ok_or_else(|| te("no query".into()))?;
-        let v = f.v.ok_or_else(|| te("no value".into()))?;
         let slot = |s: &Option<Tensor>| {
             s.as_ref()
                 .map(|t| t.shallow_clone())
                 .ok_or_else(|| te("static decode: the cache slot is empty (prefill first)".into()))
         };
+        if let Some(c) = &f.c {
+            // Absorbed: write this token's cache row at `pos`, attend over all rows.
+            let mut all = slot(&lc.latent)?;
+            let n = all.size()[1];
+            let stored = f.z.as_ref().unwrap_or(c);
+            let (q_rot, row) = match &f.qkr {
+                Some(qkr) => {
+                    let (qr, kr) = self.split_rope(rope::apply_at(qkr, pos, n, self.dims.rope_theta)?)?;
+                    (Some(qr), Tensor::f_cat(&[stored, &kr.f_to_kind(stored.f_kind()?)?], 2)?)
+                }
+                None => (None, stored.shallow_clone()),
+            };
+            let _ = all.f_index_copy_(1, pos, &row)?;
+            let q_c = match &f.q {
+                Some(q) => q.shallow_clone(),
+                None => self.q_of_latent(c)?,
+            };
+            let mask = mask.f_narrow(3, 0, n)?;
+            let (y, _) = self.fold()?.attend(&q_c, q_rot.as_ref(), &all, Mask::Additive(&mask))?;
+            let y = y.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, d])?;
+            return self.c_proj.forward(&y);
+        }
+        let q = f.q.ok_or_else(|| te("no query".into()))?;
+        let v = f.v.ok_or_else(|| te("no value".into()))?;
         let (query, key, value) = if self.spec.kv == KvSource::Tied && !lc.reciprocal {
             let mut v_all = slot(&lc.value)?;
             let _ = v_all.f_index_copy_(2, pos, &v)?;
@@ -679,7 +816,7 @@ impl Attention {
             &query,
             &key,
             &value,
-            Some(mask.shallow_clone()),
+            Some(mask.f_narrow(3, 0, key.size()[2])?),
             0.0,
             false,
             None,

@@ -7,9 +7,11 @@
 //! - `layer`: projections, direction, mixing, cached attention.
 //! - `rope`, `kvsplice`, `sba`, `route`: one mechanism each.
 //! - `cache`: per-layer slots written in place.
+//! - `absorb`: decoding over a latent cache without expanding it.
 //! - `kvprune`: KV-cache pruning during decoding (top-k positions per step).
 //! - `vrecon`: the optional learned V reconstructor pruned steps read.
 //! - `fisher`: Fisher-information metrics of attention patterns.
+pub mod absorb;
 pub mod cache;
 pub mod fisher;
 pub mod kvprune;
@@ -24,4 +26,4 @@ pub mod vrecon;
 
 pub use cache::Cache;
 pub use layer::{Attention, Ctx, Dims, Probe};
-pub use spec::{Direction, KvSource, Mixer, QSource, Spec};
+pub use spec::{Direction, KvSource, Mixer, QSource, Rope, Spec};

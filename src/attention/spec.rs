@@ -11,9 +11,11 @@
 //! | q         | proj (its own d→d projection) or latent (from the latent c)   |
 //! | mixer     | softmax (SDPA), sba (causal symmetric bidirectional), route   |
 //! |           | (per-token compute routing between head groups)              |
-//! | rope      | rotary position embedding on Q and K, besides `wpe`           |
+//! | rope      | rotary position embedding on Q and K, besides `wpe`: off, |
+//! |           | full (over the whole head), or decoupled (a separate rotated  |
+//! |           | part, DeepSeek-V2's, so latent decoding can be absorbed)      |
 use anyhow::{bail, Result};
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -52,6 +54,65 @@ pub enum Mixer {
     Route,
 }
 
+/// Where RoPE acts. Options take `false` (off), `true` (full) or the names
+/// `"off"`, `"full"`, `"decoupled"`; a config writes `false`, `true` or
+/// `"decoupled"`, so older checkpoints' booleans still load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rope {
+    Off,
+    /// Q and K rotated over the whole head (the seed's MLA: K rotated after
+    /// the up-projection, so decoding must expand every cached latent).
+    Full,
+    /// Q = [q_c; rope(q_r)], K = [k_c; rope(k_r)] with k_r one rotated key
+    /// of `hs/2` dims shared by the heads and cached beside the latent; k_c
+    /// is unrotated, so the up-projection folds into the query.
+    Decoupled,
+}
+
+impl Rope {
+    pub fn on(self) -> bool {
+        self != Rope::Off
+    }
+
+    fn parse(v: &str) -> Option<Rope> {
+        match v.trim().to_ascii_lowercase().as_str() {
+            "off" | "none" | "false" => Some(Rope::Off),
+            "full" | "on" | "true" => Some(Rope::Full),
+            "decoupled" => Some(Rope::Decoupled),
+            _ => None,
+        }
+    }
+}
+
+impl Serialize for Rope {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Rope::Off => s.serialize_bool(false),
+            Rope::Full => s.serialize_bool(true),
+            Rope::Decoupled => s.serialize_str("decoupled"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Rope {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Rope, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Rope;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("false, true, \"off\", \"full\" or \"decoupled\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<Rope, E> {
+                Ok(if b { Rope::Full } else { Rope::Off })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Rope, E> {
+                Rope::parse(v).ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// The resolved axes of every attention layer of a model.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Spec {
@@ -59,11 +120,11 @@ pub struct Spec {
     pub kv: KvSource,
     pub q: QSource,
     pub mixer: Mixer,
-    pub rope: bool,
+    pub rope: Rope,
 }
 
 /// (name, direction, kv, q, mixer, rope, what it is).
-type Preset = (&'static str, Direction, KvSource, QSource, Mixer, bool, &'static str);
+type Preset = (&'static str, Direction, KvSource, QSource, Mixer, Rope, &'static str);
 
 /// The seed's variants (knlp-spec.md section 5) as presets.
 pub const PRESETS: &[Preset] = &[
@@ -73,7 +134,7 @@ pub const PRESETS: &[Preset] = &[
         KvSource::Proj,
         QSource::Proj,
         Mixer::Softmax,
-        false,
+        Rope::Off,
         "GPT-2's causal multi-head attention",
     ),
     (
@@ -82,7 +143,7 @@ pub const PRESETS: &[Preset] = &[
         KvSource::Proj,
         QSource::Proj,
         Mixer::Softmax,
-        false,
+        Rope::Off,
         "reciprocal attention alternation with a learned per-layer direction",
     ),
     (
@@ -91,8 +152,17 @@ pub const PRESETS: &[Preset] = &[
         KvSource::Latent,
         QSource::Proj,
         Mixer::Softmax,
-        true,
+        Rope::Full,
         "multi-head latent attention: K,V from a cached latent, RoPE",
+    ),
+    (
+        "mla_decoupled",
+        Direction::Standard,
+        KvSource::Latent,
+        QSource::Proj,
+        Mixer::Softmax,
+        Rope::Decoupled,
+        "mla with DeepSeek-V2's decoupled RoPE key: decoding reads the latent without expanding it",
     ),
     (
         "ra_mla",
@@ -100,7 +170,7 @@ pub const PRESETS: &[Preset] = &[
         KvSource::Latent,
         QSource::Latent,
         Mixer::Softmax,
-        true,
+        Rope::Full,
         "RA alternation over a token latent (Q,K,V from one cached latent)",
     ),
     (
@@ -109,7 +179,7 @@ pub const PRESETS: &[Preset] = &[
         KvSource::Splice,
         QSource::Latent,
         Mixer::Softmax,
-        true,
+        Rope::Full,
         "token latent through a learned KVSplice bottleneck; the cache holds the compressed latent",
     ),
     (
@@ -118,7 +188,7 @@ pub const PRESETS: &[Preset] = &[
         KvSource::Splice,
         QSource::Latent,
         Mixer::Softmax,
-        true,
+        Rope::Full,
         "ra_mla with the KVSplice bottleneck",
     ),
     (
@@ -127,7 +197,7 @@ pub const PRESETS: &[Preset] = &[
         KvSource::Latent,
         QSource::Latent,
         Mixer::Sba,
-        true,
+        Rope::Full,
         "symmetric bidirectional attention, made causal",
     ),
     (
@@ -136,7 +206,7 @@ pub const PRESETS: &[Preset] = &[
         KvSource::Proj,
         QSource::Proj,
         Mixer::Route,
-        false,
+        Rope::Off,
         "per-token compute routing between a full and a cheap head group",
     ),
     (
@@ -145,7 +215,7 @@ pub const PRESETS: &[Preset] = &[
         KvSource::Tied,
         QSource::Proj,
         Mixer::Softmax,
-        false,
+        Rope::Off,
         "KV tying V1: K = V",
     ),
     (
@@ -154,7 +224,7 @@ pub const PRESETS: &[Preset] = &[
         KvSource::TiedT,
         QSource::Proj,
         Mixer::Softmax,
-        false,
+        Rope::Off,
         "KV tying V2: K = x·W_v (the value weight transposed)",
     ),
 ];
@@ -175,7 +245,7 @@ impl Spec {
         direction: Option<&str>,
         kv: Option<&str>,
         q: Option<&str>,
-        rope: Option<bool>,
+        rope: Option<Rope>,
     ) -> Result<Spec> {
         let Some(p) = PRESETS.iter().find(|p| p.0 == attention.trim().to_ascii_lowercase()) else {
             bail!("gpt2: unknown attention '{attention}' (valid: {})", preset_names());
@@ -214,7 +284,25 @@ impl Spec {
         if self.mixer == Mixer::Route && (self.kv != KvSource::Proj || self.q != QSource::Proj) {
             bail!("gpt2: ra_route needs kv \"proj\" and q \"proj\"");
         }
+        if self.rope == Rope::Decoupled
+            && (!latent || self.direction != Direction::Standard || self.mixer != Mixer::Softmax)
+        {
+            bail!(
+                "gpt2: rope \"decoupled\" needs a latent kv source (latent or splice), direction \"standard\" \
+                 and softmax mixing: it exists to fold the latent's up-projection into the query"
+            );
+        }
         Ok(())
+    }
+
+    /// Can a cached decode step attend over the latent without expanding
+    /// it (`absorb`)? The K up-projection folds into the query only when
+    /// nothing position-dependent sits between it and the score.
+    pub fn absorbable(&self) -> bool {
+        self.latent()
+            && self.direction == Direction::Standard
+            && self.mixer == Mixer::Softmax
+            && self.rope != Rope::Full
     }
 
     pub fn reciprocal_possible(&self) -> bool {
@@ -246,5 +334,25 @@ mod tests {
         // A combination the seed never tried: tied K=V with reciprocal direction.
         let s = Spec::resolve("kv_tying", Some("alternate"), None, None, None).unwrap();
         assert_eq!((s.kv, s.direction), (KvSource::Tied, Direction::Alternate));
+        let e = Spec::resolve("mha", None, None, None, Some(Rope::Decoupled)).unwrap_err().to_string();
+        assert!(e.contains("needs a latent kv source"), "{e}");
+        let e = Spec::resolve("ra_mla", None, None, None, Some(Rope::Decoupled)).unwrap_err().to_string();
+        assert!(e.contains("direction \"standard\""), "{e}");
+        let s = Spec::resolve("mla_kvsplice", None, None, None, Some(Rope::Decoupled)).unwrap();
+        assert!(s.absorbable());
+        assert!(!Spec::resolve("mla", None, None, None, None).unwrap().absorbable());
+        assert!(Spec::resolve("mla", None, None, None, Some(Rope::Off)).unwrap().absorbable());
+    }
+
+    #[test]
+    fn rope_reads_booleans_and_names() {
+        let r: Rope = serde_json::from_str("true").unwrap();
+        assert_eq!(r, Rope::Full);
+        let r: Rope = serde_json::from_str("\"Decoupled\"").unwrap();
+        assert_eq!(r, Rope::Decoupled);
+        assert_eq!(serde_json::to_string(&Rope::Off).unwrap(), "false");
+        assert_eq!(serde_json::to_string(&Rope::Decoupled).unwrap(), "\"decoupled\"");
+        let e = serde_json::from_str::<Rope>("\"sideways\"").unwrap_err().to_string();
+        assert!(e.contains("decoupled"), "{e}");
     }
 }

@@ -143,7 +143,7 @@ struct Step {
     pos: Tensor,
     col: Tensor,
     one: Tensor,
-    /// [1, 1, 1, cap], a view of a [cap rounded up to 16] buffer.
+    /// [1, 1, 1, cap rounded up to 16]; each layer reads the columns of its slot.
     mask: Tensor,
     /// [1] zero in the mask's dtype.
     zero: Tensor,
@@ -208,9 +208,9 @@ fn decode_in(model: &Gpt2, cache: &mut Cache, first: &Tensor, o: &Options, captu
     let kind = cache
         .layers
         .first()
-        .and_then(|l| l.value.as_ref())
+        .and_then(|l| l.value.as_ref().or(l.latent.as_ref()))
         .map(|v| v.kind())
-        .ok_or_else(|| anyhow!("generate: the static decode step needs a filled value cache"))?;
+        .ok_or_else(|| anyhow!("generate: the static decode step needs a filled cache"))?;
     let cap = cache.capacity;
     let padded = (cap + 15) / 16 * 16;
     let m: Vec<f32> = (0..padded).map(|j| if j < t0 { 0.0 } else { f32::NEG_INFINITY }).collect();
@@ -218,7 +218,6 @@ fn decode_in(model: &Gpt2, cache: &mut Cache, first: &Tensor, o: &Options, captu
         .and_then(|m| m.f_to_kind(kind))
         .and_then(|m| m.f_to_device(dev))
         .and_then(|m| m.f_view([1, 1, 1, padded]))
-        .and_then(|m| m.f_narrow(3, 0, cap))
         .map_err(te)?;
     let zero = Tensor::f_zeros([1, 1, 1, 1], (kind, dev)).map_err(te)?;
     let mut st = Step {

@@ -71,7 +71,7 @@ pub fn process(model: &Gpt2, opts: Process) -> Result<Gpt2> {
     let supported = c.attention == "mha"
         && c.kv.is_none()
         && c.q.is_none()
-        && c.rope != Some(true)
+        && !c.rope.is_some_and(|r| r.on())
         && matches!(c.mlp.as_str(), "gelu" | "none")
         && c.embed_latent.is_none();
     if !supported {

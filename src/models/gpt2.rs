@@ -22,7 +22,7 @@ use tch::{Kind, TchError, Tensor};
 
 use super::{Model, Task};
 use crate::attention::cache::LayerCache;
-use crate::attention::{Attention, Cache, Ctx, Dims, Direction, Mixer, Probe, Spec};
+use crate::attention::{Attention, Cache, Ctx, Dims, Direction, Mixer, Probe, Rope, Spec};
 use crate::hooks::Hooks;
 use crate::layers::{Embedding, LayerNorm, Linear, Path};
 use crate::params::{Init, ParamStore, Role};
@@ -66,8 +66,8 @@ pub struct Config {
     pub bias: bool,
     /// Share `lm_head.weight` with `transformer.wte.weight`.
     pub tie_weights: bool,
-    /// Attention preset: mha, ra, mla, ra_mla, mla_kvsplice, ra_mla_kvsplice,
-    /// sba, ra_route, kv_tying, kv_tying_t.
+    /// Attention preset: mha, ra, mla, mla_decoupled, ra_mla, mla_kvsplice,
+    /// ra_mla_kvsplice, sba, ra_route, kv_tying, kv_tying_t.
     pub attention: String,
     /// Override the preset's direction: standard, reciprocal, alternate, learned.
     pub direction: Option<String>,
@@ -75,8 +75,9 @@ pub struct Config {
     pub kv: Option<String>,
     /// Override the preset's Q source: proj, latent.
     pub q: Option<String>,
-    /// Override whether RoPE rotates Q and K.
-    pub rope: Option<bool>,
+    /// Override where RoPE acts: `false`, `true` (the whole head) or
+    /// `"decoupled"` (a separate shared rotated key; latent K/V only).
+    pub rope: Option<Rope>,
     pub rope_theta: f64,
     /// Width of the attention latent (MLA family).
     pub d_latent: i64,
@@ -229,8 +230,14 @@ impl Config {
             ..self.clone()
         };
         let spec = resolved.spec()?;
-        if spec.rope && (d / h) % 2 != 0 {
+        if spec.rope == Rope::Full && (d / h) % 2 != 0 {
             bail!("gpt2: RoPE needs an even head size, got {}", d / h);
+        }
+        if spec.rope == Rope::Decoupled && (d / h) % 4 != 0 {
+            bail!(
+                "gpt2: decoupled RoPE rotates hs/2 dims and needs a head size divisible by 4, got {}",
+                d / h
+            );
         }
         if spec.latent() && resolved.d_latent < 1 {
             bail!("gpt2: d_latent must be at least 1, got {}", resolved.d_latent);
@@ -825,7 +832,8 @@ impl Gpt2 {
 
     /// Bytes a cache of `batch` × `seq_len` tokens holds when activations
     /// have `elem` bytes (4 float32, 2 bf16/fp16); SBA's normaliser and the
-    /// router's context sum are float32.
+    /// router's context sum are float32. A latent that decodes absorbed
+    /// allocates its rows in whole multiples of 16 (`Attention::slot_tokens`).
     pub fn kv_cache_bytes(&self, batch: i64, seq_len: i64, elem: i64) -> Result<i64, TchError> {
         if batch < 1 || seq_len < 0 || !(1..=8).contains(&elem) {
             return Err(TchError::Shape(format!(
@@ -833,15 +841,17 @@ impl Gpt2 {
             )));
         }
         let dims = self.cfg.dims();
-        let mut per_token = 0;
-        let mut per_seq = 0;
+        let (mut per_row, mut per_token, mut per_seq) = (0, 0, 0);
         for b in &self.blocks {
             let (main, f32s) = Attention::cache_elems(&self.spec, &dims, b.attn.reciprocal_now()?);
-            per_token += main * elem + f32s * 4;
+            per_row += main * elem;
+            per_token += f32s * 4;
             per_seq += Attention::cache_elems_per_seq(&self.spec, &dims) * 4;
         }
-        seq_len
-            .checked_mul(per_token)
+        // Absorbed latent slots allocate whole multiples of 16 rows.
+        let rows = Attention::slot_tokens(&self.spec, seq_len);
+        rows.checked_mul(per_row)
+            .and_then(|n| n.checked_add(seq_len.checked_mul(per_token)?))
             .and_then(|n| n.checked_add(per_seq))
             .and_then(|n| n.checked_mul(batch))
             .ok_or_else(|| {
@@ -882,9 +892,10 @@ impl Gpt2 {
     /// Logits [B, 1, vocab] of the decode tokens `tok` [B, 1] at the device
     /// position `pos` ([1] int64), following the `pos` tokens `cache` holds
     /// (filled by a prefill through [`Self::forward_cached`]); their K/V are
-    /// written at `pos`. `mask` [1, 1, 1, cap] is added to the attention
-    /// scores: 0 where `arange(cap) <= pos`, -inf elsewhere, in the cache's
-    /// dtype (SDPA then needs no conversion or padding per layer). Static
+    /// written at `pos`. `mask` [1, 1, 1, cap rounded up to 16] is added to
+    /// the attention scores over each slot's rows: 0 where `arange <= pos`,
+    /// -inf elsewhere, in the cache's dtype (SDPA then needs no conversion
+    /// or padding per layer). Static
     /// shapes and no host reads: the step a CUDA graph records
     /// (`decode::graph`). `cache.len` is left to the caller.
     pub fn forward_static(
@@ -977,7 +988,7 @@ impl Model for Gpt2 {
     fn hook_names(&self) -> Vec<String> {
         let mut v = vec!["hook_embed".to_string(), "hook_pos_embed".to_string()];
         let mut attn = vec!["hook_q", "hook_k", "hook_v"];
-        if self.spec.rope {
+        if self.spec.rope.on() {
             attn.extend(["hook_rot_q", "hook_rot_k"]);
         }
         if self.spec.mixer != Mixer::Sba {

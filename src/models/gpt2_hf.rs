@@ -125,7 +125,7 @@ pub fn save_hf(model: &Gpt2, dir: &Path) -> Result<()> {
         && c.direction.is_none()
         && c.kv.is_none()
         && c.q.is_none()
-        && c.rope != Some(true)
+        && !c.rope.is_some_and(|r| r.on())
         && c.mlp == "gelu"
         && c.embed_latent.is_none()
         && !c.golden_ratio

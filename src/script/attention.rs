@@ -193,7 +193,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
                         ("kv", s(&p.2)),
                         ("q", s(&p.3)),
                         ("mixer", s(&p.4)),
-                        ("rope", Dynamic::from_bool(p.5)),
+                        ("rope", rhai::serde::to_dynamic(p.5).unwrap_or(Dynamic::UNIT)),
                         ("about", Dynamic::from(p.6.to_string())),
                     ]))
                 })
@@ -264,7 +264,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     api.f(
         "kv_cache_bytes",
         "self, batch, seq_len",
-        "Bytes of the decoding cache for `batch` sequences of `seq_len` tokens with float32 activations (`generate`'s cache_bytes on the CPU).",
+        "Bytes of the decoding cache for `batch` sequences of `seq_len` tokens with float32 activations (`generate`'s cache_bytes on the CPU) Latent caches that decode absorbed allocate rows in multiples of 16.",
         |m: &mut RModel, batch: INT, seq: INT| -> RResult<INT> {
             with_gpt2(m, "kv_cache_bytes", |g| g.kv_cache_bytes(batch, seq, 4).rt())
         },
@@ -272,7 +272,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     api.f(
         "kv_cache_bytes",
         "self, batch, seq_len, dtype",
-        "Bytes of the decoding cache at activation dtype `fp32`, `bf16` or `fp16` (bf16 is what `generate` uses on CUDA).",
+        "Bytes of the decoding cache at activation dtype `fp32`, `bf16` or `fp16` (bf16 is what `generate` uses on CUDA) Latent caches that decode absorbed allocate rows in multiples of 16.",
         |m: &mut RModel, batch: INT, seq: INT, dtype: &str| -> RResult<INT> {
             let e = dtype_bytes(dtype)?;
             with_gpt2(m, "kv_cache_bytes", |g| g.kv_cache_bytes(batch, seq, e).rt())

@@ -6,6 +6,7 @@
 //! (float32 and bf16 autocast); skipped with a message elsewhere.
 use std::process::Command;
 
+use knlp::attention::Rope;
 use knlp::decode::{generate, GraphMode, Options};
 use knlp::models::gpt2::{self, Gpt2};
 use knlp::models::Model;
@@ -19,10 +20,16 @@ fn rng() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn small(attention: &str, dev: Device) -> Gpt2 {
+    small_rope(attention, None, dev)
+}
+
+fn small_rope(attention: &str, rope: Option<Rope>, dev: Device) -> Gpt2 {
     let c = gpt2::Config {
         block_size: 32,
         vocab_size: 61,
         attention: attention.into(),
+        rope,
+        d_latent: 24,
         ..gpt2::Config::custom(2, 4, 32)
     };
     let mut m = Gpt2::new(c).unwrap_or_else(|e| panic!("{attention}: {e}"));
@@ -47,9 +54,19 @@ fn same(what: &str, a: &knlp::decode::Generated, b: &knlp::decode::Generated, to
 #[test]
 fn static_step_matches_cached_decode_and_full_recomputation() {
     let _rng = rng();
-    for att in ["mha", "kv_tying", "kv_tying_t", "ra"] {
+    // The latent cases attend absorbed (`attention::absorb`).
+    let cases = [
+        ("mha", None),
+        ("kv_tying", None),
+        ("kv_tying_t", None),
+        ("ra", None),
+        ("mla_decoupled", None),
+        ("mla", Some(Rope::Off)),
+        ("mla_kvsplice", Some(Rope::Decoupled)),
+    ];
+    for (att, rope) in cases {
         tch::manual_seed(3);
-        let m = small(att, Device::Cpu);
+        let m = small_rope(att, rope, Device::Cpu);
         assert!(m.static_unsupported().is_none(), "{att}: {:?}", m.static_unsupported());
         for b in [1, 3] {
             let prompt = Tensor::randint(61, [b, 5], (Kind::Int64, Device::Cpu));
@@ -58,7 +75,7 @@ fn static_step_matches_cached_decode_and_full_recomputation() {
                 generate(&m, &prompt, &Options { graph: GraphMode::StaticEager, ..o.clone() }).unwrap();
             let cached = generate(&m, &prompt, &Options { graph: GraphMode::Off, ..o.clone() }).unwrap();
             let full = generate(&m, &prompt, &Options { cache: false, ..o.clone() }).unwrap();
-            let what = format!("{att} B={b}");
+            let what = format!("{att} rope={rope:?} B={b}");
             assert!(!stat.graph && !cached.graph);
             assert_eq!(stat.tokens.size(), [b, 5 + 12]);
             assert_eq!(stat.logits.len(), 12);
@@ -132,11 +149,18 @@ fn cuda_graph_replay_matches_eager_decoding() {
     if !knlp::cudagraph::supported() {
         panic!("knlp was built without CUDA graph support on a CUDA machine");
     }
-    tch::manual_seed(7);
-    let c = gpt2::Config { block_size: 256, vocab_size: 500, ..gpt2::Config::custom(3, 4, 128) };
-    let mut m = Gpt2::new(c).unwrap();
-    m.store_mut().finalize(dev).unwrap();
-    for b in [1, 4] {
+    for (att, b) in [("mha", 1), ("mha", 4), ("mla_decoupled", 1), ("mla_decoupled", 4)] {
+        tch::manual_seed(7);
+        let c = gpt2::Config {
+            block_size: 256,
+            vocab_size: 500,
+            attention: att.into(),
+            d_latent: 64,
+            ..gpt2::Config::custom(3, 4, 128)
+        };
+        let mut m = Gpt2::new(c).unwrap();
+        m.store_mut().finalize(dev).unwrap();
+        let b = b as i64;
         let prompt = Tensor::randint(500, [b, 40], (Kind::Int64, dev));
         // float32: the replayed graph, the same step eagerly, the eager cached decode.
         let o = Options { max_new_tokens: 48, keep_logits: true, ..Options::default() };
@@ -144,9 +168,9 @@ fn cuda_graph_replay_matches_eager_decoding() {
         let stat = generate(&m, &prompt, &Options { graph: GraphMode::StaticEager, ..o.clone() }).unwrap();
         let eager = generate(&m, &prompt, &Options { graph: GraphMode::Off, ..o.clone() }).unwrap();
         let auto = generate(&m, &prompt, &o).unwrap();
-        assert!(graph.graph && auto.graph && !stat.graph && !eager.graph, "B={b}: graph flags");
-        same(&format!("B={b} fp32 graph vs static"), &graph, &stat, 1e-5);
-        same(&format!("B={b} fp32 graph vs eager"), &graph, &eager, 1e-4);
+        assert!(graph.graph && auto.graph && !stat.graph && !eager.graph, "{att} B={b}: graph flags");
+        same(&format!("{att} B={b} fp32 graph vs static"), &graph, &stat, 1e-5);
+        same(&format!("{att} B={b} fp32 graph vs eager"), &graph, &eager, 1e-4);
         // bf16 autocast: tokens may part at a near tie; logits agree up to there.
         let o = Options { amp: Some(AutocastDtype::BF16), ..o };
         let graph = generate(&m, &prompt, &Options { graph: GraphMode::On, ..o.clone() }).unwrap();
@@ -158,13 +182,13 @@ fn cuda_graph_replay_matches_eager_decoding() {
         for (i, (x, y)) in graph.logits.iter().zip(&eager.logits).enumerate() {
             let scale = y.abs().max().double_value(&[]).max(1.0);
             let d = max_diff(x, y);
-            assert!(d <= 3e-2 * scale, "B={b} bf16 step {i}: logits differ by {d} (scale {scale})");
+            assert!(d <= 3e-2 * scale, "{att} B={b} bf16 step {i}: logits differ by {d} (scale {scale})");
             compared += 1;
             if !gt.narrow(1, 40 + i as i64, 1).equal(&et.narrow(1, 40 + i as i64, 1)) {
                 break;
             }
         }
-        println!("B={b} bf16: {compared} steps compared");
+        println!("{att} B={b} bf16: {compared} steps compared");
         assert!(compared >= 1);
     }
 }
