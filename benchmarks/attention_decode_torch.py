@@ -40,7 +40,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 transformers.logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated")  # newer transformers: `cache`
-LATENT = ("mla", "ra_mla", "mla_kvsplice")
+LATENT = ("mla", "mla_decoupled", "ra_mla", "mla_kvsplice")
 
 
 # ----------------------------------------------------------------------------
@@ -62,11 +62,16 @@ class LatentAttention(nn.Module):
     def __init__(self, kind, d, n_head, r, ratio, reciprocal):
         super().__init__()
         self.kind, self.d, self.H, self.hs, self.reciprocal = kind, d, n_head, d // n_head, reciprocal
-        if kind == "mla":  # cache = KV latent; Q straight from x
+        if kind in ("mla", "mla_decoupled"):  # cache = KV latent; Q straight from x
             self.q_proj = nn.Linear(d, d)
             self.to_kv_latent = nn.Linear(d, r)
             self.from_kv_latent = nn.Linear(r, 2 * d)  # -> K, V
             self.cache_dim = r
+        if kind == "mla_decoupled":  # DeepSeek-V2: RoPE on a separate part; one shared key cached
+            self.dr = self.hs // 2
+            self.q_rope = nn.Linear(d, n_head * self.dr)
+            self.k_rope = nn.Linear(d, self.dr)
+            self.cache_dim = r + self.dr
         else:  # token latent: Q, K, V all from the cached latent
             self.to_latent = nn.Linear(d, r)
             self.from_latent = nn.Linear(r, 3 * d)  # rows [0,d) Q, [d,2d) K, [2d,3d) V
@@ -87,7 +92,7 @@ class LatentAttention(nn.Module):
         return (self.expand(z) - self.shift) / (F.softplus(self.scale) + 1e-6)
 
     def to_cache(self, x):  # what one token stores in the cache (computed once per token)
-        if self.kind == "mla":
+        if self.kind in ("mla", "mla_decoupled"):
             return self.to_kv_latent(x)
         c = self.to_latent(x)
         return self.compress_only(c) if self.kind == "mla_kvsplice" else c
@@ -95,7 +100,36 @@ class LatentAttention(nn.Module):
     def heads(self, t):  # [B, T, d] -> [B, H, T, hs]
         return t.view(t.shape[0], t.shape[1], self.H, self.hs).transpose(1, 2)
 
-    def forward(self, x, cos, sin, cache=None, start=0):
+    def decoupled(self, x, rt, cache, start):
+        """mla_decoupled: the cache row is [c, rope(k_r)]. A single-token step
+        attends absorbed: a = W_k,h^T q per head scores the cached latents
+        (q.b_k is the same for every key and drops out of the softmax), and
+        W_v,h up-projects the one mixed latent per head."""
+        B, t, d = x.shape
+        T, H, hs, dr = start + t, self.H, self.hs, self.dr
+        cr, sr = rt[0][start:T], rt[1][start:T]
+        kr = rope(self.k_rope(x)[:, None], cr, sr)[:, 0]  # [B, t, dr]
+        row = torch.cat([self.to_kv_latent(x), kr], -1)
+        if cache is not None:
+            cache[:, start:T] = row
+            row = cache[:, :T]
+        q_c = self.heads(self.q_proj(x))
+        q_r = rope(self.q_rope(x).view(B, t, H, dr).transpose(1, 2), cr, sr)
+        r = row.shape[-1] - dr
+        W, bias = self.from_kv_latent.weight, self.from_kv_latent.bias
+        if cache is not None and t == 1:
+            a = torch.einsum("bhts,hsr->bhtr", q_c, W[:d].view(H, hs, r))
+            scores = torch.einsum("bhtk,bsk->bhts", torch.cat([a, q_r], -1), row) / math.sqrt(hs + dr)
+            p = scores.float().softmax(-1).to(row.dtype)
+            mixed = torch.einsum("bhts,bsr->bhtr", p, row[..., :r])
+            y = torch.einsum("bhtr,hsr->bhts", mixed, W[d:].view(H, hs, r)) + bias[d:].view(1, H, 1, hs)
+        else:
+            k, v = self.from_kv_latent(row[..., :r]).split(d, dim=-1)
+            k = torch.cat([self.heads(k), row[:, None, :, r:].expand(B, H, T, dr)], -1)
+            y = F.scaled_dot_product_attention(torch.cat([q_c, q_r], -1), k, self.heads(v), is_causal=t > 1)
+        return self.c_proj(y.transpose(1, 2).reshape(B, t, d))
+
+    def forward(self, x, cos, sin, cache=None, start=0, rt=None):
         """x [B, t, d] holds positions start..start+t-1. With a cache, its latent
         is written in place at those positions and attention reads cache[:, :T].
         Without one (full recomputation) start must be 0."""
@@ -103,6 +137,8 @@ class LatentAttention(nn.Module):
         T = start + t
         if t > 1 and start > 0:
             raise NotImplementedError("multi-token chunks only at position 0 (prefill)")
+        if self.kind == "mla_decoupled":
+            return self.decoupled(x, rt, cache, start)
         z = self.to_cache(x)
         if cache is not None:
             cache[:, start:T] = z  # in-place write into the preallocated cache, no cat
@@ -135,8 +171,8 @@ class Block(nn.Module):
         self.attn = LatentAttention(kind, d, n_head, r, ratio, reciprocal)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))  # exact GELU
 
-    def forward(self, x, cos, sin, cache, start):
-        x = x + self.attn(self.ln1(x), cos, sin, cache, start)
+    def forward(self, x, cos, sin, cache, start, rt=None):
+        x = x + self.attn(self.ln1(x), cos, sin, cache, start, rt)
         return x + self.mlp(self.ln2(x))
 
 
@@ -152,6 +188,9 @@ class LatentGPT(nn.Module):
         cos, sin = rope_tables(context, d // n_head)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        cos_r, sin_r = rope_tables(context, d // n_head // 2)  # mla_decoupled's rotated part
+        self.register_buffer("cos_r", cos_r, persistent=False)
+        self.register_buffer("sin_r", sin_r, persistent=False)
         for m in self.modules():  # GPT-2 style init; scale/shift/LayerNorm keep their defaults
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, 0.0, 0.02)
@@ -167,7 +206,8 @@ class LatentGPT(nn.Module):
         t = idx.shape[1]
         x = self.wte(idx) + self.wpe.weight[start:start + t]
         for i, blk in enumerate(self.blocks):
-            x = blk(x, self.cos, self.sin, None if caches is None else caches[i], start)
+            x = blk(x, self.cos, self.sin, None if caches is None else caches[i], start,
+                    (self.cos_r, self.sin_r))
         x = self.ln_f(x)
         if last_only:
             x = x[:, -1:]
