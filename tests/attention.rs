@@ -51,7 +51,7 @@ fn parameter_counts_at_the_124m_shape() {
     let cases: &[(&str, i64)] = &[
         ("mha", 124_439_808),
         ("mla", 117_364_992),
-        // + per layer q_rope (768→12·32) and k_rope (768→32): 3,838,848.
+        // + per layer rope_qk (768 → 13·32): 12 × 319,904 = 3,838,848.
         ("mla_decoupled", 121_203_840),
         ("ra_mla", 112_646_412),
         ("mla_kvsplice", 113_438_976),
@@ -160,10 +160,19 @@ fn absorbed_latent_decoding_matches_expanded_attention() {
     // Axis combinations beyond the presets whose decode steps attend
     // absorbed: no RoPE, and the decoupled key with KVSplice and a token
     // latent's query. Full recomputation expands K and V.
-    for (att, rope) in [("mla", Rope::Off), ("mla_kvsplice", Rope::Decoupled), ("ra_mla", Rope::Off)] {
+    // mla and mla_decoupled decode on folded weights (`absorb::Folded`),
+    // with and without biases; the others through `absorb::Fold`.
+    let cases = [
+        ("mla", Rope::Off, true),
+        ("mla", Rope::Decoupled, false),
+        ("mla_kvsplice", Rope::Decoupled, true),
+        ("ra_mla", Rope::Off, true),
+    ];
+    for (att, rope, bias) in cases {
         tch::manual_seed(8);
         let m = small(att, |c| {
             c.rope = Some(rope);
+            c.bias = bias;
             c.direction = (att == "ra_mla").then(|| "standard".into());
         });
         assert!(m.spec().absorbable(), "{att} {rope:?}");
@@ -171,7 +180,7 @@ fn absorbed_latent_decoding_matches_expanded_attention() {
         let o = Options { max_new_tokens: 10, keep_logits: true, ..Options::default() };
         let cached = generate(&m, &prompt, &o).unwrap();
         let full = generate(&m, &prompt, &Options { cache: false, ..o.clone() }).unwrap();
-        let what = format!("{att} rope={rope:?}");
+        let what = format!("{att} rope={rope:?} bias={bias}");
         assert!(cached.tokens.equal(&full.tokens), "{what}: tokens differ");
         for (i, (a, b)) in cached.logits.iter().zip(&full.logits).enumerate() {
             let d = (a - b).abs().max().double_value(&[]);

@@ -301,3 +301,16 @@ fn kconfig_symbols_and_preset() {
     assert_eq!(s.circuit.sparsity_schedule, "linear");
     s.circuit.validate().unwrap();
 }
+
+#[test]
+fn decoupled_rope_models_are_refused() {
+    // Their shared rotated key adds to every score outside hook_k/hook_v.
+    let dir = temp_dir("decoupled");
+    let tokens = dataset(&dir);
+    let val = TokenFile::open(&tokens.join("val.bin"), Some(VOCAB as u32)).unwrap();
+    let c = gpt2::Config { attention: "mla_decoupled".into(), d_latent: 16, ..tiny_config() };
+    let mut m = Gpt2::new(c.resolve().unwrap()).unwrap();
+    m.store_mut().finalize(Device::Cpu).unwrap();
+    let e = err(kv::discover(&m, &val, &small_cfg(), Device::Cpu, &mut |_| {}));
+    assert!(e.contains("decoupled RoPE"), "{e}");
+}

@@ -35,6 +35,9 @@ pub struct LayerCache {
     pub reciprocal: bool,
     /// KV pruning: what decode steps read (`kvprune`); None reads everything.
     pub prune: Option<super::kvprune::State>,
+    /// An absorbed `mla` layer's folded weights, made on its first decode
+    /// step (the weights must not change while the cache lives).
+    pub folded: std::cell::OnceCell<super::absorb::Folded>,
 }
 
 pub struct Cache {

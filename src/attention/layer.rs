@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use anyhow::Result;
 use tch::{Kind, TchError, Tensor};
 
-use super::absorb::{Fold, Mask};
+use super::absorb::{Fold, Folded, Mask, MlaWeights};
 use super::cache::{self, LayerCache};
 use super::kvsplice::KvSplice;
 use super::spec::{Direction, KvSource, Mixer, QSource, Rope, Spec};
@@ -278,13 +278,13 @@ impl Attention {
         };
         let splice = if spec.kv == KvSource::Splice { KvSplice::params(r, dims.splice_ratio) } else { 0 };
         let dr = dims.rope_dim();
-        let splice = splice + if spec.rope == Rope::Decoupled { lin(d, (dims.n_head + 1) * dr) } else { 0 };
+        let rope = if spec.rope == Rope::Decoupled { lin(d, (dims.n_head + 1) * dr) } else { 0 };
         let out = match spec.mixer {
             Mixer::Route => route::Router::num_params(dims),
             Mixer::Sba => lin(d, d) + 1,
             Mixer::Softmax => lin(d, d),
         };
-        proj + splice + out
+        proj + splice + rope + out
     }
 
     /// Cache elements per token in the activation dtype, and float32 ones.
@@ -474,6 +474,12 @@ impl Attention {
     ) -> Result<Tensor, TchError> {
         let size = x.size();
         let (b, t, d) = (size[0], size[1], size[2]);
+        let cache = match cache {
+            Some((lc, cap)) if t == 1 && self.foldable() && lc.prune.is_none() && lc.latent.is_some() => {
+                return self.folded_cached(x, pos0, lc, cap, ctx)?.f_dropout(ctx.p, ctx.p > 0.0);
+            }
+            other => other,
+        };
         let f = self.fresh(x, ctx)?;
         let (y, ctx_sum) = match cache {
             None => (self.hook_heads(ctx, "hook_z", self.attend_full(f, ctx)?)?, None),
@@ -600,7 +606,8 @@ impl Attention {
                 }
                 None => (None, stored.shallow_clone()),
             };
-            let slot_len = Self::slot_tokens(&self.spec, cap);
+            Self::check_room(pos0, t, cap)?;
+            let slot_len = Self::slot_tokens(&self.spec, cap)?;
             let all = cache::write(&mut lc.latent, &[b, slot_len, row.size()[2]], 1, pos0, &row)?;
             if t == 1 && !recip && self.spec.absorbable() {
                 let q_c = match &f.q {
@@ -608,7 +615,7 @@ impl Attention {
                     None => self.q_of_latent(c_new)?,
                 };
                 // Read an aligned prefix; the rows past pos0 are masked.
-                let n = Self::slot_tokens(&self.spec, pos0 + 1).min(slot_len);
+                let n = Self::slot_tokens(&self.spec, pos0 + 1)?.min(slot_len);
                 let rows = lc.latent.as_ref().ok_or_else(|| te("latent slot".into()))?.f_narrow(1, 0, n)?;
                 let (y, p) = self.fold()?.attend(&q_c, q_rot.as_ref(), &rows, Mask::Causal(pos0))?;
                 self.keep_pattern(ctx, || p.f_narrow(3, 0, pos0 + 1))?;
@@ -683,14 +690,83 @@ impl Attention {
     /// Rows a cache slot of `n` tokens allocates. An absorbed latent rounds
     /// up to a multiple of 16: its score and mixing matmuls run over the
     /// rows, and a row count that is not a multiple of 8 keeps cuBLAS off
-    /// its bf16 tensor-core kernels (measured: 5× slower at 16k tokens).
-    /// The extra rows are masked.
-    pub fn slot_tokens(spec: &Spec, n: i64) -> i64 {
-        if spec.absorbable() {
-            (n + 15) / 16 * 16
-        } else {
-            n
+    /// its bf16 tensor-core kernels (docs/benchmarks.md, "absorbed latent
+    /// decoding"). The extra rows are masked and never written.
+    pub fn slot_tokens(spec: &Spec, n: i64) -> Result<i64, TchError> {
+        if !spec.absorbable() {
+            return Ok(n);
         }
+        n.checked_add(15)
+            .map(|m| m / 16 * 16)
+            .ok_or_else(|| te(format!("a cache of {n} tokens overflows 64 bits")))
+    }
+
+    /// Refuse writing `t` tokens at `pos0` past the cache's capacity (the
+    /// slot itself may hold padding rows beyond it).
+    fn check_room(pos0: i64, t: i64, cap: i64) -> Result<(), TchError> {
+        if pos0 + t > cap {
+            return Err(te(format!("kv cache full: {cap} tokens allocated, writing {t} at position {pos0}")));
+        }
+        Ok(())
+    }
+
+    /// Does a decode step of this layer run on [`Folded`] weights? `mla`
+    /// layers (Q from its own projection, no KVSplice) that attend absorbed.
+    fn foldable(&self) -> bool {
+        self.spec.absorbable() && self.splice.is_none() && matches!(self.proj, Proj::Mla { .. })
+    }
+
+    /// The cache's folded weights, made on first use in the cache's dtype.
+    fn folded<'c>(&self, cell: &'c std::cell::OnceCell<Folded>, kind: Kind) -> Result<&'c Folded, TchError> {
+        if let Some(f) = cell.get() {
+            return Ok(f);
+        }
+        let Proj::Mla { q_proj, down, up } = &self.proj else {
+            return Err(te("folded weights on a layer without an MLA projection".into()));
+        };
+        let w = MlaWeights { q_proj, down, up, rope_qk: self.rope_qk.as_ref(), c_proj: &self.c_proj };
+        let _ = cell.set(Folded::new(&w, self.dims.n_head, self.dims.head_size(), kind)?);
+        cell.get().ok_or_else(|| te("folded weights".into()))
+    }
+
+    fn rope_dim_or_0(&self) -> i64 {
+        if self.rope_qk.is_some() {
+            self.dims.rope_dim()
+        } else {
+            0
+        }
+    }
+
+    /// One eager decode token `x` [B, 1, d] at `pos0` on folded weights:
+    /// the attention output after `c_proj`.
+    fn folded_cached(
+        &self,
+        x: &Tensor,
+        pos0: i64,
+        lc: &mut LayerCache,
+        cap: i64,
+        ctx: &Ctx,
+    ) -> Result<Tensor, TchError> {
+        let kind = lc.latent.as_ref().ok_or_else(|| te("latent slot".into()))?.f_kind()?;
+        let fd = self.folded(&lc.folded, kind)?;
+        let (a, qkr, c) = fd.project(x, self.dims.n_head, self.rope_dim_or_0())?;
+        let (q_r, row) = match qkr {
+            Some(qkr) => {
+                let (qr, kr) = self.split_rope(rope::apply(&qkr, pos0, self.dims.rope_theta)?)?;
+                (Some(qr.f_squeeze_dim(2)?), Tensor::f_cat(&[&c, &kr.f_to_kind(c.f_kind()?)?], 2)?)
+            }
+            None => (None, c),
+        };
+        Self::check_room(pos0, 1, cap)?;
+        let slot_len = Self::slot_tokens(&self.spec, cap)?;
+        let b = x.size()[0];
+        let _ = cache::write(&mut lc.latent, &[b, slot_len, row.size()[2]], 1, pos0, &row)?;
+        let n = Self::slot_tokens(&self.spec, pos0 + 1)?.min(slot_len);
+        let rows = lc.latent.as_ref().ok_or_else(|| te("latent slot".into()))?.f_narrow(1, 0, n)?;
+        let hs = self.dims.head_size();
+        let (y, p) = fd.attend(&a, q_r.as_ref(), &rows, hs, Mask::Causal(pos0))?;
+        self.keep_pattern(ctx, || p.f_narrow(3, 0, pos0 + 1))?;
+        Ok(y)
     }
 
     /// The maps an absorbed step folds (`absorb`); latent layers only.
@@ -769,12 +845,30 @@ impl Attention {
         }
         let size = x.size();
         let (b, t, d) = (size[0], size[1], size[2]);
-        let f = self.fresh(x, ctx)?;
         let slot = |s: &Option<Tensor>| {
             s.as_ref()
                 .map(|t| t.shallow_clone())
                 .ok_or_else(|| te("static decode: the cache slot is empty (prefill first)".into()))
         };
+        if self.foldable() {
+            // Folded weights (made by the eager warm-up, before any capture).
+            let mut all = slot(&lc.latent)?;
+            let n = all.size()[1];
+            let fd = self.folded(&lc.folded, all.f_kind()?)?;
+            let (a, qkr, c) = fd.project(x, self.dims.n_head, self.rope_dim_or_0())?;
+            let (q_r, row) = match qkr {
+                Some(qkr) => {
+                    let (qr, kr) = self.split_rope(rope::apply_at(&qkr, pos, n, self.dims.rope_theta)?)?;
+                    (Some(qr.f_squeeze_dim(2)?), Tensor::f_cat(&[&c, &kr.f_to_kind(c.f_kind()?)?], 2)?)
+                }
+                None => (None, c),
+            };
+            let _ = all.f_index_copy_(1, pos, &row)?;
+            let mask = mask.f_narrow(3, 0, n)?;
+            let hs = self.dims.head_size();
+            return Ok(fd.attend(&a, q_r.as_ref(), &all, hs, Mask::Additive(&mask))?.0);
+        }
+        let f = self.fresh(x, ctx)?;
         if let Some(c) = &f.c {
             // Absorbed: write this token's cache row at `pos`, attend over all rows.
             let mut all = slot(&lc.latent)?;

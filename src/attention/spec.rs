@@ -10,10 +10,10 @@
 //! |           | tied_t (K = x·W_v, the value weight transposed)               |
 //! | q         | proj (its own d→d projection) or latent (from the latent c)   |
 //! | mixer     | softmax (SDPA), sba (causal symmetric bidirectional), route   |
-//! |           | (per-token compute routing between head groups)              |
-//! | rope      | rotary position embedding on Q and K, besides `wpe`: off, |
-//! |           | full (over the whole head), or decoupled (a separate rotated  |
-//! |           | part, DeepSeek-V2's, so latent decoding can be absorbed)      |
+//! |           | (per-token compute routing between head groups)               |
+//! | rope      | rotary position embedding on Q and K, besides `wpe`: off,     |
+//! |           | full (over the whole head), or decoupled (a separate          |
+//! |           | rotated part, DeepSeek-V2's, so latent decoding absorbs)      |
 use anyhow::{bail, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -55,8 +55,9 @@ pub enum Mixer {
 }
 
 /// Where RoPE acts. Options take `false` (off), `true` (full) or the names
-/// `"off"`, `"full"`, `"decoupled"`; a config writes `false`, `true` or
-/// `"decoupled"`, so older checkpoints' booleans still load.
+/// `"off"` (also `"none"`, `"false"`), `"full"` (also `"on"`, `"true"`)
+/// and `"decoupled"`; a config writes `false`, `true` or `"decoupled"`, so
+/// older checkpoints' booleans still load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Rope {
     Off,

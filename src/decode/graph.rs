@@ -11,11 +11,15 @@
 //! per layer: q, k, v of the new token; K[:, :, pos] = k; V[:, :, pos] = v
 //!            (index_copy_ into the cache preallocated to its full capacity)
 //!            softmax(q·Kᵀ/√hs + mask) V over all cap slots
+//!            (a latent layer that decodes absorbed writes its cache row
+//!            at pos and attends absorbed over all its rows instead;
+//!            `attention::absorb`)
 //! next = argmax(logits[:, :vocab]); tok = next; out[:, col] = next
 //! pos += 1; col += 1                                (in place)
 //! ```
 //!
-//! The mask is therefore 0 exactly where `arange(cap) <= pos`. It is one
+//! The mask is therefore 0 exactly where `arange <= pos`, over the cap
+//! slots rounded up to 16 (each layer reads the columns of its slot). It is one
 //! additive tensor in the cache's dtype whose row stride is a multiple of
 //! 16, so SDPA (the memory-efficient kernel on CUDA) takes it as it is:
 //! a boolean mask would be converted, and an unaligned one padded, in
@@ -212,7 +216,10 @@ fn decode_in(model: &Gpt2, cache: &mut Cache, first: &Tensor, o: &Options, captu
         .map(|v| v.kind())
         .ok_or_else(|| anyhow!("generate: the static decode step needs a filled cache"))?;
     let cap = cache.capacity;
-    let padded = (cap + 15) / 16 * 16;
+    // SDPA wants the mask's row stride a multiple of 16; absorbed latent
+    // slots hold `slot_tokens` rows, and the mask must cover them.
+    let rows = crate::attention::Attention::slot_tokens(model.spec(), cap).map_err(te)?;
+    let padded = (rows + 15) / 16 * 16;
     let m: Vec<f32> = (0..padded).map(|j| if j < t0 { 0.0 } else { f32::NEG_INFINITY }).collect();
     let mask = Tensor::f_from_slice(&m)
         .and_then(|m| m.f_to_kind(kind))

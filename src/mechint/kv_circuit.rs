@@ -649,6 +649,17 @@ pub fn discover(
         (crate::models::Task::LanguageModel { .. }, b) => b,
         _ => bail!("kv circuit needs a language model (GPT-2), got {}", model.arch()),
     };
+    let decoupled = model.arch() == "gpt2"
+        && serde_json::from_value::<crate::models::gpt2::Config>(model.config())
+            .ok()
+            .and_then(|c| c.spec().ok())
+            .is_some_and(|s| s.rope == crate::attention::Rope::Decoupled);
+    if decoupled {
+        bail!(
+            "kv circuit: this model's decoupled RoPE adds a shared rotated key (k_r) to every score, and \
+             the masks on hook_k/hook_v do not reach it"
+        );
+    }
     if let crate::models::Task::LanguageModel { vocab, .. } = model.task() {
         val.check_vocab(vocab as u32)?;
     }

@@ -849,7 +849,7 @@ impl Gpt2 {
             per_seq += Attention::cache_elems_per_seq(&self.spec, &dims) * 4;
         }
         // Absorbed latent slots allocate whole multiples of 16 rows.
-        let rows = Attention::slot_tokens(&self.spec, seq_len);
+        let rows = Attention::slot_tokens(&self.spec, seq_len)?;
         rows.checked_mul(per_row)
             .and_then(|n| n.checked_add(seq_len.checked_mul(per_token)?))
             .and_then(|n| n.checked_add(per_seq))

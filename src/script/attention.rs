@@ -203,7 +203,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     api.f(
         "generate",
         "self, tokens, options: map",
-        "Continue token ids [B, T]: `#{ max_new_tokens: 32, temperature: 0.0 (greedy), top_k, seed, cache: true, amp: \"bf16\"|\"fp16\"|\"none\" (CUDA), kv_prune: #{ keep_ratio, k_min, recency, ... } (see kv_prune_eval), graph, details: false }`. `graph`: decode through a CUDA graph of one static-shape step (docs/attention.md \"Graphed decode\"); by default on where it can run (CUDA, greedy, cache on, no kv_prune, mha/ra/kv_tying-style attention without RoPE), `false` decodes eagerly, `true` warns on stderr and decodes eagerly where it cannot run. Returns the ids [B, T + new]; with `details: true` a map `#{ tokens, logits [B, new, vocab], cache_bytes, cache_tokens, cache_elem_bytes, prefill_ms, decode_ms (includes the graph's warm-up and capture), capture_ms, graph (a graph was replayed), decode_tokens_per_s, kv_read_fraction }`.",
+        "Continue token ids [B, T]: `#{ max_new_tokens: 32, temperature: 0.0 (greedy), top_k, seed, cache: true, amp: \"bf16\"|\"fp16\"|\"none\" (CUDA), kv_prune: #{ keep_ratio, k_min, recency, ... } (see kv_prune_eval), graph, details: false }`. `graph`: decode through a CUDA graph of one static-shape step (docs/attention.md \"Graphed decode\"); by default on where it can run (CUDA, greedy, cache on, no kv_prune, mha/ra/kv_tying-style attention without RoPE, or a latent that decodes absorbed such as mla_decoupled), `false` decodes eagerly, `true` warns on stderr and decodes eagerly where it cannot run. Returns the ids [B, T + new]; with `details: true` a map `#{ tokens, logits [B, new, vocab], cache_bytes, cache_tokens, cache_elem_bytes, prefill_ms, decode_ms (includes the graph's warm-up and capture), capture_ms, graph (a graph was replayed), decode_tokens_per_s, kv_read_fraction }`.",
         |m: &mut RModel, tokens: RTensor, o: Map| -> RResult<Dynamic> { run_generate(m, &tokens, &o) },
     );
     api.f(
@@ -264,7 +264,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     api.f(
         "kv_cache_bytes",
         "self, batch, seq_len",
-        "Bytes of the decoding cache for `batch` sequences of `seq_len` tokens with float32 activations (`generate`'s cache_bytes on the CPU) Latent caches that decode absorbed allocate rows in multiples of 16.",
+        "Bytes of the decoding cache for `batch` sequences of `seq_len` tokens with float32 activations (`generate`'s cache_bytes on the CPU). Latent caches that decode absorbed allocate rows in multiples of 16.",
         |m: &mut RModel, batch: INT, seq: INT| -> RResult<INT> {
             with_gpt2(m, "kv_cache_bytes", |g| g.kv_cache_bytes(batch, seq, 4).rt())
         },
@@ -272,7 +272,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     api.f(
         "kv_cache_bytes",
         "self, batch, seq_len, dtype",
-        "Bytes of the decoding cache at activation dtype `fp32`, `bf16` or `fp16` (bf16 is what `generate` uses on CUDA) Latent caches that decode absorbed allocate rows in multiples of 16.",
+        "Bytes of the decoding cache at activation dtype `fp32`, `bf16` or `fp16` (bf16 is what `generate` uses on CUDA). Latent caches that decode absorbed allocate rows in multiples of 16.",
         |m: &mut RModel, batch: INT, seq: INT, dtype: &str| -> RResult<INT> {
             let e = dtype_bytes(dtype)?;
             with_gpt2(m, "kv_cache_bytes", |g| g.kv_cache_bytes(batch, seq, e).rt())
