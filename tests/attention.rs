@@ -120,6 +120,20 @@ fn every_variant_is_causal() {
     }
 }
 
+/// Greedy decoding through the cache gives full recomputation's tokens,
+/// with every step's logits within 1e-4; returns the cached run.
+fn cached_matches_full(m: &Gpt2, prompt: &Tensor, new: i64, what: &str) -> knlp::decode::Generated {
+    let o = Options { max_new_tokens: new, keep_logits: true, ..Options::default() };
+    let cached = generate(m, prompt, &o).unwrap();
+    let full = generate(m, prompt, &Options { cache: false, ..o.clone() }).unwrap();
+    assert!(cached.tokens.equal(&full.tokens), "{what}: tokens differ");
+    for (i, (a, b)) in cached.logits.iter().zip(&full.logits).enumerate() {
+        let d = (a - b).abs().max().double_value(&[]);
+        assert!(d <= 1e-4, "{what}: step {i} logits differ by {d}");
+    }
+    cached
+}
+
 #[test]
 fn cached_greedy_decoding_matches_full_recomputation() {
     let _rng = rng();
@@ -136,16 +150,8 @@ fn cached_greedy_decoding_matches_full_recomputation() {
                 c.direction = direction.map(String::from);
                 c.route_skip_warmup = direction.is_some();
             });
-            let prompt = tokens(3, 5, 61);
-            let o = Options { max_new_tokens: 12, keep_logits: true, ..Options::default() };
-            let cached = generate(&m, &prompt, &o).unwrap();
-            let full = generate(&m, &prompt, &Options { cache: false, ..o.clone() }).unwrap();
             let what = format!("{att} direction={direction:?}");
-            assert!(cached.tokens.equal(&full.tokens), "{what}: tokens differ");
-            for (i, (a, b)) in cached.logits.iter().zip(&full.logits).enumerate() {
-                let d = (a - b).abs().max().double_value(&[]);
-                assert!(d <= 1e-4, "{what}: step {i} logits differ by {d}");
-            }
+            let cached = cached_matches_full(&m, &tokens(3, 5, 61), 12, &what);
             // The cache holds exactly what the variant claims, preallocated once.
             assert_eq!(cached.cache_tokens, 5 + 12 - 1);
             assert_eq!(cached.cache_bytes, m.kv_cache_bytes(3, cached.cache_tokens, 4).unwrap(), "{what}");
@@ -176,16 +182,8 @@ fn absorbed_latent_decoding_matches_expanded_attention() {
             c.direction = (att == "ra_mla").then(|| "standard".into());
         });
         assert!(m.spec().absorbable(), "{att} {rope:?}");
-        let prompt = tokens(2, 4, 61);
-        let o = Options { max_new_tokens: 10, keep_logits: true, ..Options::default() };
-        let cached = generate(&m, &prompt, &o).unwrap();
-        let full = generate(&m, &prompt, &Options { cache: false, ..o.clone() }).unwrap();
         let what = format!("{att} rope={rope:?} bias={bias}");
-        assert!(cached.tokens.equal(&full.tokens), "{what}: tokens differ");
-        for (i, (a, b)) in cached.logits.iter().zip(&full.logits).enumerate() {
-            let d = (a - b).abs().max().double_value(&[]);
-            assert!(d <= 1e-4, "{what}: step {i} logits differ by {d}");
-        }
+        let cached = cached_matches_full(&m, &tokens(2, 4, 61), 10, &what);
         assert_eq!(cached.cache_bytes, m.kv_cache_bytes(2, cached.cache_tokens, 4).unwrap(), "{what}");
     }
     // The decoupled cache row: latent plus a rotated key of hs/2 per token
