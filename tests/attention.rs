@@ -154,7 +154,8 @@ fn cached_greedy_decoding_matches_full_recomputation() {
             let cached = cached_matches_full(&m, &tokens(3, 5, 61), 12, &what);
             // The cache holds exactly what the variant claims, preallocated once.
             assert_eq!(cached.cache_tokens, 5 + 12 - 1);
-            assert_eq!(cached.cache_bytes, m.kv_cache_bytes(3, cached.cache_tokens, 4).unwrap(), "{what}");
+            let rows = m.cache_rows(cached.cache_tokens).unwrap();
+            assert_eq!(cached.cache_bytes, m.kv_cache_bytes(3, rows, 4).unwrap(), "{what}");
         }
     }
 }
@@ -184,13 +185,17 @@ fn absorbed_latent_decoding_matches_expanded_attention() {
         assert!(m.spec().absorbable(), "{att} {rope:?}");
         let what = format!("{att} rope={rope:?} bias={bias}");
         let cached = cached_matches_full(&m, &tokens(2, 4, 61), 10, &what);
-        assert_eq!(cached.cache_bytes, m.kv_cache_bytes(2, cached.cache_tokens, 4).unwrap(), "{what}");
+        // The slot holds 4 + 10 − 1 = 13 tokens in 16 rows.
+        let rows = m.cache_rows(cached.cache_tokens).unwrap();
+        assert_eq!((cached.cache_tokens, rows), (13, 16));
+        assert_eq!(cached.cache_bytes, m.kv_cache_bytes(2, rows, 4).unwrap(), "{what}");
     }
     // The decoupled cache row: latent plus a rotated key of hs/2 per token
-    // and layer, in whole multiples of 16 rows.
+    // and layer; slots allocate whole multiples of 16 rows.
     let m = small("mla_decoupled", |_| {});
-    assert_eq!(m.kv_cache_bytes(1, 10, 4).unwrap(), 2 * 16 * (16 + 4) * 4);
-    assert_eq!(m.kv_cache_bytes(1, 17, 4).unwrap(), 2 * 32 * (16 + 4) * 4);
+    assert_eq!(m.kv_cache_bytes(1, 10, 4).unwrap(), 2 * 10 * (16 + 4) * 4);
+    assert_eq!((m.cache_rows(10).unwrap(), m.cache_rows(17).unwrap()), (16, 32));
+    assert_eq!(small("mha", |_| {}).cache_rows(17).unwrap(), 17);
     let e = Gpt2::new(gpt2::Config { attention: "mla_decoupled".into(), ..gpt2::Config::custom(2, 4, 24) })
         .err()
         .unwrap()

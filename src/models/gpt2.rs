@@ -832,8 +832,10 @@ impl Gpt2 {
 
     /// Bytes a cache of `batch` × `seq_len` tokens holds when activations
     /// have `elem` bytes (4 float32, 2 bf16/fp16); SBA's normaliser and the
-    /// router's context sum are float32. A latent that decodes absorbed
-    /// allocates its rows in whole multiples of 16 (`Attention::slot_tokens`).
+    /// router's context sum are float32. These are the bytes of `seq_len`
+    /// tokens: a latent that decodes absorbed allocates its slot rows in
+    /// whole multiples of 16 ([`Self::cache_rows`]), so `generate`'s
+    /// `cache_bytes` is this at `cache_rows(seq_len)`.
     pub fn kv_cache_bytes(&self, batch: i64, seq_len: i64, elem: i64) -> Result<i64, TchError> {
         if batch < 1 || seq_len < 0 || !(1..=8).contains(&elem) {
             return Err(TchError::Shape(format!(
@@ -841,22 +843,27 @@ impl Gpt2 {
             )));
         }
         let dims = self.cfg.dims();
-        let (mut per_row, mut per_token, mut per_seq) = (0, 0, 0);
+        let mut per_token = 0;
+        let mut per_seq = 0;
         for b in &self.blocks {
             let (main, f32s) = Attention::cache_elems(&self.spec, &dims, b.attn.reciprocal_now()?);
-            per_row += main * elem;
-            per_token += f32s * 4;
+            per_token += main * elem + f32s * 4;
             per_seq += Attention::cache_elems_per_seq(&self.spec, &dims) * 4;
         }
-        // Absorbed latent slots allocate whole multiples of 16 rows.
-        let rows = Attention::slot_tokens(&self.spec, seq_len)?;
-        rows.checked_mul(per_row)
-            .and_then(|n| n.checked_add(seq_len.checked_mul(per_token)?))
+        seq_len
+            .checked_mul(per_token)
             .and_then(|n| n.checked_add(per_seq))
             .and_then(|n| n.checked_mul(batch))
             .ok_or_else(|| {
                 TchError::Shape(format!("kv_cache_bytes: {batch} x {seq_len} tokens overflow 64 bits"))
             })
+    }
+
+    /// Rows a cache for `tokens` tokens allocates per slot: `tokens`, or
+    /// for a latent that decodes absorbed, `tokens` rounded up to 16 (the
+    /// score and mixing matmuls stay on cuBLAS's tensor-core kernels).
+    pub fn cache_rows(&self, tokens: i64) -> Result<i64, TchError> {
+        Attention::slot_tokens(&self.spec, tokens)
     }
 
     /// Run an evaluation forward that records attention patterns of

@@ -264,7 +264,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     api.f(
         "kv_cache_bytes",
         "self, batch, seq_len",
-        "Bytes of the decoding cache for `batch` sequences of `seq_len` tokens with float32 activations (`generate`'s cache_bytes on the CPU). Latent caches that decode absorbed allocate rows in multiples of 16.",
+        "Bytes of the decoding cache for `batch` sequences of `seq_len` tokens with float32 activations (`generate`'s cache_bytes on the CPU). `generate`'s cache_bytes can exceed it by up to 15 tokens' worth: latents that decode absorbed allocate rows in multiples of 16.",
         |m: &mut RModel, batch: INT, seq: INT| -> RResult<INT> {
             with_gpt2(m, "kv_cache_bytes", |g| g.kv_cache_bytes(batch, seq, 4).rt())
         },
@@ -272,7 +272,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     api.f(
         "kv_cache_bytes",
         "self, batch, seq_len, dtype",
-        "Bytes of the decoding cache at activation dtype `fp32`, `bf16` or `fp16` (bf16 is what `generate` uses on CUDA). Latent caches that decode absorbed allocate rows in multiples of 16.",
+        "Bytes of the decoding cache at activation dtype `fp32`, `bf16` or `fp16` (bf16 is what `generate` uses on CUDA). `generate`'s cache_bytes can exceed it by up to 15 tokens' worth: latents that decode absorbed allocate rows in multiples of 16.",
         |m: &mut RModel, batch: INT, seq: INT, dtype: &str| -> RResult<INT> {
             let e = dtype_bytes(dtype)?;
             with_gpt2(m, "kv_cache_bytes", |g| g.kv_cache_bytes(batch, seq, e).rt())
