@@ -41,10 +41,9 @@ pub struct Fold<'a> {
     pub splice: Option<&'a KvSplice>,
     pub n_head: i64,
     pub head_size: i64,
-    /// Width of the stored latent (r, or d_c with KVSplice).
+    /// Width of the stored latent (r, or d_c with KVSplice); a decoupled
+    /// RoPE key fills the rest of each cache row.
     pub width: i64,
-    /// Width of the decoupled RoPE key after it in each cache row (0: none).
-    pub rope_dim: i64,
 }
 
 /// Which cached positions a query reads.
@@ -76,25 +75,39 @@ fn per_head(x: &Tensor, w: &Tensor) -> Result<Tensor, TchError> {
     xh.f_bmm(w)?.f_view([h, b, t, m])?.f_permute([1, 0, 2, 3])
 }
 
-/// Scores of `qq` [B, H·T, k] against the cache rows `slot` [B, S, k]
-/// (scaled; masked), their softmax [B, H, T, S] (float32) and the mixed
-/// first `width` columns [B, H, T, width].
+/// Scores of the absorbed queries `a` [B, H, (T,) width], joined with the
+/// rotated RoPE parts `q_r` [B, H, (T,) d_r] when the cache rows carry a
+/// key, against the cache rows `slot` [B, S, width + d_r] (scaled by
+/// 1/√(hs + d_r); masked); their softmax [B, H, T, S] (float32) and the
+/// mixed first `width` columns [B, H, T, width].
 fn mix(
-    qq: &Tensor,
+    a: &Tensor,
+    q_r: Option<&Tensor>,
     slot: &Tensor,
-    width: i64,
-    scale: f64,
+    (width, head_size): (i64, i64),
     mask: Mask,
     (b, h, t): (i64, i64, i64),
 ) -> Result<(Tensor, Tensor), TchError> {
     let kind = slot.f_kind()?;
-    let s = slot.size()[1];
+    let (s, k) = (slot.size()[1], slot.size()[2]);
+    let qq = match q_r {
+        Some(q) => Tensor::f_cat(&[&a.f_to_kind(kind)?, &q.f_to_kind(kind)?], -1)?,
+        None => a.f_to_kind(kind)?,
+    };
+    let cols = *qq.size().last().unwrap_or(&0);
+    if cols != k {
+        return Err(TchError::Shape(format!(
+            "absorbed attention: the query has {cols} columns, the cache rows {k}"
+        )));
+    }
+    let qq = qq.f_reshape([b, h * t, k])?;
+    let scale = 1.0 / ((head_size + k - width) as f64).sqrt();
     let keys = slot.f_transpose(1, 2)?;
     let scores = match mask {
         // scale·(qq·keys) + mask in one kernel (the graphed step).
         Mask::Additive(m) => {
             let m = m.f_reshape([1, 1, s])?.f_to_kind(kind)?;
-            m.f_baddbmm(qq, &keys, 1.0, scale)?.f_view([b, h, t, s])?
+            m.f_baddbmm(&qq, &keys, 1.0, scale)?.f_view([b, h, t, s])?
         }
         Mask::Causal(pos0) => {
             let scores = qq.f_bmm(&keys)?.f_view([b, h, t, s])?.f_mul_scalar(scale)?;
@@ -211,13 +224,7 @@ impl Folded {
     ) -> Result<(Tensor, Tensor), TchError> {
         let s = a.size();
         let (b, h, r) = (s[0], s[1], s[2]);
-        let kind = slot.f_kind()?;
-        let (qq, dr) = match q_r {
-            Some(q) => (Tensor::f_cat(&[&a.f_to_kind(kind)?, &q.f_to_kind(kind)?], -1)?, q.size()[2]),
-            None => (a.f_to_kind(kind)?, 0),
-        };
-        let scale = 1.0 / ((head_size + dr) as f64).sqrt();
-        let (mixed, p) = mix(&qq, slot, r, scale, mask, (b, h, 1))?;
+        let (mixed, p) = mix(a, q_r, slot, (r, head_size), mask, (b, h, 1))?;
         let y = mixed.f_reshape([b, 1, h * r])?.f_linear(&self.w_out, Some(&self.b_out))?;
         Ok((y, p))
     }
@@ -245,15 +252,7 @@ impl Fold<'_> {
             let g = sp.scale.f_softplus()?.f_add_scalar(1e-6)?.f_to_kind(a.f_kind()?)?;
             a = a.f_div(&g)?.f_matmul(&sp.expand.f_to_kind(a.f_kind()?)?)?;
         }
-        let qq = match (q_r, self.rope_dim) {
-            (Some(r), dr) if dr > 0 => Tensor::f_cat(&[&a, &r.f_to_kind(a.f_kind()?)?], -1)?,
-            (None, 0) => a,
-            _ => return Err(TchError::Shape("absorbed attention: RoPE part and cache row disagree".into())),
-        };
-        let kind = slot.f_kind()?;
-        let qq = qq.f_to_kind(kind)?.f_reshape([b, h * t, self.width + self.rope_dim])?;
-        let scale = 1.0 / ((hs + self.rope_dim) as f64).sqrt();
-        let (mut mixed, p) = mix(&qq, slot, self.width, scale, mask, (b, h, t))?;
+        let (mut mixed, p) = mix(&a, q_r, slot, (self.width, hs), mask, (b, h, t))?;
         if let Some(sp) = self.splice {
             mixed = sp.decompress(&mixed)?;
         }

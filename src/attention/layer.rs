@@ -197,6 +197,13 @@ fn join_rope(q: &Tensor, k: &Tensor, qr: &Tensor, kr: &Tensor) -> Result<(Tensor
     Ok((q, Tensor::f_cat(&[k, &kr], 3)?))
 }
 
+/// Where a decode step's RoPE reads its position: a host index, or a
+/// device tensor ([1] int64) over tables of this many rows (graphed steps).
+enum At<'a> {
+    Start(i64),
+    Device(&'a Tensor, i64),
+}
+
 /// New-token projections before direction and mixing.
 struct Fresh {
     q: Option<Tensor>,
@@ -594,29 +601,13 @@ impl Attention {
         let mut value_eff = None;
         let (query, key, value) = if let Some(c_new) = &f.c {
             let t = c_new.size()[1];
-            let theta = self.dims.rope_theta;
-            // A cache row: the stored latent (z with KVSplice), then the
-            // rotated decoupled RoPE key when there is one.
             let stored = f.z.as_ref().unwrap_or(c_new);
             let width = stored.size()[2];
-            let (q_rot, row) = match &f.qkr {
-                Some(qkr) => {
-                    let (qr, kr) = self.split_rope(rope::apply(qkr, pos0, theta)?)?;
-                    (Some(qr), Tensor::f_cat(&[stored, &kr.f_to_kind(stored.f_kind()?)?], 2)?)
-                }
-                None => (None, stored.shallow_clone()),
-            };
-            Self::check_room(pos0, t, cap)?;
-            let slot_len = Self::slot_tokens(&self.spec, cap)?;
-            let all = cache::write(&mut lc.latent, &[b, slot_len, row.size()[2]], 1, pos0, &row)?;
+            let (q_rot, row) = self.cache_row(stored, f.qkr.as_ref(), At::Start(pos0))?;
+            let all = self.write_latent(&mut lc.latent, &row, pos0, cap)?;
             if t == 1 && !recip && self.spec.absorbable() {
-                let q_c = match &f.q {
-                    Some(q) => q.shallow_clone(),
-                    None => self.q_of_latent(c_new)?,
-                };
-                // Read an aligned prefix; the rows past pos0 are masked.
-                let n = Self::slot_tokens(&self.spec, pos0 + 1)?.min(slot_len);
-                let rows = lc.latent.as_ref().ok_or_else(|| te("latent slot".into()))?.f_narrow(1, 0, n)?;
+                let q_c = self.content_query(f.q.as_ref(), c_new)?;
+                let rows = self.aligned_rows(lc, pos0)?;
                 let (y, p) = self.fold()?.attend(&q_c, q_rot.as_ref(), &rows, Mask::Causal(pos0))?;
                 self.keep_pattern(ctx, || p.f_narrow(3, 0, pos0 + 1))?;
                 return Ok(y);
@@ -633,11 +624,7 @@ impl Attention {
                 let k_new = k_all.f_narrow(2, pos0, t)?;
                 (k_new, q_all, v_all)
             } else {
-                let q_new = match f.q {
-                    Some(q) => q,
-                    None => self.q_of_latent(c_new)?,
-                };
-                let q_new = self.rope(q_new, pos0)?;
+                let q_new = self.rope(self.content_query(f.q.as_ref(), c_new)?, pos0)?;
                 match q_rot {
                     Some(qr) => {
                         let kr = all.f_narrow(2, width, row.size()[2] - width)?.f_unsqueeze(1)?;
@@ -701,13 +688,59 @@ impl Attention {
             .ok_or_else(|| te(format!("a cache of {n} tokens overflows 64 bits")))
     }
 
-    /// Refuse writing `t` tokens at `pos0` past the cache's capacity (the
-    /// slot itself may hold padding rows beyond it).
-    fn check_room(pos0: i64, t: i64, cap: i64) -> Result<(), TchError> {
-        if pos0 + t > cap {
-            return Err(te(format!("kv cache full: {cap} tokens allocated, writing {t} at position {pos0}")));
+    /// The cache row of new tokens, `stored` [B, T, w] (c, or z with
+    /// KVSplice) followed by the rotated decoupled RoPE key when there is
+    /// one, and the rotated RoPE query parts [B, H, T, d_r].
+    fn cache_row(
+        &self,
+        stored: &Tensor,
+        qkr: Option<&Tensor>,
+        at: At,
+    ) -> Result<(Option<Tensor>, Tensor), TchError> {
+        let Some(qkr) = qkr else { return Ok((None, stored.shallow_clone())) };
+        let theta = self.dims.rope_theta;
+        let rotated = match at {
+            At::Start(pos0) => rope::apply(qkr, pos0, theta)?,
+            At::Device(pos, rows) => rope::apply_at(qkr, pos, rows, theta)?,
+        };
+        let (qr, kr) = self.split_rope(rotated)?;
+        Ok((Some(qr), Tensor::f_cat(&[stored, &kr.f_to_kind(stored.f_kind()?)?], 2)?))
+    }
+
+    /// Write `row` [B, T, w] at `pos0` into the latent `slot` (allocated
+    /// with [`Self::slot_tokens`] rows) and return its filled rows; writes
+    /// past the capacity are refused even where padding rows exist.
+    fn write_latent(
+        &self,
+        slot: &mut Option<Tensor>,
+        row: &Tensor,
+        pos0: i64,
+        cap: i64,
+    ) -> Result<Tensor, TchError> {
+        let s = row.size();
+        if pos0 + s[1] > cap {
+            return Err(te(format!(
+                "kv cache full: {cap} tokens allocated, writing {} at position {pos0}",
+                s[1]
+            )));
         }
-        Ok(())
+        cache::write(slot, &[s[0], Self::slot_tokens(&self.spec, cap)?, s[2]], 1, pos0, row)
+    }
+
+    /// The latent slot's rows an absorbed step at `pos0` reads: the filled
+    /// ones rounded up to 16, the rest masked by the step.
+    fn aligned_rows(&self, lc: &LayerCache, pos0: i64) -> Result<Tensor, TchError> {
+        let slot = lc.latent.as_ref().ok_or_else(|| te("latent slot".into()))?;
+        slot.f_narrow(1, 0, Self::slot_tokens(&self.spec, pos0 + 1)?.min(slot.size()[1]))
+    }
+
+    /// The content query of latent-layer tokens: their own projection, or
+    /// the rows of the token latent `c`.
+    fn content_query(&self, q: Option<&Tensor>, c: &Tensor) -> Result<Tensor, TchError> {
+        match q {
+            Some(q) => Ok(q.shallow_clone()),
+            None => self.q_of_latent(c),
+        }
     }
 
     /// Does a decode step of this layer run on [`Folded`] weights? `mla`
@@ -750,21 +783,11 @@ impl Attention {
         let kind = lc.latent.as_ref().ok_or_else(|| te("latent slot".into()))?.f_kind()?;
         let fd = self.folded(&lc.folded, kind)?;
         let (a, qkr, c) = fd.project(x, self.dims.n_head, self.rope_dim_or_0())?;
-        let (q_r, row) = match qkr {
-            Some(qkr) => {
-                let (qr, kr) = self.split_rope(rope::apply(&qkr, pos0, self.dims.rope_theta)?)?;
-                (Some(qr.f_squeeze_dim(2)?), Tensor::f_cat(&[&c, &kr.f_to_kind(c.f_kind()?)?], 2)?)
-            }
-            None => (None, c),
-        };
-        Self::check_room(pos0, 1, cap)?;
-        let slot_len = Self::slot_tokens(&self.spec, cap)?;
-        let b = x.size()[0];
-        let _ = cache::write(&mut lc.latent, &[b, slot_len, row.size()[2]], 1, pos0, &row)?;
-        let n = Self::slot_tokens(&self.spec, pos0 + 1)?.min(slot_len);
-        let rows = lc.latent.as_ref().ok_or_else(|| te("latent slot".into()))?.f_narrow(1, 0, n)?;
-        let hs = self.dims.head_size();
-        let (y, p) = fd.attend(&a, q_r.as_ref(), &rows, hs, Mask::Causal(pos0))?;
+        let (q_r, row) = self.cache_row(&c, qkr.as_ref(), At::Start(pos0))?;
+        let _ = self.write_latent(&mut lc.latent, &row, pos0, cap)?;
+        let rows = self.aligned_rows(lc, pos0)?;
+        let q_r = q_r.map(|q| q.f_squeeze_dim(2)).transpose()?;
+        let (y, p) = fd.attend(&a, q_r.as_ref(), &rows, self.dims.head_size(), Mask::Causal(pos0))?;
         self.keep_pattern(ctx, || p.f_narrow(3, 0, pos0 + 1))?;
         Ok(y)
     }
@@ -778,7 +801,6 @@ impl Attention {
             _ => return Err(te("absorbed attention on a layer without a latent".into())),
         };
         let width = self.splice.as_ref().map_or(self.dims.d_latent, |sp| sp.d_c);
-        let rope_dim = if self.rope_qk.is_some() { self.dims.rope_dim() } else { 0 };
         Ok(Fold {
             up,
             k_off,
@@ -786,7 +808,6 @@ impl Attention {
             n_head: self.dims.n_head,
             head_size: self.dims.head_size(),
             width,
-            rope_dim,
         })
     }
 
@@ -850,47 +871,32 @@ impl Attention {
                 .map(|t| t.shallow_clone())
                 .ok_or_else(|| te("static decode: the cache slot is empty (prefill first)".into()))
         };
-        if self.foldable() {
-            // Folded weights (made by the eager warm-up, before any capture).
-            let mut all = slot(&lc.latent)?;
-            let n = all.size()[1];
-            let fd = self.folded(&lc.folded, all.f_kind()?)?;
-            let (a, qkr, c) = fd.project(x, self.dims.n_head, self.rope_dim_or_0())?;
-            let (q_r, row) = match qkr {
-                Some(qkr) => {
-                    let (qr, kr) = self.split_rope(rope::apply_at(&qkr, pos, n, self.dims.rope_theta)?)?;
-                    (Some(qr.f_squeeze_dim(2)?), Tensor::f_cat(&[&c, &kr.f_to_kind(c.f_kind()?)?], 2)?)
-                }
-                None => (None, c),
-            };
-            let _ = all.f_index_copy_(1, pos, &row)?;
-            let mask = mask.f_narrow(3, 0, n)?;
-            let hs = self.dims.head_size();
-            return Ok(fd.attend(&a, q_r.as_ref(), &all, hs, Mask::Additive(&mask))?.0);
-        }
-        let f = self.fresh(x, ctx)?;
-        if let Some(c) = &f.c {
+        if self.spec.latent() {
             // Absorbed: write this token's cache row at `pos`, attend over all rows.
             let mut all = slot(&lc.latent)?;
             let n = all.size()[1];
-            let stored = f.z.as_ref().unwrap_or(c);
-            let (q_rot, row) = match &f.qkr {
-                Some(qkr) => {
-                    let (qr, kr) = self.split_rope(rope::apply_at(qkr, pos, n, self.dims.rope_theta)?)?;
-                    (Some(qr), Tensor::f_cat(&[stored, &kr.f_to_kind(stored.f_kind()?)?], 2)?)
-                }
-                None => (None, stored.shallow_clone()),
-            };
-            let _ = all.f_index_copy_(1, pos, &row)?;
-            let q_c = match &f.q {
-                Some(q) => q.shallow_clone(),
-                None => self.q_of_latent(c)?,
-            };
             let mask = mask.f_narrow(3, 0, n)?;
+            let at = At::Device(pos, n);
+            if self.foldable() {
+                // Folded weights (made by the eager warm-up, before any capture).
+                let fd = self.folded(&lc.folded, all.f_kind()?)?;
+                let (a, qkr, c) = fd.project(x, self.dims.n_head, self.rope_dim_or_0())?;
+                let (q_r, row) = self.cache_row(&c, qkr.as_ref(), at)?;
+                let _ = all.f_index_copy_(1, pos, &row)?;
+                let q_r = q_r.map(|q| q.f_squeeze_dim(2)).transpose()?;
+                let hs = self.dims.head_size();
+                return Ok(fd.attend(&a, q_r.as_ref(), &all, hs, Mask::Additive(&mask))?.0);
+            }
+            let f = self.fresh(x, ctx)?;
+            let c = f.c.as_ref().ok_or_else(|| te("no latent".into()))?;
+            let (q_rot, row) = self.cache_row(f.z.as_ref().unwrap_or(c), f.qkr.as_ref(), at)?;
+            let _ = all.f_index_copy_(1, pos, &row)?;
+            let q_c = self.content_query(f.q.as_ref(), c)?;
             let (y, _) = self.fold()?.attend(&q_c, q_rot.as_ref(), &all, Mask::Additive(&mask))?;
             let y = y.f_transpose(1, 2)?.f_contiguous()?.f_view([b, t, d])?;
             return self.c_proj.forward(&y);
         }
+        let f = self.fresh(x, ctx)?;
         let q = f.q.ok_or_else(|| te("no query".into()))?;
         let v = f.v.ok_or_else(|| te("no value".into()))?;
         let (query, key, value) = if self.spec.kv == KvSource::Tied && !lc.reciprocal {

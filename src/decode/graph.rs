@@ -217,8 +217,8 @@ fn decode_in(model: &Gpt2, cache: &mut Cache, first: &Tensor, o: &Options, captu
         .ok_or_else(|| anyhow!("generate: the static decode step needs a filled cache"))?;
     let cap = cache.capacity;
     // SDPA wants the mask's row stride a multiple of 16; absorbed latent
-    // slots hold `slot_tokens` rows, and the mask must cover them.
-    let rows = crate::attention::Attention::slot_tokens(model.spec(), cap).map_err(te)?;
+    // slots hold `cache_rows(cap)` rows, and the mask must cover them.
+    let rows = model.cache_rows(cap).map_err(te)?;
     let padded = (rows + 15) / 16 * 16;
     let m: Vec<f32> = (0..padded).map(|j| if j < t0 { 0.0 } else { f32::NEG_INFINITY }).collect();
     let mask = Tensor::f_from_slice(&m)
