@@ -143,6 +143,25 @@ fn check_prune(model: &Gpt2, p: &kvprune::Config) -> Result<()> {
     }
 }
 
+/// `tokens` as int64 ids on `dev`, refused unless they are integer ids in
+/// [0, vocab_size); errors start with `what`.
+pub(crate) fn token_ids(what: &str, model: &Gpt2, tokens: &Tensor, dev: Device) -> Result<Tensor> {
+    let kind = tokens.f_kind().map_err(te)?;
+    if !matches!(kind, Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8) {
+        bail!("{what}: tokens must be integer ids, got {}", crate::tensor::kind_name(kind));
+    }
+    let vocab = model.cfg().vocab_size;
+    let ids = tokens.f_to_device(dev).and_then(|p| p.f_to_kind(Kind::Int64)).map_err(te)?;
+    let (lo, hi) = tch::no_grad(|| -> Result<(i64, i64), tch::TchError> {
+        Ok((ids.f_min()?.f_int64_value(&[])?, ids.f_max()?.f_int64_value(&[])?))
+    })
+    .map_err(te)?;
+    if lo < 0 || hi >= vocab {
+        bail!("{what}: token ids must lie in [0, {vocab}), got ids from {lo} to {hi}");
+    }
+    Ok(ids)
+}
+
 /// Generate `o.max_new_tokens` tokens after `prompt` [B, T0] (int64 ids).
 pub fn generate(model: &Gpt2, prompt: &Tensor, o: &Options) -> Result<Generated> {
     let shape = prompt.size();
@@ -153,19 +172,9 @@ pub fn generate(model: &Gpt2, prompt: &Tensor, o: &Options) -> Result<Generated>
     if !(1..=MAX_NEW_TOKENS).contains(&o.max_new_tokens) {
         bail!("generate: max_new_tokens must be in 1..={MAX_NEW_TOKENS}, got {}", o.max_new_tokens);
     }
-    let kind = prompt.f_kind().map_err(te)?;
-    if !matches!(kind, Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8) {
-        bail!("generate: tokens must be integer ids, got {}", crate::tensor::kind_name(kind));
-    }
+    let dev = model.store().device();
+    let prompt = token_ids("generate", model, prompt, dev)?;
     let vocab = model.cfg().vocab_size;
-    let (lo, hi) = tch::no_grad(|| -> Result<(i64, i64), tch::TchError> {
-        let p = prompt.f_to_kind(Kind::Int64)?;
-        Ok((p.f_min()?.f_int64_value(&[])?, p.f_max()?.f_int64_value(&[])?))
-    })
-    .map_err(te)?;
-    if lo < 0 || hi >= vocab {
-        bail!("generate: token ids must lie in [0, {vocab}), got ids from {lo} to {hi}");
-    }
     if !(o.temperature >= 0.0 && o.temperature.is_finite()) {
         bail!("generate: temperature must be a finite number >= 0, got {}", o.temperature);
     }
@@ -191,10 +200,8 @@ pub fn generate(model: &Gpt2, prompt: &Tensor, o: &Options) -> Result<Generated>
     if let Some(s) = o.seed {
         tch::manual_seed(s);
     }
-    let dev = model.store().device();
     let amp = if dev.is_cuda() { o.amp } else { None };
     let _guard = tch::no_grad_guard();
-    let prompt = prompt.f_to_device(dev).and_then(|p| p.f_to_kind(Kind::Int64)).map_err(te)?;
     let mut out = vec![prompt.shallow_clone()];
     let mut kept = Vec::new();
     let plan = graph::plan(model, o, dev)?;
@@ -318,11 +325,6 @@ pub fn score_cached(
     if b < 1 || t < 2 {
         bail!("kv_prune_eval: tokens must be [B, T] with T >= 2, got {shape:?}");
     }
-    let kind = tokens.f_kind().map_err(te)?;
-    if !matches!(kind, Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8) {
-        bail!("kv_prune_eval: tokens must be integer ids, got {}", crate::tensor::kind_name(kind));
-    }
-    let vocab = model.cfg().vocab_size;
     let block = model.cfg().block_size;
     if t - 1 > block {
         bail!("kv_prune_eval: {t} tokens need a cache of {} > block_size {block}", t - 1);
@@ -335,12 +337,8 @@ pub fn score_cached(
     }
     let _guard = tch::no_grad_guard();
     let dev = model.store().device();
-    let x = tokens.f_to_device(dev).and_then(|p| p.f_to_kind(Kind::Int64)).map_err(te)?;
-    let lo = x.f_min().and_then(|v| v.f_int64_value(&[])).map_err(te)?;
-    let hi = x.f_max().and_then(|v| v.f_int64_value(&[])).map_err(te)?;
-    if lo < 0 || hi >= vocab {
-        bail!("kv_prune_eval: token ids must lie in [0, {vocab}), got ids from {lo} to {hi}");
-    }
+    let x = token_ids("kv_prune_eval", model, tokens, dev)?;
+    let vocab = model.cfg().vocab_size;
     let mut cache = model.new_cache(b, t - 1).map_err(te)?;
     if let Some(p) = prune {
         cache.set_prune(p);

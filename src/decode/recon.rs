@@ -140,15 +140,7 @@ pub fn fit(
         );
     }
     let dev = model.store().device();
-    let toks = tokens.f_to_device(dev).and_then(|x| x.f_to_kind(Kind::Int64)).map_err(te)?;
-    let vocab = model.cfg().vocab_size;
-    let (lo, hi) = tch::no_grad(|| -> Result<(i64, i64), TchError> {
-        Ok((toks.f_min()?.f_int64_value(&[])?, toks.f_max()?.f_int64_value(&[])?))
-    })
-    .map_err(te)?;
-    if lo < 0 || hi >= vocab {
-        bail!("kv_recon_fit: token ids must lie in [0, {vocab}), got ids from {lo} to {hi}");
-    }
+    let toks = super::token_ids("kv_recon_fit", model, tokens, dev)?;
     let recon = new_for(model, o.seed)?;
     let params = recon.params();
     for p in &params {
