@@ -219,7 +219,8 @@ pub struct FusedAdam {
 }
 
 /// ATen's `_fused_adamw_` / `_fused_adam_` over parallel lists. `steps` are
-/// float32 scalar tensors on the parameters' device, incremented by the kernel.
+/// float32 scalar tensors on the parameters' device, counting this step
+/// (the caller increments them before the call, as torch.optim does).
 pub fn fused_adam(
     params: &[&Tensor],
     grads: &[&Tensor],

@@ -113,6 +113,11 @@ fn errors_on(recon: &VRecon, acts: &Acts, masks: &[Tensor]) -> Result<(Vec<f64>,
     tch::no_grad(|| Ok((layer_errors(None, acts, masks)?.1, layer_errors(Some(recon), acts, masks)?.1)))
 }
 
+/// The entries `live` of `v`.
+fn pick<'a>(v: &[&'a Tensor], live: &[usize]) -> Vec<&'a Tensor> {
+    live.iter().map(|&i| v[i]).collect()
+}
+
 /// Fit a reconstructor for `model` under pruning `cfg` on held-out token
 /// rows `tokens` [N, T] (the model is not changed).
 pub fn fit(
@@ -149,7 +154,18 @@ pub fn fit(
     let zeros = |p: &&Tensor| p.f_zeros_like();
     let m: Vec<Tensor> = params.iter().map(zeros).collect::<Result<_, _>>().map_err(te)?;
     let s: Vec<Tensor> = params.iter().map(zeros).collect::<Result<_, _>>().map_err(te)?;
-    let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8);
+    // torch.optim.Adam's defaults, through the fused kernel `optim` uses;
+    // the step counter goes up before each call, as torch.optim does it.
+    let adam = crate::shim::FusedAdam {
+        lr: o.lr,
+        beta1: 0.9,
+        beta2: 0.999,
+        weight_decay: 0.0,
+        eps: 1e-8,
+        amsgrad: false,
+        decoupled: false,
+    };
+    let mut count = Tensor::f_zeros([], (Kind::Float, dev)).map_err(te)?;
     let mut report = FitReport::default();
     let batch = o.batch.min(n);
     let rows = |step: i64| -> Result<Tensor, TchError> {
@@ -172,25 +188,15 @@ pub fn fit(
         }
         report.losses.push(lv);
         loss.f_backward().map_err(te)?;
-        let k = (step + 1) as i32;
-        let (c1, c2) = (1.0 - b1.powi(k), 1.0 - b2.powi(k));
-        tch::no_grad(|| -> Result<(), TchError> {
-            for ((p, m), s) in params.iter().zip(&m).zip(&s) {
-                let g = p.f_grad()?;
-                if !g.defined() {
-                    continue;
-                }
-                let mut m = m.shallow_clone();
-                let mut s = s.shallow_clone();
-                let _ = m.f_mul_scalar_(b1)?.f_add_(&g.f_mul_scalar(1.0 - b1)?)?;
-                let _ = s.f_mul_scalar_(b2)?.f_add_(&g.f_square()?.f_mul_scalar(1.0 - b2)?)?;
-                let upd = m.f_div_scalar(c1)?.f_div(&s.f_div_scalar(c2)?.f_sqrt()?.f_add_scalar(eps)?)?;
-                let mut p = p.shallow_clone();
-                let _ = p.f_sub_(&upd.f_mul_scalar(o.lr)?)?;
-            }
-            Ok(())
-        })
-        .map_err(te)?;
+        let grads = params.iter().map(|p| p.f_grad()).collect::<Result<Vec<_>, _>>().map_err(te)?;
+        // Tensors without a gradient this step are left alone.
+        let live: Vec<usize> = (0..params.len()).filter(|&i| grads[i].defined()).collect();
+        let (g, mr, sr): (Vec<&Tensor>, Vec<&Tensor>, Vec<&Tensor>) =
+            (grads.iter().collect(), m.iter().collect(), s.iter().collect());
+        let _ = tch::no_grad(|| count.f_add_scalar_(1)).map_err(te)?;
+        let steps = vec![&count; live.len()];
+        let (p, g, mr, sr) = (pick(&params, &live), pick(&g, &live), pick(&mr, &live), pick(&sr, &live));
+        crate::shim::fused_adam(&p, &g, &mr, &sr, &[], &steps, adam).map_err(|e| anyhow!(e))?;
     }
     for p in &params {
         let _ = p.f_set_requires_grad(false).map_err(te)?;
