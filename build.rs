@@ -101,17 +101,22 @@ fn cuda_include(include: &std::path::Path) -> Option<PathBuf> {
 /// built without CUDA graph support.
 fn build_graph(include: &std::path::Path) {
     println!("cargo:rerun-if-changed=csrc/graph.cpp");
-    let mut b = torch_build(include, "csrc/graph.cpp");
-    match cuda_include(include) {
+    println!("cargo:rerun-if-changed=csrc/graph_none.cpp");
+    let b = match cuda_include(include) {
         Some(cu) => {
-            b.include(&cu).include(cu.join("cccl")).define("KNLP_CUDA_GRAPH", None);
+            let mut b = torch_build(include, "csrc/graph.cpp");
+            b.include(&cu).include(cu.join("cccl"));
             println!("cargo:rustc-link-lib=dylib=c10_cuda");
+            b
         }
-        None => println!(
-            "cargo:warning=CUDA headers not found under {}: knlp is built without CUDA graphs",
-            include.join("../../nvidia/cu13/include").display()
-        ),
-    }
+        None => {
+            println!(
+                "cargo:warning=CUDA headers not found under {}: knlp is built without CUDA graphs",
+                include.join("../../nvidia/cu13/include").display()
+            );
+            torch_build(include, "csrc/graph_none.cpp")
+        }
+    };
     b.compile("knlp_graph");
 }
 

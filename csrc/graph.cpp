@@ -2,21 +2,20 @@
 // Capture runs on a side stream from the pool (never the legacy default
 // stream) that a CUDAStreamGuard keeps current from enter_stream (warm-up)
 // until capture_end or exit_stream; replays run on the caller's stream.
-// Built with KNLP_CUDA_GRAPH only when the CUDA headers are found (build.rs);
-// otherwise every entry point but free reports that.
+// build.rs compiles this file when the CUDA headers are found, and
+// graph_none.cpp (the same entry points, reporting that) otherwise.
 // Every entry point catches C++ exceptions and reports them through an error
 // buffer, so a libtorch error never unwinds into Rust.
 #include <ATen/ATen.h>
-#include "guard.h"
-#ifdef KNLP_CUDA_GRAPH
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/core/StreamGuard.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
 #include <optional>
-#endif
 #include <stdexcept>
 #include <string>
+
+#include "guard.h"
 
 namespace {
 thread_local std::string graph_error;
@@ -26,7 +25,6 @@ int guarded(F&& f) {
   return knlp_shim::guarded(graph_error, std::forward<F>(f));
 }
 
-#ifdef KNLP_CUDA_GRAPH
 struct Graph {
   at::cuda::CUDAGraph graph;
   // Holds the side stream current between enter_stream and capture_end / exit_stream.
@@ -53,65 +51,39 @@ void leave(Graph* g) {
   g->guard->current_stream().synchronize();
   g->guard.reset();
 }
-#else
-struct Graph {};
-[[noreturn]] void unsupported() { throw std::runtime_error("knlp was built without CUDA graph support"); }
-#endif
 }  // namespace
 
 extern "C" {
 
 const char* knlp_graph_last_error() { return graph_error.c_str(); }
 
-int knlp_graph_supported() {
-#ifdef KNLP_CUDA_GRAPH
-  return 1;
-#else
-  return 0;
-#endif
-}
+int knlp_graph_supported() { return 1; }
 
 int knlp_graph_new(void** out) {
   return guarded([&] {
-#ifdef KNLP_CUDA_GRAPH
     *out = new Graph();
-#else
-    (void)out;
-    unsupported();
-#endif
   });
 }
 
 // Make a pool side stream current (warm-up runs there before capture).
 int knlp_graph_enter_stream(void* p) {
   return guarded([&] {
-#ifdef KNLP_CUDA_GRAPH
     enter(static_cast<Graph*>(p));
-#else
-    (void)p;
-    unsupported();
-#endif
   });
 }
 
 // Leave the side stream without capturing (after its work finished).
 int knlp_graph_exit_stream(void* p) {
   return guarded([&] {
-#ifdef KNLP_CUDA_GRAPH
     auto* g = static_cast<Graph*>(p);
     if (g->capturing) throw std::runtime_error("cuda graph: exit_stream during capture");
     leave(g);
-#else
-    (void)p;
-    unsupported();
-#endif
   });
 }
 
 // Start capturing on the side stream (entered here if it is not yet).
 int knlp_graph_capture_begin(void* p) {
   return guarded([&] {
-#ifdef KNLP_CUDA_GRAPH
     auto* g = static_cast<Graph*>(p);
     if (g->captured || g->capturing) throw std::runtime_error("cuda graph: already captured");
     enter(g);
@@ -119,10 +91,6 @@ int knlp_graph_capture_begin(void* p) {
     // Thread-local: CUDA calls of other threads (loaders, monitors) stay legal.
     g->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
     g->capturing = true;
-#else
-    (void)p;
-    unsupported();
-#endif
   });
 }
 
@@ -130,7 +98,6 @@ int knlp_graph_capture_begin(void* p) {
 // also when the capture failed.
 int knlp_graph_capture_end(void* p) {
   return guarded([&] {
-#ifdef KNLP_CUDA_GRAPH
     auto* g = static_cast<Graph*>(p);
     if (!g->capturing) throw std::runtime_error("cuda graph: capture_end without capture_begin");
     g->capturing = false;
@@ -142,52 +109,33 @@ int knlp_graph_capture_end(void* p) {
     }
     g->captured = true;
     leave(g);
-#else
-    (void)p;
-    unsupported();
-#endif
   });
 }
 
 // Launch the captured work on the current stream.
 int knlp_graph_replay(void* p) {
   return guarded([&] {
-#ifdef KNLP_CUDA_GRAPH
     auto* g = static_cast<Graph*>(p);
     if (!g->captured) throw std::runtime_error("cuda graph: replay before a completed capture");
     g->graph.replay();
-#else
-    (void)p;
-    unsupported();
-#endif
   });
 }
 
 // The current CUDA device (graphs capture and replay there).
 int knlp_graph_current_device(int* out) {
   return guarded([&] {
-#ifdef KNLP_CUDA_GRAPH
     *out = static_cast<int>(c10::cuda::current_device());
-#else
-    (void)out;
-    unsupported();
-#endif
   });
 }
 
 // Wait for the current CUDA stream of the current device.
 int knlp_graph_stream_sync() {
   return guarded([&] {
-#ifdef KNLP_CUDA_GRAPH
     c10::cuda::getCurrentCUDAStream().unwrap().synchronize();
-#else
-    unsupported();
-#endif
   });
 }
 
 void knlp_graph_free(void* p) {
-#ifdef KNLP_CUDA_GRAPH
   auto* g = static_cast<Graph*>(p);
   if (g == nullptr) return;
   try {
@@ -202,9 +150,6 @@ void knlp_graph_free(void* p) {
   } catch (...) {
   }
   delete g;
-#else
-  (void)p;
-#endif
 }
 
 }  // extern "C"
