@@ -12,10 +12,10 @@ use serde_json::{json, Map, Value};
 use tch::{Kind, Tensor};
 
 use super::recon::{self, FitOptions};
+use super::te;
 use crate::attention::kvprune::{self, Mode, Recon};
 use crate::decode::{self, Scored};
 use crate::models::gpt2::Gpt2;
-use crate::tensor::torch_error;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -129,10 +129,6 @@ impl KvEvalConfig {
             recon: None,
         }
     }
-}
-
-fn te(e: tch::TchError) -> anyhow::Error {
-    anyhow::anyhow!(torch_error(&e))
 }
 
 fn delta(s: &Scored, dense: &Scored) -> Result<(f64, f64)> {
