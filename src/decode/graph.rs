@@ -244,25 +244,19 @@ fn decode_in(model: &Gpt2, cache: &mut Cache, first: &Tensor, o: &Options, captu
         let t = Instant::now();
         let mut g = cudagraph::Graph::new().map_err(|e| anyhow!("generate: {e}"))?;
         g.enter_stream().map_err(|e| anyhow!("generate: {e}"))?;
-        for _ in 0..WARMUP {
-            let cur = st.run(model, cache).map_err(te);
-            let cur = match cur {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = g.exit_stream();
-                    return Err(e);
+        let mut warm_up = || -> Result<()> {
+            for _ in 0..WARMUP {
+                let cur = st.run(model, cache).map_err(te)?;
+                if o.keep_logits {
+                    kept.push(keep(&cur)?);
                 }
-            };
-            if o.keep_logits {
-                match keep(&cur) {
-                    Ok(k) => kept.push(k),
-                    Err(e) => {
-                        let _ = g.exit_stream();
-                        return Err(e);
-                    }
-                }
+                done += 1;
             }
-            done += 1;
+            Ok(())
+        };
+        if let Err(e) = warm_up() {
+            let _ = g.exit_stream();
+            return Err(e);
         }
         match g.capture(|| st.run(model, cache).map_err(|e| crate::tensor::torch_error(&e))) {
             Ok(cur) => graph = Some((g, cur)),
