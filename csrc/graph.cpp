@@ -128,6 +128,15 @@ int knlp_graph_current_device(int* out) {
   });
 }
 
+// The current CUDA stream of `device` (a cudaStream_t, which is a driver
+// CUstream): the run-time compiled kernels (src/kernels) launch on it, so
+// they are ordered with libtorch's work and captured into graphs.
+int knlp_graph_current_stream(int device, void** out) {
+  return guarded([&] {
+    *out = static_cast<void*>(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)).stream());
+  });
+}
+
 // Wait for the current CUDA stream of the current device.
 int knlp_graph_stream_sync() {
   return guarded([&] {

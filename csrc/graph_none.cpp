@@ -19,6 +19,7 @@ int knlp_graph_capture_end(void*) { return 1; }
 int knlp_graph_replay(void*) { return 1; }
 int knlp_graph_current_device(int*) { return 1; }
 int knlp_graph_stream_sync() { return 1; }
+int knlp_graph_current_stream(int, void**) { return 1; }
 void knlp_graph_free(void*) {}
 
 }  // extern "C"

@@ -22,6 +22,7 @@ extern "C" {
     fn knlp_graph_replay(g: *mut c_void) -> c_int;
     fn knlp_graph_stream_sync() -> c_int;
     fn knlp_graph_current_device(out: *mut c_int) -> c_int;
+    fn knlp_graph_current_stream(device: c_int, out: *mut *mut c_void) -> c_int;
     fn knlp_graph_free(g: *mut c_void);
 }
 
@@ -47,6 +48,14 @@ pub fn current_device() -> Result<usize, String> {
     // SAFETY: `d` outlives the call, which writes one int.
     check(unsafe { knlp_graph_current_device(&mut d) })?;
     Ok(d.max(0) as usize)
+}
+
+/// libtorch's current CUDA stream on `device` (a `cudaStream_t`).
+pub fn current_stream(device: usize) -> Result<*mut c_void, String> {
+    let mut s = std::ptr::null_mut();
+    // SAFETY: `s` outlives the call, which writes one pointer.
+    check(unsafe { knlp_graph_current_stream(device as c_int, &mut s) })?;
+    Ok(s)
 }
 
 /// Wait for the current CUDA stream of the current device.

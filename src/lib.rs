@@ -17,6 +17,7 @@ pub mod hyperparams;
 pub mod inference;
 pub mod interrupt;
 pub mod jupyter;
+pub mod kernels;
 pub mod layers;
 pub mod loss;
 pub mod matrix;
