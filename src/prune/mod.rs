@@ -405,6 +405,79 @@ impl Pruner {
         keep.f_logical_or(&keep_ties).map_err(te)
     }
 
+    /// The CUDA expression that scores this configuration straight from
+    /// the float32 weights and moments, if the fused kernel can: a scorer
+    /// with an exact CUDA form, no tracker factor, no structural weight, no
+    /// float16 rounding, and every moment it reads present.
+    fn direct_expr(&self, store: &ParamStore, opt: Option<&crate::optim::Optimizer>) -> Option<String> {
+        let name = self.cfg.scorer()?;
+        if self.tracker.is_some() || self.cfg.score_dtype == "fp16" || score::is_structural(name) {
+            return None;
+        }
+        let needs = score::lookup(name)?.1;
+        for &(gi, _) in &self.ranges {
+            if store.groups()[gi].data.kind() != Kind::Float {
+                return None;
+            }
+            if needs != score::Needs::Weight {
+                let (m, v) = opt?.moments(gi)?;
+                if m.kind() != Kind::Float || v.kind() != Kind::Float {
+                    return None;
+                }
+            }
+        }
+        score::cuda_expr(name, score::EPS)
+    }
+
+    /// Exact masks through `kernels::prune`: scored by `direct` from the
+    /// weights and moments, or from ready `scores`. Written into new masks
+    /// first, so a failure leaves the old ones intact for the libtorch path.
+    fn fused_masks(
+        &mut self,
+        store: &ParamStore,
+        opt: Option<&crate::optim::Optimizer>,
+        direct: Option<&str>,
+        scores: Option<&[Tensor]>,
+        k: i64,
+    ) -> Result<()> {
+        use crate::kernels::prune::{keep_masks, Part};
+        let keep_dead = !self.cfg.regrow && self.updates > 0;
+        let mut views = Vec::new();
+        for (ri, &(gi, len)) in self.ranges.iter().enumerate() {
+            let (w, m, v) = match (direct, scores) {
+                (Some(_), _) => {
+                    let w = store.groups()[gi].data.f_narrow(0, 0, len).map_err(te)?;
+                    let mv = opt.and_then(|o| o.moments(gi));
+                    let m = mv.map(|(m, _)| m.f_narrow(0, 0, len)).transpose().map_err(te)?;
+                    let v = mv.map(|(_, v)| v.f_narrow(0, 0, len)).transpose().map_err(te)?;
+                    (w, m, v)
+                }
+                (None, Some(sc)) => (sc[ri].f_contiguous().map_err(te)?, None, None),
+                (None, None) => bail!("internal: neither a scorer nor scores"),
+            };
+            views.push((w, m, v));
+        }
+        let parts: Vec<Part> = views
+            .iter()
+            .enumerate()
+            .map(|(ri, (w, m, v))| Part {
+                w,
+                m: m.as_ref(),
+                v: v.as_ref(),
+                // Ready scores already rank pruned weights at -inf.
+                live: (keep_dead && direct.is_some()).then(|| &self.masks[ri]),
+            })
+            .collect();
+        let mut keep =
+            self.masks.iter().map(|m| m.f_empty_like()).collect::<Result<Vec<_>, _>>().map_err(te)?;
+        keep_masks(direct.unwrap_or("w"), &parts, &mut keep, k)?;
+        drop(parts);
+        for (m, new) in self.masks.iter_mut().zip(&keep) {
+            m.f_copy_(new).map_err(te)?;
+        }
+        Ok(())
+    }
+
     /// Recompute the masks for sparsity `s` (from scratch, as the seed does).
     pub fn update_masks(
         &mut self,
@@ -425,7 +498,32 @@ impl Pruner {
                 return Ok(());
             }
         }
-        let scores = self.scores(store, opt, custom)?;
+        // One global exact threshold on a GPU: the fused kernels score (when
+        // they know the scorer), select and write the masks.
+        let k = (s * self.numel() as f64).floor() as i64;
+        let fused = !self.cfg.layer_adaptive()
+            && self.cfg.sample_fraction == 0.0
+            && k > 0
+            && self.masks.iter().all(|m| crate::kernels::usable(m.device()));
+        let direct = if fused && custom.is_none() { self.direct_expr(store, opt) } else { None };
+        let scores = match direct {
+            Some(_) => None,
+            None => Some(self.scores(store, opt, custom)?),
+        };
+        if fused {
+            match self.fused_masks(store, opt, direct.as_deref(), scores.as_deref(), k) {
+                Ok(()) => {
+                    self.updates += 1;
+                    self.target_now = s;
+                    return Ok(());
+                }
+                Err(e) => crate::kernels::disable(&e),
+            }
+        }
+        let scores = match scores {
+            Some(sc) => sc,
+            None => self.scores(store, opt, None)?,
+        };
         if self.cfg.layer_adaptive() {
             let layers = self.members.len().max(1);
             for mem in &self.members {

@@ -129,6 +129,25 @@ pub fn score(
     s.f_to_kind(Kind::Float)
 }
 
+/// (name, CUDA expression in `w`, `m`, `v` and `EPS`): the scorers the fused
+/// mask update (`kernels::prune`) evaluates itself, written to round
+/// exactly as the libtorch ops above do in float32 (each op rounds once,
+/// no fused multiply-add, ε rounded to float32 first). The others are
+/// computed by libtorch and handed to the fused selection as ready scores.
+const CUDA: &[(&str, &str)] = &[
+    ("magnitude", "fabsf(w)"),
+    ("bitter1", "fabsf(w)"),
+    ("bitter2", "fabsf(w)"),
+    ("bitter3", "__fmul_rn(fabsf(w), sqrtf(__fadd_rn(fabsf(m), EPS)))"),
+    ("bitter7", "__fmul_rn(powf(__fadd_rn(fabsf(v), EPS), 0.25f), fabsf(w))"),
+];
+
+/// The CUDA expression of scorer `name` at ε = `eps` (float32 evaluation).
+pub fn cuda_expr(name: &str, eps: f64) -> Option<String> {
+    let e = CUDA.iter().find(|(n, _)| *n == name)?.1;
+    Some(e.replace("EPS", &format!("{:e}f", eps as f32)))
+}
+
 /// RATIO structural weight of a GPT-2 tensor for bitter8/bitter9: attention
 /// 2.5, MLP 1.0, coupling 3.0, anything else 1.0 (DECISIONS.md). Vanilla
 /// GPT-2 has no coupling tensors; names containing `coupling` or R-MLP's

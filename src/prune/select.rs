@@ -47,8 +47,26 @@ fn find_bin(counts: &Tensor, k: i64) -> Result<(i64, i64)> {
     bail!("k = {k} exceeds the {seen} elements")
 }
 
-/// The k-th smallest value (1-based) of a float tensor (any shape).
+/// The k-th smallest value (1-based) of a float tensor (any shape). On a
+/// CUDA device with NVRTC, the fused kernels of `kernels::prune` (one
+/// histogram kernel per pass, no intermediate tensors); elsewhere, or if
+/// they fail, libtorch ops.
 pub fn kth_smallest(x: &Tensor, k: i64) -> Result<f64> {
+    let n = x.numel() as i64;
+    if k < 1 || k > n {
+        bail!("kth_smallest: k = {k} is outside 1..={n}");
+    }
+    if crate::kernels::usable(x.device()) {
+        match crate::kernels::prune::kth_smallest(x, k) {
+            Ok(v) => return Ok(v),
+            Err(e) => crate::kernels::disable(&e),
+        }
+    }
+    kth_smallest_torch(x, k)
+}
+
+/// [`kth_smallest`] with libtorch ops only (the fused kernels' reference).
+pub fn kth_smallest_torch(x: &Tensor, k: i64) -> Result<f64> {
     let n = x.numel() as i64;
     if k < 1 || k > n {
         bail!("kth_smallest: k = {k} is outside 1..={n}");

@@ -52,6 +52,13 @@ fn scorers_match_hand_computed_values() {
 }
 
 #[test]
+fn scorer_cuda_expressions_carry_float_eps() {
+    let e = score::cuda_expr("bitter7", 1e-8).unwrap();
+    assert!(e.contains("1e-8f") && !e.contains("EPS"), "{e}");
+    assert!(score::cuda_expr("bitter0", 1e-8).is_none());
+}
+
+#[test]
 fn scorers_fall_back_to_magnitude_without_moments() {
     let w = t(&[0.5, -2.0, 3.0]);
     for name in score::names() {

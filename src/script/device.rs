@@ -30,6 +30,31 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     );
     api.f("tf32", "", "Whether TF32 is allowed for fp32 matmuls.", || shim::tf32().rt());
     api.f(
+        "set_fused_kernels",
+        "on",
+        "Use knlp's run-time compiled (NVRTC) GPU kernels where it has them, such as the exact pruning mask update (on by default; `KNLP_FUSED_KERNELS=0` starts with them off). Off: libtorch ops only.",
+        crate::kernels::set_enabled,
+    );
+    api.f(
+        "fused_kernels",
+        "",
+        "The fused GPU kernels' state: `#{ enabled, available, runtime }` (available: CUDA device 0 can run them; runtime: NVRTC's version and path, or why it is missing).",
+        || -> Map {
+            let dev = tch::Device::Cuda(0);
+            let avail = tch::Cuda::is_available() && crate::kernels::available(dev).is_ok();
+            let runtime = if tch::Cuda::is_available() {
+                crate::kernels::describe()
+            } else {
+                "no CUDA device".to_string()
+            };
+            map_of(vec![
+                ("enabled", Dynamic::from_bool(crate::kernels::enabled())),
+                ("available", Dynamic::from_bool(avail)),
+                ("runtime", Dynamic::from(runtime)),
+            ])
+        },
+    );
+    api.f(
         "set_deterministic",
         "on",
         "torch.use_deterministic_algorithms(on), plus deterministic cuDNN.",
