@@ -66,36 +66,79 @@ pub fn linear_cross_entropy(
             None => None,
         };
         let mut loss = Tensor::f_zeros([], (fk, h.device()))?;
+        // bf16 logits on a GPU: one fused kernel per chunk (kernels::xent),
+        // once the targets are known to index the vocabulary (the kernel
+        // does not bounds-check them).
+        let v = w.size()[0];
+        let mut fused = mk == Kind::BFloat16 && v % 2 == 0 && crate::kernels::usable(h.device());
+        if fused && n > 0 {
+            let top = y.f_max()?.f_int64_value(&[])?;
+            if top >= v {
+                return Err(tch::TchError::Shape(format!(
+                    "linear_cross_entropy: target id {top} is outside the vocabulary of {v}"
+                )));
+            }
+        }
         let chunk = chunk.max(1);
         let mut start = 0;
         while start < n {
             let len = chunk.min(n - start);
             let hr = hk.f_narrow(0, start, len)?;
-            let mut logits = hr.f_matmul(&wk.f_transpose(0, 1)?)?;
-            if let Some(b) = b {
-                logits = logits.f_add(&b.f_to_kind(mk)?)?;
-            }
-            // Four passes over the chunk's logits: to fp32, log-softmax,
-            // exp (the softmax), back to the matmul dtype. The row weights
-            // (1/n, 0 for ignored targets) go on the small operands instead.
-            let z = logits.f_to_kind(fk)?;
-            drop(logits);
-            let mut z = z.f_log_softmax(-1, fk)?;
-            let yr = y_safe.f_narrow(0, start, len)?;
+            let logits_of = || -> Result<Tensor, tch::TchError> {
+                let logits = hr.f_matmul(&wk.f_transpose(0, 1)?)?;
+                match b {
+                    Some(b) => logits.f_add(&b.f_to_kind(mk)?),
+                    None => Ok(logits),
+                }
+            };
             let wr = weight.f_narrow(0, start, len)?;
-            let picked = z.f_gather(1, &yr, false)?;
-            loss = loss.f_sub(&picked.f_mul(&wr)?.f_sum(fk)?)?;
-            let _ = z.f_exp_()?;
-            // softmax − onehot: the gradient of each row's cross-entropy.
-            let _ = z.f_scatter_add_(1, &yr, &Tensor::f_full([len, 1], -1.0, (fk, z.device()))?)?;
-            let g = z.f_to_kind(mk)?;
-            drop(z);
-            let wrk = wr.f_to_kind(mk)?;
-            if let Some(gb) = gb.as_mut() {
-                *gb = gb.f_add(&wrk.f_transpose(0, 1)?.f_matmul(&g)?.f_squeeze_dim(0)?.f_to_kind(fk)?)?;
+            // The gradient rows and, when they are not weighted yet, their weights.
+            let mut weighted = None;
+            if fused {
+                let mut logits = logits_of()?;
+                let yr = y.f_narrow(0, start, len)?;
+                let wr1 = wr.f_squeeze_dim(1)?;
+                match crate::kernels::xent::xent_(&mut logits, &yr, &wr1) {
+                    Ok(rows) => {
+                        loss = loss.f_add(&rows.f_sum(fk)?)?;
+                        weighted = Some(logits);
+                    }
+                    Err(e) => {
+                        crate::kernels::disable(&e);
+                        fused = false;
+                    }
+                }
             }
-            gh.f_narrow(0, start, len)?.f_copy_(&g.f_matmul(&wk)?.f_mul(&wrk)?)?;
-            gw = gw.f_add(&g.f_transpose(0, 1)?.f_matmul(&hr.f_mul(&wrk)?)?.f_to_kind(fk)?)?;
+            let (g, wrk) = match weighted {
+                Some(g) => (g, None),
+                None => {
+                    // Four passes over the chunk's logits: to fp32, log-softmax,
+                    // exp (the softmax), back to the matmul dtype. The row weights
+                    // (1/n, 0 for ignored targets) go on the small operands instead.
+                    let z = logits_of()?.f_to_kind(fk)?;
+                    let mut z = z.f_log_softmax(-1, fk)?;
+                    let yr = y_safe.f_narrow(0, start, len)?;
+                    let picked = z.f_gather(1, &yr, false)?;
+                    loss = loss.f_sub(&picked.f_mul(&wr)?.f_sum(fk)?)?;
+                    let _ = z.f_exp_()?;
+                    // softmax − onehot: the gradient of each row's cross-entropy.
+                    let _ = z.f_scatter_add_(1, &yr, &Tensor::f_full([len, 1], -1.0, (fk, z.device()))?)?;
+                    (z.f_to_kind(mk)?, Some(wr.f_to_kind(mk)?))
+                }
+            };
+            if let Some(gb) = gb.as_mut() {
+                let db = match &wrk {
+                    Some(wrk) => wrk.f_transpose(0, 1)?.f_matmul(&g)?.f_squeeze_dim(0)?,
+                    None => g.f_sum_dim_intlist([0i64].as_slice(), false, fk)?,
+                };
+                *gb = gb.f_add(&db.f_to_kind(fk)?)?;
+            }
+            let (dh, hw) = match &wrk {
+                Some(wrk) => (g.f_matmul(&wk)?.f_mul(wrk)?, hr.f_mul(wrk)?),
+                None => (g.f_matmul(&wk)?, hr.shallow_clone()),
+            };
+            gh.f_narrow(0, start, len)?.f_copy_(&dh)?;
+            gw = gw.f_add(&g.f_transpose(0, 1)?.f_matmul(&hw)?.f_to_kind(fk)?)?;
             start += len;
         }
         Ok((loss, gh, gw, gb))
