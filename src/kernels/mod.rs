@@ -12,7 +12,7 @@ pub mod xent;
 
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, Once, OnceLock};
 
 use anyhow::{anyhow, bail, Result};
@@ -31,6 +31,7 @@ struct Fns {
     cu_primary_ctx: unsafe extern "C" fn(*mut *mut c_void, c_int) -> CuResult,
     cu_ctx_push: unsafe extern "C" fn(*mut c_void) -> CuResult,
     cu_ctx_pop: unsafe extern "C" fn(*mut *mut c_void) -> CuResult,
+    cu_ctx_current: unsafe extern "C" fn(*mut *mut c_void) -> CuResult,
     cu_module_load: unsafe extern "C" fn(*mut *mut c_void, *const c_void) -> CuResult,
     cu_module_fn: unsafe extern "C" fn(*mut *mut c_void, *mut c_void, *const c_char) -> CuResult,
     #[allow(clippy::type_complexity)]
@@ -74,6 +75,8 @@ struct Fns {
 struct Rtc {
     f: Fns,
     nvrtc_path: String,
+    /// Per device: its primary context (retained once) and SM count.
+    devices: Mutex<HashMap<c_int, (usize, i64)>>,
 }
 
 // SAFETY: the function pointers are plain C entry points, callable from any
@@ -94,13 +97,14 @@ unsafe impl Send for Kernel {}
 
 struct Cache {
     /// (device, source, entry) -> function.
-    funcs: HashMap<(c_int, u64, String), Kernel>,
+    funcs: HashMap<(c_int, String, String), Kernel>,
     /// (device, source) -> CUmodule, kept loaded for the process's life.
-    modules: HashMap<(c_int, u64), usize>,
+    modules: HashMap<(c_int, String), usize>,
 }
 
 static RTC: OnceLock<std::result::Result<Rtc, String>> = OnceLock::new();
 static ENABLED: AtomicBool = AtomicBool::new(true);
+static LAUNCHES: AtomicU64 = AtomicU64::new(0);
 static WARNED: Once = Once::new();
 static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
 
@@ -242,6 +246,7 @@ fn load() -> std::result::Result<Rtc, String> {
             cu_primary_ctx: std::mem::transmute(sym(cuda, d, c"cuDevicePrimaryCtxRetain")?),
             cu_ctx_push: std::mem::transmute(sym(cuda, d, c"cuCtxPushCurrent_v2")?),
             cu_ctx_pop: std::mem::transmute(sym(cuda, d, c"cuCtxPopCurrent_v2")?),
+            cu_ctx_current: std::mem::transmute(sym(cuda, d, c"cuCtxGetCurrent")?),
             cu_module_load: std::mem::transmute(sym(cuda, d, c"cuModuleLoadData")?),
             cu_module_fn: std::mem::transmute(sym(cuda, d, c"cuModuleGetFunction")?),
             cu_launch: std::mem::transmute(sym(cuda, d, c"cuLaunchKernel")?),
@@ -264,7 +269,7 @@ fn load() -> std::result::Result<Rtc, String> {
         if r != 0 {
             return Err(format!("cuInit failed (CUDA error {r})"));
         }
-        Ok(Rtc { f, nvrtc_path })
+        Ok(Rtc { f, nvrtc_path, devices: Mutex::new(HashMap::new()) })
     }
 }
 
@@ -294,23 +299,47 @@ impl Rtc {
         bail!("{what}: {msg}")
     }
 
-    /// Run `f` with `device`'s primary context (the one libtorch's runtime
-    /// uses) current, restoring the caller's afterwards.
-    fn with_ctx<T>(&self, device: c_int, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let mut dev = 0;
-        let mut ctx = std::ptr::null_mut();
-        // SAFETY: out-pointers to locals; the context is retained once per
-        // call and stays alive with libtorch's own retain.
+    /// `device`'s primary context (the one libtorch's runtime uses,
+    /// retained once per process) and its number of SMs.
+    fn device(&self, device: c_int) -> Result<(*mut c_void, i64)> {
+        let mut known = self.devices.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(&(ctx, sms)) = known.get(&device) {
+            return Ok((ctx as *mut c_void, sms));
+        }
+        let (mut dev, mut ctx, mut sms) = (0, std::ptr::null_mut(), 0);
+        // SAFETY: out-pointers to locals; 16 is CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT.
         unsafe {
             self.cu((self.f.cu_device_get)(&mut dev, device), "cuDeviceGet")?;
             self.cu((self.f.cu_primary_ctx)(&mut ctx, dev), "cuDevicePrimaryCtxRetain")?;
-            self.cu((self.f.cu_ctx_push)(ctx), "cuCtxPushCurrent")?;
+            self.cu((self.f.cu_device_attr)(&mut sms, 16, dev), "cuDeviceGetAttribute")?;
         }
-        let out = f();
-        let mut old = std::ptr::null_mut();
-        // SAFETY: pops the context pushed above.
-        unsafe { (self.f.cu_ctx_pop)(&mut old) };
-        out
+        known.insert(device, (ctx as usize, sms as i64));
+        Ok((ctx, sms as i64))
+    }
+
+    /// Run `f` with `device`'s primary context current: as it is already
+    /// on a thread where libtorch ran CUDA work on that device, else pushed
+    /// for the call and popped after it (also when `f` panics).
+    fn with_ctx<T>(&self, device: c_int, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let (ctx, _) = self.device(device)?;
+        let mut cur = std::ptr::null_mut();
+        // SAFETY: an out-pointer to a local.
+        unsafe { (self.f.cu_ctx_current)(&mut cur) };
+        if cur == ctx {
+            return f();
+        }
+        struct Pop<'a>(&'a Rtc);
+        impl Drop for Pop<'_> {
+            fn drop(&mut self) {
+                let mut old = std::ptr::null_mut();
+                // SAFETY: pops the context pushed below, once.
+                unsafe { (self.0.f.cu_ctx_pop)(&mut old) };
+            }
+        }
+        // SAFETY: a context retained for the process's life.
+        self.cu(unsafe { (self.f.cu_ctx_push)(ctx) }, "cuCtxPushCurrent")?;
+        let _pop = Pop(self);
+        f()
     }
 
     /// The compute capability of `device` as `major * 10 + minor`.
@@ -397,50 +426,48 @@ impl Rtc {
     }
 }
 
-fn hash(s: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    s.hash(&mut h);
-    h.finish()
-}
-
 /// The kernel `entry` (an `extern "C" __global__` function) of `src`,
 /// compiled for `device` on first use and cached.
 pub fn kernel(device: Device, name: &str, src: &str, entry: &str) -> Result<Kernel> {
     let Device::Cuda(d) = device else { bail!("kernel {name}: {device:?} is not a CUDA device") };
     let d = d as c_int;
     let r = rtc()?;
-    let key = hash(src);
     let mut guard = CACHE.lock().unwrap_or_else(|e| e.into_inner());
     let cache = guard.get_or_insert_with(|| Cache { funcs: HashMap::new(), modules: HashMap::new() });
-    if let Some(k) = cache.funcs.get(&(d, key, entry.to_string())) {
+    let fkey = (d, src.to_string(), entry.to_string());
+    if let Some(k) = cache.funcs.get(&fkey) {
         return Ok(*k);
     }
-    let module = match cache.modules.get(&(d, key)) {
-        Some(m) => *m as *mut c_void,
-        None => {
-            let image = r.compile(name, src, r.capability(d)?)?;
-            let mut m = std::ptr::null_mut();
-            r.with_ctx(d, || {
+    let image = match cache.modules.get(&(d, src.to_string())) {
+        Some(_) => None,
+        None => Some(r.compile(name, src, r.capability(d)?)?),
+    };
+    let cname = CString::new(entry).map_err(|_| anyhow!("bad kernel name {entry}"))?;
+    let (module, func) = r.with_ctx(d, || {
+        let module = match (&image, cache.modules.get(&(d, src.to_string()))) {
+            (_, Some(m)) => *m as *mut c_void,
+            (Some(image), None) => {
+                let mut m = std::ptr::null_mut();
                 // SAFETY: `image` is a complete cubin or NUL-terminated PTX.
                 r.cu(
                     unsafe { (r.f.cu_module_load)(&mut m, image.as_ptr() as *const c_void) },
                     "cuModuleLoadData",
-                )
-            })?;
-            cache.modules.insert((d, key), m as usize);
-            m
-        }
-    };
-    let cname = CString::new(entry).map_err(|_| anyhow!("bad kernel name {entry}"))?;
-    let mut func = std::ptr::null_mut();
-    // SAFETY: `module` is loaded; the name is NUL-terminated.
-    r.cu(
-        unsafe { (r.f.cu_module_fn)(&mut func, module, cname.as_ptr()) },
-        &format!("kernel {name}: {entry}"),
-    )?;
+                )?;
+                m
+            }
+            (None, None) => bail!("internal: kernel {name} neither cached nor compiled"),
+        };
+        let mut func = std::ptr::null_mut();
+        // SAFETY: `module` is loaded; the name is NUL-terminated.
+        r.cu(
+            unsafe { (r.f.cu_module_fn)(&mut func, module, cname.as_ptr()) },
+            &format!("kernel {name}: {entry}"),
+        )?;
+        Ok((module, func))
+    })?;
+    cache.modules.insert((d, src.to_string()), module as usize);
     let k = Kernel { func, device: d };
-    cache.funcs.insert((d, key, entry.to_string()), k);
+    cache.funcs.insert(fkey, k);
     Ok(k)
 }
 
@@ -466,15 +493,19 @@ impl Arg {
         }
     }
 
-    /// The data pointer of `t` (at element `offset`), checking it lives on
-    /// the kernel's device and is contiguous.
+    /// The data pointer of `t` at element `offset` (at most its length),
+    /// checking that `t` is contiguous. Callers check devices
+    /// ([`same_device`]).
     pub fn tensor(t: &Tensor, offset: i64) -> Result<Arg> {
         if !t.is_contiguous() {
             bail!("kernel argument is not contiguous");
         }
+        if offset < 0 || offset > t.numel() as i64 {
+            bail!("kernel argument offset {offset} outside a tensor of {}", t.numel());
+        }
         let size = t.kind().elt_size_in_bytes() as i64;
-        // SAFETY: only the address is computed; the kernel's bounds are the caller's.
-        Ok(Arg::Ptr(unsafe { (t.data_ptr() as *mut u8).offset((offset * size) as isize) } as *mut c_void))
+        // A device address: plain integer arithmetic, never dereferenced here.
+        Ok(Arg::Ptr((t.data_ptr() as usize).wrapping_add((offset * size) as usize) as *mut c_void))
     }
 
     /// A null pointer (an optional input the kernel checks).
@@ -485,10 +516,16 @@ impl Arg {
 
 /// Launch `k` on libtorch's current stream of its device (asynchronously).
 pub fn launch(k: Kernel, grid: u32, block: u32, shared: u32, args: &[Arg]) -> Result<()> {
-    if grid == 0 {
+    launch_grid(k, [grid, 1, 1], block, shared, args)
+}
+
+/// [`launch`] over a 3-D grid.
+pub fn launch_grid(k: Kernel, grid: [u32; 3], block: u32, shared: u32, args: &[Arg]) -> Result<()> {
+    if grid.contains(&0) {
         return Ok(());
     }
     let r = rtc()?;
+    LAUNCHES.fetch_add(1, Ordering::Relaxed);
     let stream = crate::cudagraph::current_stream(k.device as usize).map_err(|e| anyhow!(e))?;
     let mut slots: Vec<u64> = args.iter().map(|a| a.slot()).collect();
     let mut ptrs: Vec<*mut c_void> = slots.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
@@ -499,9 +536,9 @@ pub fn launch(k: Kernel, grid: u32, block: u32, shared: u32, args: &[Arg]) -> Re
             unsafe {
                 (r.f.cu_launch)(
                     k.func,
-                    grid,
-                    1,
-                    1,
+                    grid[0],
+                    grid[1],
+                    grid[2],
                     block,
                     1,
                     1,
@@ -516,11 +553,19 @@ pub fn launch(k: Kernel, grid: u32, block: u32, shared: u32, args: &[Arg]) -> Re
     })
 }
 
-/// Blocks for a grid-stride kernel over `n` elements: enough to fill the
-/// device several times over, never more than the elements need.
-pub fn grid_for(n: i64, block: u32) -> u32 {
+/// Kernel launches so far in this process (tests check that a fused path
+/// ran rather than fell back).
+pub fn launches() -> u64 {
+    LAUNCHES.load(Ordering::Relaxed)
+}
+
+/// Blocks for a grid-stride kernel over `n` elements on `device`: eight
+/// per SM, never more than the elements need.
+pub fn grid_for(device: Device, n: i64, block: u32) -> Result<u32> {
+    let Device::Cuda(d) = device else { bail!("{device:?} is not a CUDA device") };
+    let (_, sms) = rtc()?.device(d as c_int)?;
     let need = (n.max(0) as u64).div_ceil(block as u64);
-    need.clamp(1, 132 * 8) as u32
+    Ok(need.clamp(1, (sms.max(1) * 8) as u64) as u32)
 }
 
 /// Tensors passed to kernels must be on the kernel's device.

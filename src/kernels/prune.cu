@@ -28,10 +28,11 @@ __device__ __forceinline__ u32 key_of(float s) {
 
 // Count `bin` once per group of lanes that share it: many scores crowd into
 // a few bins, and one shared-memory atomic per group instead of per lane
-// keeps those bins from serialising.
+// keeps those bins from serialising. Every lane of the warp calls it (loops
+// run warp-uniform); lanes with nothing to count pass bin = BINS.
 __device__ __forceinline__ void count(u32* h, u32 bin) {
-  u32 peers = __match_any_sync(__activemask(), bin);
-  if ((threadIdx.x & 31) == (u32)(__ffs(peers) - 1)) atomicAdd(&h[bin], (u32)__popc(peers));
+  const u32 peers = __match_any_sync(0xffffffffu, bin);
+  if (bin < BINS && (threadIdx.x & 31) == (u32)(__ffs(peers) - 1)) atomicAdd(&h[bin], (u32)__popc(peers));
 }
 
 __device__ __forceinline__ void flush(u32* h, u32* hist, int bins) {
@@ -48,13 +49,19 @@ extern "C" __global__ void score_keys(const float* __restrict__ w, const float* 
   __shared__ u32 h[BINS];
   for (int i = threadIdx.x; i < BINS; i += blockDim.x) h[i] = 0;
   __syncthreads();
+  // The loop bound is the warp's first index, so all lanes iterate alike.
   const i64 stride = (i64)gridDim.x * blockDim.x;
-  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-    float s = SCORE(w[i], m[i], v[i]);
-    if (live != nullptr && live[i] == 0) s = __int_as_float(0xff800000);  // -inf
-    u32 k = key_of(s);
-    keys[i] = k;
-    count(h, k >> 21);
+  for (i64 w0 = (i64)blockIdx.x * blockDim.x + (threadIdx.x & ~31); w0 < n; w0 += stride) {
+    const i64 i = w0 + (threadIdx.x & 31);
+    u32 bin = BINS;
+    if (i < n) {
+      float s = SCORE(w[i], m[i], v[i]);
+      if (live != nullptr && live[i] == 0) s = __int_as_float(0xff800000);  // -inf
+      const u32 k = key_of(s);
+      keys[i] = k;
+      bin = k >> 21;
+    }
+    count(h, bin);
   }
   flush(h, hist, BINS);
 }
@@ -70,9 +77,14 @@ extern "C" __global__ void radix_pass(const u32* __restrict__ keys, i64 n, const
   const int above = shift + bits;
   const u32 digit = (1u << bits) - 1u;
   const i64 stride = (i64)gridDim.x * blockDim.x;
-  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-    u32 k = keys[i];
-    if ((k >> above) == prefix) count(h, (k >> shift) & digit);
+  for (i64 w0 = (i64)blockIdx.x * blockDim.x + (threadIdx.x & ~31); w0 < n; w0 += stride) {
+    const i64 i = w0 + (threadIdx.x & 31);
+    u32 bin = BINS;
+    if (i < n) {
+      const u32 k = keys[i];
+      if ((k >> above) == prefix) bin = (k >> shift) & digit;
+    }
+    count(h, bin);
   }
   flush(h, hist, 1 << bits);
 }
@@ -109,10 +121,12 @@ extern "C" __global__ void radix_find(const u32* __restrict__ hist, int bits, u6
   }
 }
 
-// keep[i] = key[i] > the selected key: prunes every element at or below it.
+// keep[i] = key[i] > the selected key: prunes every element at or below it,
+// and NaN (as "score > threshold" does).
 extern "C" __global__ void keep_above(const u32* __restrict__ keys, i64 n, const u64* __restrict__ state,
                                       unsigned char* __restrict__ keep) {
   const u32 t = (u32)state[0];
   const i64 stride = (i64)gridDim.x * blockDim.x;
-  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) keep[i] = keys[i] > t;
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+    keep[i] = keys[i] > t && keys[i] != 0xFFFFFFFFu;
 }

@@ -14,6 +14,8 @@ use crate::tensor::torch_error;
 const SOURCE: &str = include_str!("prune.cu");
 const BINS: i64 = 2048;
 const BLOCK: u32 = 256;
+/// The key every NaN gets (`key_of` in prune.cu).
+const NAN_KEY: u32 = u32::MAX;
 
 fn te(e: tch::TchError) -> anyhow::Error {
     anyhow!(torch_error(&e))
@@ -70,7 +72,7 @@ pub fn select(expr: &str, parts: &[Part], k: i64) -> Result<(Tensor, Selection)>
         bail!("kth_smallest: k = {k} is outside 1..={n}");
     }
     if n >= u32::MAX as i64 {
-        bail!("the fused selection counts at most 2^32 - 1 elements, got {n}");
+        bail!("the fused selection counts fewer than 2^32 - 1 elements, got {n}");
     }
     for p in parts {
         float32(p.w, "the score input")?;
@@ -109,7 +111,7 @@ pub fn select(expr: &str, parts: &[Part], k: i64) -> Result<(Tensor, Selection)>
         };
         launch(
             k_score,
-            grid_for(len, BLOCK),
+            grid_for(dev, len, BLOCK)?,
             BLOCK,
             0,
             &[
@@ -130,7 +132,7 @@ pub fn select(expr: &str, parts: &[Part], k: i64) -> Result<(Tensor, Selection)>
         let hi = h(i as i64 + 1)?;
         launch(
             k_pass,
-            grid_for(n, BLOCK),
+            grid_for(dev, n, BLOCK)?,
             BLOCK,
             0,
             &[Arg::tensor(&keys, 0)?, Arg::I64(n), st, Arg::I32(shift), Arg::I32(bits), hi],
@@ -157,9 +159,10 @@ pub fn kth_smallest(x: &Tensor, k: i64) -> Result<f64> {
     Ok(sel.value() as f64)
 }
 
-/// Write keep masks (one bool tensor per part, in place) that prune exactly
-/// the `k` lowest scores: every score below the k-th smallest, then ties at
-/// it in index order, as `Pruner::keep_mask` does.
+/// Write keep masks (one bool tensor per part, in place) that prune the `k`
+/// lowest scores: every score below the k-th smallest, then ties at it in
+/// index order, as `Pruner::keep_mask` does; like it, NaN scores are pruned
+/// too (so more than k when there are any).
 pub fn keep_masks(expr: &str, parts: &[Part], keep: &mut [Tensor], k: i64) -> Result<Selection> {
     if keep.len() != parts.len() {
         bail!("internal: {} masks for {} parts", keep.len(), parts.len());
@@ -168,6 +171,7 @@ pub fn keep_masks(expr: &str, parts: &[Part], keep: &mut [Tensor], k: i64) -> Re
         if m.kind() != Kind::Bool || !m.is_contiguous() || m.numel() != p.w.numel() {
             bail!("internal: a keep mask must be a contiguous bool tensor like its weights");
         }
+        same_device(&[m], p.w.device())?;
     }
     let (keys, sel) = select(expr, parts, k)?;
     let dev = keys.device();
@@ -178,15 +182,17 @@ pub fn keep_masks(expr: &str, parts: &[Part], keep: &mut [Tensor], k: i64) -> Re
         let len = p.w.numel() as i64;
         launch(
             k_keep,
-            grid_for(len, BLOCK),
+            grid_for(dev, len, BLOCK)?,
             BLOCK,
             0,
             &[Arg::tensor(&keys, off)?, Arg::I64(len), Arg::tensor(&state, 0)?, Arg::tensor(m, 0)?],
         )?;
         off += len;
     }
+    // As `Pruner::keep_mask` compares floats: NaN scores are never kept, and
+    // a NaN threshold keeps nothing (no NaN ties with another).
     let prune_ties = k - sel.below;
-    if prune_ties < sel.ties {
+    if prune_ties < sel.ties && sel.key != NAN_KEY {
         // Only the first `prune_ties` elements equal to the threshold go.
         let ties = keys.f_eq(sel.key as i32 as i64).map_err(te)?;
         let rank = ties.f_cumsum(0, Kind::Int64).map_err(te)?;
