@@ -70,12 +70,19 @@ pub fn linear_cross_entropy(
         // once the targets are known to index the vocabulary (the kernel
         // does not bounds-check them).
         let v = w.size()[0];
-        let mut fused = mk == Kind::BFloat16 && v % 2 == 0 && crate::kernels::usable(h.device());
+        let mut fused = mk == Kind::BFloat16
+            && v % 2 == 0
+            && y.kind() == Kind::Int64
+            && crate::kernels::usable(h.device());
         if fused && n > 0 {
-            let top = y.f_max()?.f_int64_value(&[])?;
-            if top >= v {
+            // One host read per loss; the libtorch path would fail on the
+            // device (a sticky CUDA error) instead of saying which id.
+            let (lo, hi) = y.f_aminmax(None::<i64>, false)?;
+            let (lo, hi) = (lo.f_int64_value(&[])?, hi.f_int64_value(&[])?);
+            if lo < -1 || hi >= v {
+                let bad = if lo < -1 { lo } else { hi };
                 return Err(tch::TchError::Shape(format!(
-                    "linear_cross_entropy: target id {top} is outside the vocabulary of {v}"
+                    "linear_cross_entropy: target id {bad} is outside the vocabulary of {v} (-1 = ignored)"
                 )));
             }
         }
@@ -98,15 +105,20 @@ pub fn linear_cross_entropy(
                 let mut logits = logits_of()?;
                 let yr = y.f_narrow(0, start, len)?;
                 let wr1 = wr.f_squeeze_dim(1)?;
-                match crate::kernels::xent::xent_(&mut logits, &yr, &wr1) {
-                    Ok(rows) => {
+                // A layout the kernel does not take is not a failure: this
+                // chunk goes the libtorch way.
+                let run = crate::kernels::xent::fits(&logits)
+                    .then(|| crate::kernels::xent::xent_(&mut logits, &yr, &wr1));
+                match run {
+                    Some(Ok(rows)) => {
                         loss = loss.f_add(&rows.f_sum(fk)?)?;
                         weighted = Some(logits);
                     }
-                    Err(e) => {
+                    Some(Err(e)) => {
                         crate::kernels::disable(&e);
                         fused = false;
                     }
+                    None => {}
                 }
             }
             let (g, wrk) = match weighted {

@@ -22,6 +22,7 @@ __device__ __forceinline__ u32 bf16(float f) {
 
 // (m, s): running max and sum of exp(x - m); -inf with 0 is empty.
 __device__ __forceinline__ void add(float& m, float& s, float x) {
+  if (x == NEG_INF) return;  // exp(-inf) adds nothing (and -inf - -inf is NaN)
   if (x > m) {
     s = s * expf(m - x) + 1.0f;
     m = x;
@@ -80,11 +81,19 @@ extern "C" __global__ void xent_bf16(u32* __restrict__ logits, i64 half_v, const
   __syncthreads();
   const float lse = sm[0] + logf(ss[0]);
   const float wr = w[row];
-  const i64 t = y[row] < 0 ? 0 : y[row];  // ignored rows weigh 0
+  // -1: ignored (weight 0, no one-hot). Any other id outside the row is
+  // never read: the row's loss is NaN (the host checks ids beforehand).
+  const i64 t = y[row];
+  const bool ok = t >= 0 && t < 2 * half_v;
   if (threadIdx.x == 0) {
-    const u32 p = z[t >> 1];
-    const float zt = (t & 1) ? hi(p) : lo(p);
-    loss[row] = wr == 0.0f ? 0.0f : -wr * (zt - lse);
+    float l = 0.0f;
+    if (ok) {
+      const u32 p = z[t >> 1];
+      l = -wr * (((t & 1) ? hi(p) : lo(p)) - lse);
+    } else if (t != -1) {
+      l = __int_as_float(0x7fc00000);
+    }
+    loss[row] = l;
   }
   __syncthreads();  // the target's logit is read before it is overwritten
   for (i64 j = threadIdx.x; j < half_v; j += blockDim.x) {

@@ -16,15 +16,22 @@ fn te(e: tch::TchError) -> anyhow::Error {
     anyhow!(torch_error(&e))
 }
 
-/// Whether [`xent_`] takes `logits`: contiguous bf16 rows of even length.
+/// Whether [`xent_`] takes `logits`: contiguous bf16 rows of even length
+/// starting 4-byte aligned (the kernel reads pairs).
 pub fn fits(logits: &Tensor) -> bool {
     let s = logits.size();
-    logits.kind() == Kind::BFloat16 && s.len() == 2 && s[1] % 2 == 0 && s[1] > 0 && logits.is_contiguous()
+    logits.kind() == Kind::BFloat16
+        && s.len() == 2
+        && s[1] % 2 == 0
+        && s[1] > 0
+        && logits.is_contiguous()
+        && (logits.data_ptr() as usize).is_multiple_of(4)
 }
 
 /// Overwrite `logits` [R, V] (bf16) with `w_r · (softmax(z_r) − onehot(y_r))`
 /// and return the per-row losses `−w_r · log_softmax(z_r)[y_r]` (float32
-/// [R]). `y` holds ids (int64 [R]; negative = ignored, weight 0 expected),
+/// [R]). `y` holds ids (int64 [R]; -1 = ignored, weight 0 expected; any
+/// other id outside the row gives that row a NaN loss and is never read),
 /// `w` the row weights (float32 [R]).
 pub fn xent_(logits: &mut Tensor, y: &Tensor, w: &Tensor) -> Result<Tensor> {
     if !fits(logits) {
