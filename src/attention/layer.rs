@@ -792,6 +792,46 @@ impl Attention {
         Ok(y)
     }
 
+    /// The folded static step through `kernels::mla` (a bf16 cache on a
+    /// GPU): three kernels from the input projection to the mixed latent
+    /// instead of about a dozen. None where they do not apply or fail (the
+    /// libtorch path then runs; it rewrites the same cache row).
+    fn fused_static(
+        &self,
+        fd: &Folded,
+        x: &Tensor,
+        pos: &Tensor,
+        all: &Tensor,
+    ) -> Result<Option<Tensor>, TchError> {
+        use crate::kernels::mla;
+        let (h, dr) = (self.dims.n_head, self.rope_dim_or_0());
+        let sh = mla::Shape { heads: h, r: fd.w_out.size()[1] / h, dr };
+        let dev = all.device();
+        if all.f_kind()? != Kind::BFloat16 || !sh.fits() || x.size()[1] != 1 || !crate::kernels::usable(dev) {
+            return Ok(None);
+        }
+        let out = x.f_linear(&fd.w_in, Some(&fd.b_in))?.f_contiguous()?;
+        if out.f_kind()? != Kind::BFloat16 {
+            return Ok(None);
+        }
+        let n = all.size()[1];
+        // The table `rope::apply_at` would read for this slot (the same one).
+        let cs = match dr {
+            0 => None,
+            _ => Some(rope::cos_sin(dev, Kind::BFloat16, self.dims.rope_theta, dr, n)?),
+        };
+        let scale = 1.0 / ((self.dims.head_size() + dr) as f64).sqrt();
+        let mixed =
+            mla::row(sh, &out, cs.as_ref(), pos, all).and_then(|qq| mla::attend(sh, &qq, all, pos, scale));
+        match mixed {
+            Ok(m) => Ok(Some(m.f_reshape([x.size()[0], 1, h * sh.r])?.f_linear(&fd.w_out, Some(&fd.b_out))?)),
+            Err(e) => {
+                crate::kernels::disable(&e);
+                Ok(None)
+            }
+        }
+    }
+
     /// The maps an absorbed step folds (`absorb`); latent layers only.
     fn fold(&self) -> Result<Fold<'_>, TchError> {
         let d = self.dims.n_embd;
@@ -880,6 +920,9 @@ impl Attention {
             if self.foldable() {
                 // Folded weights (made by the eager warm-up, before any capture).
                 let fd = self.folded(&lc.folded, all.f_kind()?)?;
+                if let Some(y) = self.fused_static(fd, x, pos, &all)? {
+                    return Ok(y);
+                }
                 let (a, qkr, c) = fd.project(x, self.dims.n_head, self.rope_dim_or_0())?;
                 let (q_r, row) = self.cache_row(&c, qkr.as_ref(), at)?;
                 let _ = all.f_index_copy_(1, pos, &row)?;

@@ -68,6 +68,13 @@ fn tables(
     })
 }
 
+/// The [len ≥ `cap`, 2, hs] table [`apply_at`] reads (cos, and sin with
+/// its first half negated), made on first use; the fused absorbed decode
+/// step (`kernels::mla`) reads the same one.
+pub fn cos_sin(dev: Device, kind: Kind, theta: f64, hs: i64, cap: i64) -> Result<Tensor, TchError> {
+    Ok(tables(dev, kind, theta, hs, cap)?.2)
+}
+
 /// Rotate `x` [B, H, T, hs] whose rows sit at positions `start..start+T`.
 pub fn apply(x: &Tensor, start: i64, theta: f64) -> Result<Tensor, TchError> {
     let size = x.size();

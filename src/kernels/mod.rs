@@ -7,6 +7,7 @@
 //! Every kernel family has a libtorch path that computes the same thing
 //! (the reference its GPU test compares against); callers fall back to it,
 //! with one warning, wherever this runtime is unavailable.
+pub mod mla;
 pub mod prune;
 pub mod xent;
 

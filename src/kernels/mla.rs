@@ -1,0 +1,165 @@
+//! One graphed decode token of an absorbed MLA layer in three kernels
+//! (`mla.cu`) instead of about a dozen libtorch ones: the query rows and
+//! the RoPE-rotated cache row in one, a split-row (flash-decoding) online
+//! softmax over the latent cache, and the merge of the splits. The
+//! reference is `attention::absorb`'s libtorch path (`Folded::attend` after
+//! `rope::apply_at`, the concatenations and `index_copy_`), which keeps
+//! scores and probabilities in bf16 where these kernels keep them in fp32.
+use anyhow::{anyhow, bail, Result};
+use tch::{Kind, Tensor};
+
+use super::{kernel, launch, same_device, Arg};
+use crate::tensor::torch_error;
+
+const SOURCE: &str = include_str!("mla.cu");
+
+fn te(e: tch::TchError) -> anyhow::Error {
+    anyhow!(torch_error(&e))
+}
+
+/// The shape of one layer's absorbed step.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub heads: i64,
+    /// Latent width (a cache row's content part).
+    pub r: i64,
+    /// Decoupled RoPE width (0 without).
+    pub dr: i64,
+}
+
+impl Shape {
+    fn source(&self) -> String {
+        format!("#define R {}\n#define DR {}\n#define H {}\n{SOURCE}", self.r, self.dr, self.heads)
+    }
+
+    /// Whether the kernels take this shape: a warp per head, a thread per
+    /// latent column in the merge, an even RoPE width.
+    pub fn fits(&self) -> bool {
+        (1..=32).contains(&self.heads) && (1..=1024).contains(&self.r) && self.dr >= 0 && self.dr % 2 == 0
+    }
+}
+
+fn bf16(t: &Tensor, what: &str) -> Result<()> {
+    if t.kind() != Kind::BFloat16 || !t.is_contiguous() {
+        bail!("mla kernels: {what} must be contiguous bf16, got {:?}", t.kind());
+    }
+    Ok(())
+}
+
+/// From the folded projection `out` [B, 1, H·r + (H+1)·dr + r] build the
+/// query rows [B, H, r + dr] and write the token's cache row into `slot`
+/// [B, S, r + dr] at the device position `pos` ([1] int64); `cos_sin`
+/// [cap, 2, dr] is `rope`'s table (ignored when dr = 0).
+pub fn row(sh: Shape, out: &Tensor, cos_sin: Option<&Tensor>, pos: &Tensor, slot: &Tensor) -> Result<Tensor> {
+    let (h, r, dr) = (sh.heads, sh.r, sh.dr);
+    let k = r + dr;
+    let b = out.size()[0];
+    let n_out = h * r + (h + 1) * dr + r;
+    if !sh.fits() || out.numel() as i64 != b * n_out {
+        bail!("mla kernels: projection {:?} does not fit {sh:?}", out.size());
+    }
+    let ss = slot.size();
+    if ss.len() != 3 || ss[0] != b || ss[2] != k {
+        bail!("mla kernels: slot {:?} is not [{b}, S, {k}]", ss);
+    }
+    bf16(out, "the projection")?;
+    bf16(slot, "the cache slot")?;
+    let dev = out.device();
+    same_device(&[slot, pos], dev)?;
+    if pos.kind() != Kind::Int64 || pos.numel() != 1 {
+        bail!("mla kernels: the position must be one int64");
+    }
+    let (cs, cap) = match (dr, cos_sin) {
+        (0, _) => (Arg::null(), ss[1]),
+        (_, Some(t)) => {
+            bf16(t, "the RoPE table")?;
+            same_device(&[t], dev)?;
+            if t.size()[1..] != [2, dr] {
+                bail!("mla kernels: RoPE table {:?} is not [cap, 2, {dr}]", t.size());
+            }
+            (Arg::tensor(t, 0)?, t.size()[0])
+        }
+        (_, None) => bail!("mla kernels: decoupled RoPE without its table"),
+    };
+    let qq = Tensor::f_empty([b, h, k], (Kind::BFloat16, dev)).map_err(te)?;
+    let kr = kernel(dev, "mla", &sh.source(), "mla_row")?;
+    launch(
+        kr,
+        b as u32,
+        256,
+        0,
+        &[
+            Arg::tensor(out, 0)?,
+            Arg::I64(n_out),
+            cs,
+            Arg::I64(cap),
+            Arg::tensor(pos, 0)?,
+            Arg::tensor(&qq, 0)?,
+            Arg::tensor(slot, 0)?,
+            Arg::I64(ss[1]),
+        ],
+    )?;
+    Ok(qq)
+}
+
+/// The mixed latent [B, H, r] of query rows `qq` [B, H, r + dr] over the
+/// slot's rows `0..=pos`, scores scaled by `scale`.
+pub fn attend(sh: Shape, qq: &Tensor, slot: &Tensor, pos: &Tensor, scale: f64) -> Result<Tensor> {
+    let (h, r) = (sh.heads, sh.r);
+    let (b, s) = (slot.size()[0], slot.size()[1]);
+    if qq.size() != [b, h, r + sh.dr] {
+        bail!("mla kernels: queries {:?} do not fit {sh:?}", qq.size());
+    }
+    bf16(qq, "the queries")?;
+    bf16(slot, "the cache slot")?;
+    let dev = qq.device();
+    same_device(&[slot, pos], dev)?;
+    // About two blocks per SM of a large GPU in all, at least 32 rows each.
+    let splits = (256 / b.max(1)).clamp(1, (s / 32).max(1));
+    let chunk = (s + splits - 1) / splits;
+    let fopt = (Kind::Float, dev);
+    let pm = Tensor::f_empty([b, h, splits], fopt).map_err(te)?;
+    let pl = Tensor::f_empty([b, h, splits], fopt).map_err(te)?;
+    let pacc = Tensor::f_empty([b, h, splits, r], fopt).map_err(te)?;
+    let mixed = Tensor::f_empty([b, h, r], (Kind::BFloat16, dev)).map_err(te)?;
+    let src = sh.source();
+    let ka = kernel(dev, "mla", &src, "mla_attend")?;
+    let kc = kernel(dev, "mla", &src, "mla_combine")?;
+    if b > 65_535 {
+        bail!("mla kernels: batch {b} exceeds one launch");
+    }
+    launch_2d(
+        ka,
+        (splits as u32, b as u32),
+        32 * h as u32,
+        &[
+            Arg::tensor(qq, 0)?,
+            Arg::tensor(slot, 0)?,
+            Arg::tensor(pos, 0)?,
+            Arg::I64(s),
+            Arg::I32(chunk as i32),
+            Arg::F32(scale as f32),
+            Arg::tensor(&pm, 0)?,
+            Arg::tensor(&pl, 0)?,
+            Arg::tensor(&pacc, 0)?,
+        ],
+    )?;
+    launch(
+        kc,
+        (b * h) as u32,
+        r as u32,
+        0,
+        &[
+            Arg::tensor(&pm, 0)?,
+            Arg::tensor(&pl, 0)?,
+            Arg::tensor(&pacc, 0)?,
+            Arg::I32(splits as i32),
+            Arg::tensor(&mixed, 0)?,
+        ],
+    )?;
+    Ok(mixed)
+}
+
+fn launch_2d(k: super::Kernel, grid: (u32, u32), block: u32, args: &[Arg]) -> Result<()> {
+    super::launch_grid(k, [grid.0, grid.1, 1], block, 0, args)
+}
