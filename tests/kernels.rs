@@ -99,6 +99,11 @@ fn model(dev: Device) -> (ParamStore, Optimizer) {
             }
         }
     }
+    tch::no_grad(|| {
+        // 5000 magnitudes of exactly 0.0135, about the median |w|: the 50%
+        // magnitude threshold falls inside them, so ties are broken there.
+        let _ = store.params()[0].tensor.view([-1]).narrow(0, 0, 5000).fill_(0.0135);
+    });
     (store, opt)
 }
 
@@ -137,8 +142,12 @@ fn fused_mask_updates_equal_libtorch_ones() {
         let n = fused.numel();
         for s in [0.3, 0.5, 0.8] {
             kernels::set_enabled(true);
+            let before = kernels::launches();
             fused.update_masks(&store, Some(&opt), s, None).unwrap();
             assert!(kernels::enabled(), "{what}: the fused path failed and switched itself off");
+            if dev != Device::Cpu {
+                assert!(kernels::launches() > before, "{what}: the fused path did not run");
+            }
             kernels::set_enabled(false);
             torch.update_masks(&store, Some(&opt), s, None).unwrap();
             kernels::set_enabled(true);
@@ -148,6 +157,20 @@ fn fused_mask_updates_equal_libtorch_ones() {
             assert_eq!(pruned as i64, (s * n as f64).floor() as i64, "{what} at {s}: not exactly k pruned");
         }
     }
+    // A NaN weight: "score > threshold" never keeps it, on either path.
+    tch::no_grad(|| {
+        let _ = store.params()[2].tensor.view([-1]).narrow(0, 3, 1).fill_(f64::NAN);
+    });
+    let cfg = PruneConfig { method: "magnitude".into(), regrow: true, ..Default::default() };
+    let (mut fused, mut torch) =
+        (Pruner::new(&store, cfg.clone()).unwrap(), Pruner::new(&store, cfg).unwrap());
+    kernels::set_enabled(true);
+    fused.update_masks(&store, Some(&opt), 0.5, None).unwrap();
+    kernels::set_enabled(false);
+    torch.update_masks(&store, Some(&opt), 0.5, None).unwrap();
+    kernels::set_enabled(true);
+    assert_eq!(masks(&fused), masks(&torch), "a NaN score: fused and libtorch masks differ");
+    assert!(!masks(&fused)[1][3], "the NaN weight is pruned");
 }
 
 /// The chunked language-model loss under bf16 autocast with the fused
@@ -188,13 +211,114 @@ fn fused_cross_entropy_matches_libtorch() {
         let diff = (&a - &b).abs().max().double_value(&[]);
         assert!(scale > 0.0 && diff <= 1e-2 * scale, "grad of {what}: max diff {diff} vs max {scale}");
     }
-    // A target outside the vocabulary is an error, not a stray read.
-    let bad = y.copy();
-    let _ = bad.narrow(1, 5, 1).fill_(5000);
-    let e = knlp::shim::with_autocast(knlp::shim::AutocastDtype::BF16, || {
-        knlp::loss::linear_cross_entropy(&h0, &w0, None, &bad, 1024)
-    })
-    .unwrap()
-    .unwrap_err();
-    assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+    // A target outside the vocabulary is an error, not a stray read; so is
+    // PyTorch's usual ignore index, which here is -1.
+    for id in [5000, -100] {
+        let bad = y.copy();
+        let _ = bad.narrow(1, 5, 1).fill_(id);
+        let e = knlp::shim::with_autocast(knlp::shim::AutocastDtype::BF16, || {
+            knlp::loss::linear_cross_entropy(&h0, &w0, None, &bad, 1024)
+        })
+        .unwrap()
+        .unwrap_err();
+        assert!(e.to_string().contains(&format!("target id {id} is outside")), "{e}");
+    }
+}
+
+/// The cross-entropy kernel alone against libtorch's log-softmax in fp32
+/// over the same bf16 logits, with -inf logits (a masked vocabulary) at the
+/// start of every row, an ignored row and an out-of-range id (NaN loss).
+#[test]
+fn cross_entropy_kernel_matches_log_softmax() {
+    let Some(dev) = cuda() else { return };
+    let _g = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(1);
+    let (rows, v) = (64i64, 1000i64);
+    let z = (Tensor::randn([rows, v], (Kind::Float, dev)) * 3.0).to_kind(Kind::BFloat16);
+    let _ = z.narrow(1, 0, 5).fill_(f64::NEG_INFINITY);
+    let y = Tensor::randint_low(5, v, [rows], (Kind::Int64, dev));
+    let _ = y.narrow(0, 7, 1).fill_(-1);
+    let w = Tensor::full([rows], 1.0 / 63.0, (Kind::Float, dev));
+    let _ = w.narrow(0, 7, 1).fill_(0.0);
+    let zf = z.to_kind(Kind::Float);
+    let logp = zf.log_softmax(-1, Kind::Float);
+    let ys = y.clamp_min(5); // the ignored row points at a finite logit (its weight is 0)
+    let want_loss = -(logp.gather(1, &ys.unsqueeze(1), false).squeeze_dim(1) * &w);
+    let onehot = Tensor::zeros([rows, v], (Kind::Float, dev)).scatter_value(1, &ys.unsqueeze(1), 1.0);
+    let want_g = (logp.exp() - onehot) * w.unsqueeze(1);
+    let mut g = z.copy();
+    let loss = kernels::xent::xent_(&mut g, &y, &w).unwrap();
+    let dl = (&loss - &want_loss).abs().max().double_value(&[]);
+    assert!(dl < 1e-5, "row losses differ by {dl}");
+    let dg = (g.to_kind(Kind::Float) - want_g).abs().max().double_value(&[]);
+    assert!(dg < 1e-4, "gradients differ by {dg} (bf16 of values below 1/63)");
+    assert!(
+        g.narrow(1, 0, 5).to_kind(Kind::Float).abs().max().double_value(&[]) == 0.0,
+        "-inf logits get no gradient"
+    );
+    let _ = y.narrow(0, 9, 1).fill_(v + 3);
+    let loss = kernels::xent::xent_(&mut z.copy(), &y, &w).unwrap();
+    assert!(
+        loss.double_value(&[9]).is_nan() && !loss.double_value(&[8]).is_nan(),
+        "an id past the row: NaN loss"
+    );
+}
+
+/// The graphed absorbed decode step of `mla_decoupled` (and a latent with
+/// RoPE off) through the fused kernels (`kernels::mla`) against the same
+/// step in libtorch ops, bf16: logits within bf16 rounding up to the first
+/// near tie that parts the tokens, and the kernels ran.
+#[test]
+fn fused_absorbed_decode_matches_libtorch() {
+    use knlp::attention::Rope;
+    use knlp::decode::{generate, GraphMode, Options};
+    use knlp::models::gpt2::{self, Gpt2};
+    use knlp::models::Model;
+    let Some(dev) = cuda() else { return };
+    let _g = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    for (att, rope, b) in
+        [("mla_decoupled", None, 1), ("mla_decoupled", None, 5), ("mla", Some(Rope::Off), 2)]
+    {
+        tch::manual_seed(7);
+        let c = gpt2::Config {
+            block_size: 300,
+            vocab_size: 500,
+            attention: att.into(),
+            rope,
+            d_latent: 64,
+            ..gpt2::Config::custom(3, 4, 128)
+        };
+        let mut m = Gpt2::new(c).unwrap();
+        m.store_mut().finalize(dev).unwrap();
+        let prompt = Tensor::randint(500, [b, 200], (Kind::Int64, dev));
+        let o = Options {
+            max_new_tokens: 40,
+            keep_logits: true,
+            amp: Some(knlp::shim::AutocastDtype::BF16),
+            ..Options::default()
+        };
+        kernels::set_enabled(true);
+        let before = kernels::launches();
+        let fused = generate(&m, &prompt, &Options { graph: GraphMode::On, ..o.clone() }).unwrap();
+        assert!(
+            kernels::enabled() && kernels::launches() > before,
+            "{att} B={b}: the fused step did not run"
+        );
+        kernels::set_enabled(false);
+        let plain = generate(&m, &prompt, &Options { graph: GraphMode::StaticEager, ..o.clone() }).unwrap();
+        kernels::set_enabled(true);
+        let (ft, pt) = (fused.tokens.to(Device::Cpu), plain.tokens.to(Device::Cpu));
+        let mut compared = 0;
+        for (i, (x, y)) in fused.logits.iter().zip(&plain.logits).enumerate() {
+            let scale = y.abs().max().double_value(&[]).max(1.0);
+            let d = (x - y).abs().max().double_value(&[]);
+            assert!(d <= 3e-2 * scale, "{att} B={b} step {i}: logits differ by {d} (scale {scale})");
+            compared += 1;
+            if !ft.narrow(1, 200 + i as i64, 1).equal(&pt.narrow(1, 200 + i as i64, 1)) {
+                break;
+            }
+        }
+        println!("{att} B={b}: {compared} steps compared");
+        assert!(compared >= 1);
+    }
 }
