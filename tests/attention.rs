@@ -468,3 +468,5 @@ fn bad_options_are_named() {
 // The CUDA-graphed decode step; a module here so it shares this test binary.
 #[path = "attention/graph_decode.rs"]
 mod graph_decode;
+#[path = "attention/mla_oracle.rs"]
+mod mla_oracle;

@@ -15,7 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn rng() -> std::sync::MutexGuard<'static, ()> {
+pub(crate) fn rng() -> std::sync::MutexGuard<'static, ()> {
     RNG.lock().unwrap_or_else(|e| e.into_inner())
 }
 
