@@ -276,6 +276,7 @@ fn fused_absorbed_decode_matches_libtorch() {
     use knlp::models::Model;
     let Some(dev) = cuda() else { return };
     let _g = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    kernels::mla::set_enabled(true); // off by default until measured on a GPU
     for (att, rope, b) in
         [("mla_decoupled", None, 1), ("mla_decoupled", None, 5), ("mla", Some(Rope::Off), 2)]
     {
@@ -321,4 +322,5 @@ fn fused_absorbed_decode_matches_libtorch() {
         println!("{att} B={b}: {compared} steps compared");
         assert!(compared >= 1);
     }
+    kernels::mla::set_enabled(false);
 }

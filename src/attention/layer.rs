@@ -793,9 +793,10 @@ impl Attention {
     }
 
     /// The folded static step through `kernels::mla` (a bf16 cache on a
-    /// GPU): three kernels from the input projection to the mixed latent
-    /// instead of about a dozen. None where they do not apply or fail (the
-    /// libtorch path then runs; it rewrites the same cache row).
+    /// GPU, when `KNLP_FUSED_MLA_DECODE=1`): three kernels from the input
+    /// projection to the mixed latent instead of about a dozen. None where
+    /// they are off, do not apply or fail (the libtorch path then runs; it
+    /// rewrites the same cache row).
     fn fused_static(
         &self,
         fd: &Folded,
@@ -807,7 +808,12 @@ impl Attention {
         let (h, dr) = (self.dims.n_head, self.rope_dim_or_0());
         let sh = mla::Shape { heads: h, r: fd.w_out.size()[1] / h, dr };
         let dev = all.device();
-        if all.f_kind()? != Kind::BFloat16 || !sh.fits() || x.size()[1] != 1 || !crate::kernels::usable(dev) {
+        if !mla::enabled()
+            || all.f_kind()? != Kind::BFloat16
+            || !sh.fits()
+            || x.size()[1] != 1
+            || !crate::kernels::usable(dev)
+        {
             return Ok(None);
         }
         let out = x.f_linear(&fd.w_in, Some(&fd.b_in))?.f_contiguous()?;
