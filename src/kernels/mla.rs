@@ -8,11 +8,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
-use super::{kernel, launch, same_device, Arg};
-use crate::tensor::torch_error;
+use super::{contiguous_of, kernel, launch, launch_grid, same_device, te, Arg};
 
 const SOURCE: &str = include_str!("mla.cu");
 
@@ -34,10 +33,6 @@ pub fn enabled() -> bool {
         ON.store(std::env::var("KNLP_FUSED_MLA_DECODE").is_ok_and(|v| v == "1"), Ordering::Relaxed)
     });
     ON.load(Ordering::Relaxed)
-}
-
-fn te(e: tch::TchError) -> anyhow::Error {
-    anyhow!(torch_error(&e))
 }
 
 /// The shape of one layer's absorbed step.
@@ -62,13 +57,6 @@ impl Shape {
     }
 }
 
-fn bf16(t: &Tensor, what: &str) -> Result<()> {
-    if t.kind() != Kind::BFloat16 || !t.is_contiguous() {
-        bail!("mla kernels: {what} must be contiguous bf16, got {:?}", t.kind());
-    }
-    Ok(())
-}
-
 /// From the folded projection `out` [B, 1, H·r + (H+1)·dr + r] build the
 /// query rows [B, H, r + dr] and write the token's cache row into `slot`
 /// [B, S, r + dr] at the device position `pos` ([1] int64); `cos_sin`
@@ -85,8 +73,8 @@ pub fn row(sh: Shape, out: &Tensor, cos_sin: Option<&Tensor>, pos: &Tensor, slot
     if ss.len() != 3 || ss[0] != b || ss[2] != k {
         bail!("mla kernels: slot {:?} is not [{b}, S, {k}]", ss);
     }
-    bf16(out, "the projection")?;
-    bf16(slot, "the cache slot")?;
+    contiguous_of(out, Kind::BFloat16, "the projection")?;
+    contiguous_of(slot, Kind::BFloat16, "the cache slot")?;
     let dev = out.device();
     same_device(&[slot, pos], dev)?;
     if pos.kind() != Kind::Int64 || pos.numel() != 1 {
@@ -95,7 +83,7 @@ pub fn row(sh: Shape, out: &Tensor, cos_sin: Option<&Tensor>, pos: &Tensor, slot
     let (cs, cap) = match (dr, cos_sin) {
         (0, _) => (Arg::null(), ss[1]),
         (_, Some(t)) => {
-            bf16(t, "the RoPE table")?;
+            contiguous_of(t, Kind::BFloat16, "the RoPE table")?;
             same_device(&[t], dev)?;
             if t.size()[1..] != [2, dr] {
                 bail!("mla kernels: RoPE table {:?} is not [cap, 2, {dr}]", t.size());
@@ -133,8 +121,8 @@ pub fn attend(sh: Shape, qq: &Tensor, slot: &Tensor, pos: &Tensor, scale: f64) -
     if qq.size() != [b, h, r + sh.dr] {
         bail!("mla kernels: queries {:?} do not fit {sh:?}", qq.size());
     }
-    bf16(qq, "the queries")?;
-    bf16(slot, "the cache slot")?;
+    contiguous_of(qq, Kind::BFloat16, "the queries")?;
+    contiguous_of(slot, Kind::BFloat16, "the cache slot")?;
     let dev = qq.device();
     same_device(&[slot, pos], dev)?;
     // About two blocks per SM of a large GPU in all, at least 32 rows each.
@@ -151,10 +139,11 @@ pub fn attend(sh: Shape, qq: &Tensor, slot: &Tensor, pos: &Tensor, scale: f64) -
     if b > 65_535 {
         bail!("mla kernels: batch {b} exceeds one launch");
     }
-    launch_2d(
+    launch_grid(
         ka,
-        (splits as u32, b as u32),
+        [splits as u32, b as u32, 1],
         32 * h as u32,
+        0,
         &[
             Arg::tensor(qq, 0)?,
             Arg::tensor(slot, 0)?,
@@ -181,8 +170,4 @@ pub fn attend(sh: Shape, qq: &Tensor, slot: &Tensor, pos: &Tensor, scale: f64) -
         ],
     )?;
     Ok(mixed)
-}
-
-fn launch_2d(k: super::Kernel, grid: (u32, u32), block: u32, args: &[Arg]) -> Result<()> {
-    super::launch_grid(k, [grid.0, grid.1, 1], block, 0, args)
 }

@@ -17,7 +17,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, Once, OnceLock};
 
 use anyhow::{anyhow, bail, Result};
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
+
+/// A libtorch error as an `anyhow` error, for the kernel families.
+fn te(e: tch::TchError) -> anyhow::Error {
+    anyhow!(crate::tensor::torch_error(&e))
+}
+
+/// `t` must be contiguous and of `kind` (what a kernel reads it as).
+fn contiguous_of(t: &Tensor, kind: Kind, what: &str) -> Result<()> {
+    if t.kind() != kind || !t.is_contiguous() {
+        bail!("{what} must be a contiguous {kind:?} tensor, got {:?}", t.kind());
+    }
+    Ok(())
+}
 
 type CuResult = c_int;
 type NvrtcResult = c_int;
@@ -96,11 +109,12 @@ pub struct Kernel {
 // process (with its context current, which `launch` ensures).
 unsafe impl Send for Kernel {}
 
+/// Keyed by source first, so a lookup borrows it instead of copying it.
 struct Cache {
-    /// (device, source, entry) -> function.
-    funcs: HashMap<(c_int, String, String), Kernel>,
-    /// (device, source) -> CUmodule, kept loaded for the process's life.
-    modules: HashMap<(c_int, String), usize>,
+    /// source -> (device, entry) -> function.
+    funcs: HashMap<String, HashMap<(c_int, String), Kernel>>,
+    /// source -> device -> CUmodule, kept loaded for the process's life.
+    modules: HashMap<String, HashMap<c_int, usize>>,
 }
 
 static RTC: OnceLock<std::result::Result<Rtc, String>> = OnceLock::new();
@@ -435,19 +449,19 @@ pub fn kernel(device: Device, name: &str, src: &str, entry: &str) -> Result<Kern
     let r = rtc()?;
     let mut guard = CACHE.lock().unwrap_or_else(|e| e.into_inner());
     let cache = guard.get_or_insert_with(|| Cache { funcs: HashMap::new(), modules: HashMap::new() });
-    let fkey = (d, src.to_string(), entry.to_string());
-    if let Some(k) = cache.funcs.get(&fkey) {
+    if let Some(k) = cache.funcs.get(src).and_then(|f| f.get(&(d, entry.to_string()))) {
         return Ok(*k);
     }
-    let image = match cache.modules.get(&(d, src.to_string())) {
+    let loaded = cache.modules.get(src).and_then(|m| m.get(&d)).copied();
+    let image = match loaded {
         Some(_) => None,
         None => Some(r.compile(name, src, r.capability(d)?)?),
     };
     let cname = CString::new(entry).map_err(|_| anyhow!("bad kernel name {entry}"))?;
     let (module, func) = r.with_ctx(d, || {
-        let module = match (&image, cache.modules.get(&(d, src.to_string()))) {
-            (_, Some(m)) => *m as *mut c_void,
-            (Some(image), None) => {
+        let module = match (loaded, &image) {
+            (Some(m), _) => m as *mut c_void,
+            (None, Some(image)) => {
                 let mut m = std::ptr::null_mut();
                 // SAFETY: `image` is a complete cubin or NUL-terminated PTX.
                 r.cu(
@@ -466,9 +480,9 @@ pub fn kernel(device: Device, name: &str, src: &str, entry: &str) -> Result<Kern
         )?;
         Ok((module, func))
     })?;
-    cache.modules.insert((d, src.to_string()), module as usize);
+    cache.modules.entry(src.to_string()).or_default().insert(d, module as usize);
     let k = Kernel { func, device: d };
-    cache.funcs.insert(fkey, k);
+    cache.funcs.entry(src.to_string()).or_default().insert((d, entry.to_string()), k);
     Ok(k)
 }
 

@@ -5,21 +5,16 @@
 //! reference is `prune::select::kth_smallest` and `Pruner::keep_mask`, which
 //! select the same element and prune the same weights (ties at the
 //! threshold in index order).
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::{grid_for, kernel, launch, same_device, Arg};
-use crate::tensor::torch_error;
+use super::{contiguous_of, grid_for, kernel, launch, same_device, te, Arg};
 
 const SOURCE: &str = include_str!("prune.cu");
 const BINS: i64 = 2048;
 const BLOCK: u32 = 256;
 /// The key every NaN gets (`key_of` in prune.cu).
 const NAN_KEY: u32 = u32::MAX;
-
-fn te(e: tch::TchError) -> anyhow::Error {
-    anyhow!(torch_error(&e))
-}
 
 /// One contiguous float32 range to score: the weights (or ready-made
 /// scores), the optimizer moments a scorer reads, and the current keep
@@ -54,17 +49,17 @@ fn source(expr: &str) -> String {
     format!("#define SCORE(w, m, v) ({expr})\n{SOURCE}")
 }
 
-fn float32(t: &Tensor, what: &str) -> Result<()> {
-    if t.kind() != Kind::Float || !t.is_contiguous() {
-        bail!("{what} must be a contiguous float32 tensor, got {:?}", t.kind());
-    }
-    Ok(())
-}
-
 /// Score `parts` with `expr` (a CUDA expression in `w`, `m`, `v`) and find
 /// the k-th smallest score over all of them, in part order. Returns the
 /// keys (int32 bits, concatenated) and the selection.
 pub fn select(expr: &str, parts: &[Part], k: i64) -> Result<(Tensor, Selection)> {
+    let (keys, _, sel) = select_in(&source(expr), parts, k)?;
+    Ok((keys, sel))
+}
+
+/// [`select`] from the module source `src`; also the device state, whose
+/// first element is the selected key (what `keep_above` reads).
+fn select_in(src: &str, parts: &[Part], k: i64) -> Result<(Tensor, Tensor, Selection)> {
     let Some(first) = parts.first() else { bail!("nothing to select from") };
     let dev = first.w.device();
     let n: i64 = parts.iter().map(|p| p.w.numel() as i64).sum();
@@ -75,10 +70,10 @@ pub fn select(expr: &str, parts: &[Part], k: i64) -> Result<(Tensor, Selection)>
         bail!("the fused selection counts fewer than 2^32 - 1 elements, got {n}");
     }
     for p in parts {
-        float32(p.w, "the score input")?;
+        contiguous_of(p.w, Kind::Float, "the score input")?;
         same_device(&[p.w], dev)?;
         for t in [p.m, p.v].into_iter().flatten() {
-            float32(t, "an optimizer moment")?;
+            contiguous_of(t, Kind::Float, "an optimizer moment")?;
             same_device(&[t], dev)?;
             if t.numel() != p.w.numel() {
                 bail!("a moment has {} elements, the weights {}", t.numel(), p.w.numel());
@@ -91,10 +86,9 @@ pub fn select(expr: &str, parts: &[Part], k: i64) -> Result<(Tensor, Selection)>
             same_device(&[l], dev)?;
         }
     }
-    let src = source(expr);
-    let k_score = kernel(dev, "prune", &src, "score_keys")?;
-    let k_pass = kernel(dev, "prune", &src, "radix_pass")?;
-    let k_find = kernel(dev, "prune", &src, "radix_find")?;
+    let k_score = kernel(dev, "prune", src, "score_keys")?;
+    let k_pass = kernel(dev, "prune", src, "radix_pass")?;
+    let k_find = kernel(dev, "prune", src, "radix_find")?;
 
     let keys = Tensor::f_empty([n], (Kind::Int, dev)).map_err(te)?;
     let hist = Tensor::f_zeros([3 * BINS], (Kind::Int, dev)).map_err(te)?;
@@ -145,7 +139,7 @@ pub fn select(expr: &str, parts: &[Part], k: i64) -> Result<(Tensor, Selection)>
     if s[1] < 1 || s[1] > s[3] || s[2] + s[1] != k {
         bail!("internal: radix selection state {s:?} is inconsistent with k = {k} of {n}");
     }
-    Ok((keys, sel))
+    Ok((keys, state, sel))
 }
 
 /// The k-th smallest value (1-based) of a float tensor on a CUDA device.
@@ -173,10 +167,10 @@ pub fn keep_masks(expr: &str, parts: &[Part], keep: &mut [Tensor], k: i64) -> Re
         }
         same_device(&[m], p.w.device())?;
     }
-    let (keys, sel) = select(expr, parts, k)?;
+    let src = source(expr);
+    let (keys, state, sel) = select_in(&src, parts, k)?;
     let dev = keys.device();
-    let k_keep = kernel(dev, "prune", &source(expr), "keep_above")?;
-    let state = Tensor::from_slice(&[sel.key as i64]).f_to_device(dev).map_err(te)?;
+    let k_keep = kernel(dev, "prune", &src, "keep_above")?;
     let mut off = 0i64;
     for (p, m) in parts.iter().zip(keep.iter()) {
         let len = p.w.numel() as i64;

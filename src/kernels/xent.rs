@@ -3,18 +3,13 @@
 //! gradient `w · (softmax − onehot)`. It replaces the four passes of
 //! `loss::linear_cross_entropy`'s libtorch path (to fp32, log-softmax, exp,
 //! back to bf16) plus its gather and scatter; that path is the reference.
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
-use super::{kernel, launch, same_device, Arg};
-use crate::tensor::torch_error;
+use super::{kernel, launch, same_device, te, Arg};
 
 const SOURCE: &str = include_str!("xent.cu");
 const BLOCK: u32 = 512;
-
-fn te(e: tch::TchError) -> anyhow::Error {
-    anyhow!(torch_error(&e))
-}
 
 /// Whether [`xent_`] takes `logits`: contiguous bf16 rows of even length
 /// starting 4-byte aligned (the kernel reads pairs).
