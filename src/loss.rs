@@ -99,8 +99,10 @@ pub fn linear_cross_entropy(
                 }
             };
             let wr = weight.f_narrow(0, start, len)?;
-            // The gradient rows and, when they are not weighted yet, their weights.
+            // The gradient rows and, when they are not weighted yet, their
+            // weights; logits the kernel left untouched are reused below.
             let mut weighted = None;
+            let mut untouched = None;
             if fused {
                 let mut logits = logits_of()?;
                 let yr = y.f_narrow(0, start, len)?;
@@ -114,11 +116,12 @@ pub fn linear_cross_entropy(
                         loss = loss.f_add(&rows.f_sum(fk)?)?;
                         weighted = Some(logits);
                     }
+                    // The kernel may have written part of the logits.
                     Some(Err(e)) => {
                         crate::kernels::disable(&e);
                         fused = false;
                     }
-                    None => {}
+                    None => untouched = Some(logits),
                 }
             }
             let (g, wrk) = match weighted {
@@ -127,7 +130,11 @@ pub fn linear_cross_entropy(
                     // Four passes over the chunk's logits: to fp32, log-softmax,
                     // exp (the softmax), back to the matmul dtype. The row weights
                     // (1/n, 0 for ignored targets) go on the small operands instead.
-                    let z = logits_of()?.f_to_kind(fk)?;
+                    let z = match untouched {
+                        Some(l) => l,
+                        None => logits_of()?,
+                    };
+                    let z = z.f_to_kind(fk)?;
                     let mut z = z.f_log_softmax(-1, fk)?;
                     let yr = y_safe.f_narrow(0, start, len)?;
                     let picked = z.f_gather(1, &yr, false)?;
