@@ -18,6 +18,8 @@ fn main() {
     torch_build(&include, "csrc/shim.cpp").compile("knlp_shim");
     build_dist(&include);
     build_graph(&include);
+    println!("cargo:rerun-if-changed=csrc/profile.cpp");
+    torch_build(&include, "csrc/profile.cpp").compile("knlp_profile");
 
     // Keep libtorch_cuda in NEEDED although no symbol of it is referenced:
     // otherwise `--as-needed` drops it and CUDA is silently unavailable.

@@ -27,6 +27,7 @@ pub mod nvml;
 pub mod optim;
 pub mod output;
 pub mod params;
+pub mod profile;
 pub mod project;
 pub mod prune;
 pub mod runs;

@@ -784,3 +784,37 @@ fn a_closed_pipe_is_not_a_panic() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `profile(f)` on the CPU: the operators `f` ran are in `cpu_top` with
+/// their call counts, the Chrome trace is a JSON file of trace events, the
+/// profiler stops when `f` throws (the next profile() starts), and a bad
+/// option is an error naming it.
+#[test]
+fn profile_reports_operators_and_writes_a_trace() {
+    let d = scratch("profile");
+    let s = write(
+        &d,
+        "p.rhai",
+        r#"
+let a = randn([64, 64]);
+let r = profile(|| { for i in 0..3 { a.matmul(a); } 7 }, #{ trace: "t.json", per: 3 });
+let mm = r.cpu_top.filter(|e| e.name == "aten::mm");
+print(`result ${r.result} mm ${mm.len()} calls ${mm[0].calls}`);
+try { profile(|| throw "boom"); } catch (e) { print(`caught ${e}`); }
+let again = profile(|| a.sum(), #{ top: 2 });
+print(`again ${again.cpu_top.len()}`);
+profile(|| 1, #{ every: 2 });
+"#,
+    );
+    let o = knlp(&d, &["run", s.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert!(out.contains("result 7 mm 1 calls 1.0"), "{out}\n{err}");
+    assert!(out.contains("caught boom"), "{out}\n{err}");
+    assert!(out.contains("again 2"), "{out}\n{err}");
+    // The last line's bad option ends the script with an error naming it.
+    assert!(!o.status.success() && err.contains("every"), "{out}\n{err}");
+    let trace: serde_json::Value = serde_json::from_slice(&std::fs::read(d.join("t.json")).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().expect("traceEvents");
+    assert!(events.iter().any(|e| e["name"] == "aten::mm"), "no aten::mm in the trace");
+    let _ = std::fs::remove_dir_all(&d);
+}

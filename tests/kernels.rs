@@ -324,3 +324,25 @@ fn fused_absorbed_decode_matches_libtorch() {
     }
     kernels::mla::set_enabled(false);
 }
+
+/// The profiler sees CUDA kernels, knlp's NVRTC ones among them under their
+/// own kind (what `profile()` and `gpt2_gpu.rhai --profile` report).
+#[test]
+fn profiler_records_the_fused_kernels() {
+    let _g = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(dev) = cuda() else { return };
+    kernels::set_enabled(true);
+    let x = Tensor::rand([1 << 20], (Kind::Float, dev));
+    select::kth_smallest(&x, 1000).unwrap(); // compile outside the profile
+    let (v, rep) = knlp::profile::run(None, || {
+        let v = select::kth_smallest(&x, 1000).unwrap();
+        tch::Cuda::synchronize(0);
+        v
+    })
+    .unwrap();
+    assert_eq!(v, x.kthvalue(1000, 0, false).0.double_value(&[]));
+    assert!(rep.gpu_ms() > 0.0 && rep.kernel_calls() > 0, "no device events: {rep:?}");
+    let fused: Vec<_> =
+        rep.kernels.iter().filter(|e| knlp::profile::kind(&e.name) == "knlp fused (nvrtc)").collect();
+    assert!(fused.iter().any(|e| e.name.contains("score_keys")), "{:?}", rep.kernels);
+}

@@ -18,6 +18,7 @@ pub mod mechint;
 pub mod models;
 pub mod nn;
 pub mod optim;
+pub mod profile;
 pub mod prune;
 pub mod reentry;
 pub mod report;
@@ -92,6 +93,7 @@ impl ScriptError {
 pub fn register_all(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
     tensor::register(engine, docs);
     device::register(engine, docs);
+    profile::register(engine, docs);
     dist::register(engine, docs);
     helpers::register(engine, docs);
     display::register(engine, docs);
