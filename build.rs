@@ -20,6 +20,8 @@ fn main() {
     build_graph(&include);
     println!("cargo:rerun-if-changed=csrc/profile.cpp");
     torch_build(&include, "csrc/profile.cpp").compile("knlp_profile");
+    println!("cargo:rerun-if-changed=csrc/fused.cpp");
+    torch_build(&include, "csrc/fused.cpp").compile("knlp_fused");
 
     // Keep libtorch_cuda in NEEDED although no symbol of it is referenced:
     // otherwise `--as-needed` drops it and CUDA is silently unavailable.

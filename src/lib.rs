@@ -9,6 +9,7 @@ pub mod cudagraph;
 pub mod data;
 pub mod decode;
 pub mod dist;
+pub mod fused;
 pub mod glob;
 pub mod gpumon;
 pub mod gputop;

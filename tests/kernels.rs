@@ -346,3 +346,217 @@ fn profiler_records_the_fused_kernels() {
         rep.kernels.iter().filter(|e| knlp::profile::kind(&e.name) == "knlp fused (nvrtc)").collect();
     assert!(fused.iter().any(|e| e.name.contains("score_keys")), "{:?}", rep.kernels);
 }
+
+/// Largest absolute difference of two tensors, and the largest magnitude of
+/// the second (as float64).
+fn diff_scale(a: &Tensor, b: &Tensor) -> (f64, f64) {
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    ((&a - &b).abs().max().double_value(&[]), b.abs().max().double_value(&[]))
+}
+
+/// `x + a` then a layer norm through the fused op (`knlp::fused`), or
+/// through the plain ops; a loss that reaches `x1` (when `use_x1`) and `y`
+/// (when `use_y`); returns the outputs and the gradients of x, a, w, b.
+fn add_ln_grads(fused: bool, inputs: &[Tensor; 4], bias: bool, use_x1: bool, use_y: bool) -> Vec<Tensor> {
+    let leaf = |t: &Tensor| t.copy().set_requires_grad(true);
+    let (x, a, w, b) = (leaf(&inputs[0]), leaf(&inputs[1]), leaf(&inputs[2]), leaf(&inputs[3]));
+    let c = *x.size().last().unwrap();
+    let bo = if bias { Some(&b) } else { None };
+    let (x1, y) = if fused {
+        knlp::fused::add_layer_norm(&x, &a, &w, bo, 1e-5).unwrap()
+    } else {
+        let x1 = &x + &a;
+        let y = x1.layer_norm([c], Some(&w), bo, 1e-5, false);
+        (x1, y)
+    };
+    tch::manual_seed(11);
+    let r1 = Tensor::randn(x1.size(), (Kind::Float, x.device())).to_kind(y.kind());
+    let r2 = Tensor::randn(x1.size(), (Kind::Float, x.device())).to_kind(x1.kind());
+    let mut loss = Tensor::zeros([], (Kind::Double, x.device()));
+    if use_y {
+        loss += (&y * &r1).to_kind(Kind::Double).sum(Kind::Double);
+    }
+    if use_x1 {
+        loss += (&x1 * &r2).to_kind(Kind::Double).sum(Kind::Double);
+    }
+    loss.backward();
+    let g = |t: &Tensor| {
+        let g = t.grad();
+        if g.defined() {
+            g
+        } else {
+            t.zeros_like()
+        }
+    };
+    vec![x1.detach(), y.detach(), g(&x), g(&a), g(&w), if bias { g(&b) } else { b.zeros_like() }]
+}
+
+/// The fused residual add + layer norm's autograd Function
+/// (csrc/fused.cpp) on the CPU, where its callbacks run the libtorch
+/// reference, against autograd through the plain ops: outputs and the
+/// gradients of x, a, w and b, with and without a bias, with the new
+/// residual used further or not, with the normalised output used or not.
+#[test]
+fn add_layer_norm_function_matches_autograd_on_cpu() {
+    for (bias, use_x1, use_y) in
+        [(true, true, true), (false, true, true), (true, false, true), (true, true, false)]
+    {
+        tch::manual_seed(3);
+        let o = (Kind::Double, Device::Cpu);
+        let inputs = [
+            Tensor::randn([2, 5, 12], o) * 3.0 + 1.0,
+            Tensor::randn([2, 5, 12], o),
+            Tensor::randn([12], o),
+            Tensor::randn([12], o),
+        ];
+        let f = add_ln_grads(true, &inputs, bias, use_x1, use_y);
+        let r = add_ln_grads(false, &inputs, bias, use_x1, use_y);
+        for (what, a, b) in ["x1", "y", "grad x", "grad a", "grad w", "grad b"]
+            .iter()
+            .zip(&f)
+            .zip(&r)
+            .map(|((w, a), b)| (w, a, b))
+        {
+            let (d, s) = diff_scale(a, b);
+            assert!(
+                d <= 1e-10 * s.max(1.0),
+                "bias {bias}, x1 used {use_x1}, y used {use_y}: {what} differs by {d} (scale {s})"
+            );
+        }
+    }
+}
+
+fn small_gpt2(attention: &str, bias: bool, dev: Device) -> knlp::models::gpt2::Gpt2 {
+    use knlp::models::gpt2::{self, Gpt2};
+    use knlp::models::Model;
+    let c = gpt2::Config {
+        block_size: 24,
+        vocab_size: 61,
+        attention: attention.into(),
+        d_latent: 16,
+        bias,
+        dropout: 0.0,
+        ..gpt2::Config::custom(2, 4, 32)
+    };
+    let mut m = Gpt2::new(c).unwrap();
+    m.store_mut().finalize(dev).unwrap();
+    m
+}
+
+/// Loss and every flat gradient of one training forward and backward.
+fn loss_and_grads(m: &knlp::models::gpt2::Gpt2, x: &Tensor, y: &Tensor, amp: bool) -> (f64, Vec<Tensor>) {
+    use knlp::models::Model;
+    m.store().zero_grad().unwrap();
+    let l = if amp {
+        knlp::shim::with_autocast(knlp::shim::AutocastDtype::BF16, || m.train_loss(x, y).unwrap())
+            .unwrap()
+            .unwrap()
+    } else {
+        m.train_loss(x, y).unwrap().unwrap()
+    };
+    l.backward();
+    (l.double_value(&[]), m.store().groups().iter().map(|g| g.grad.copy()).collect())
+}
+
+/// GPT-2 with every residual add fused into the next layer norm
+/// (`Gpt2::blocks_fused`) against the plain block loop, on the CPU through
+/// the Function's reference callbacks: the same loss and gradients, for mha
+/// with biases and mla without.
+#[test]
+fn gpt2_fused_add_layer_norm_matches_the_block_loop_on_cpu() {
+    let _g = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    kernels::norm::set_enabled(true);
+    for (att, bias) in [("mha", true), ("mla", false)] {
+        tch::manual_seed(5);
+        let m = small_gpt2(att, bias, Device::Cpu);
+        let x = Tensor::randint(61, [3, 24], (Kind::Int64, Device::Cpu));
+        let y = Tensor::randint(61, [3, 24], (Kind::Int64, Device::Cpu));
+        knlp::fused::set_cpu_reference(false);
+        let (l0, g0) = loss_and_grads(&m, &x, &y, false);
+        knlp::fused::set_cpu_reference(true);
+        let before = knlp::fused::calls();
+        let (l1, g1) = loss_and_grads(&m, &x, &y, false);
+        // ln_2 and the next block's ln_1 (ln_f for the last block) per layer.
+        assert_eq!(knlp::fused::calls() - before, 4, "{att}: the fused path did not run");
+        assert!((l0 - l1).abs() <= 1e-6 * l0.abs(), "{att}: loss {l1} vs {l0}");
+        for (a, b) in g1.iter().zip(&g0) {
+            let (d, s) = diff_scale(a, b);
+            assert!(s > 0.0 && d <= 1e-5 * s, "{att}: gradients differ by {d} (scale {s})");
+        }
+    }
+    knlp::fused::set_cpu_reference(false);
+    kernels::norm::set_enabled(false);
+}
+
+/// The add + layer norm kernels against their libtorch reference on CUDA:
+/// the new residual bit for bit, mean and rstd, the bf16 output within its
+/// rounding; the backward's gradients with and without an incoming residual
+/// gradient and a bias; widths 64, 768 (GPT-2) and 1600 (GPT-2 XL, not a
+/// multiple of 128). Then GPT-2 under bf16 autocast, fused against the block
+/// loop.
+#[test]
+fn add_layer_norm_kernels_match_the_reference() {
+    let Some(dev) = cuda() else { return };
+    let _g = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
+    kernels::set_enabled(true);
+    kernels::available(dev).expect("a CUDA machine must be able to run the fused kernels");
+    use kernels::norm;
+    for (rows, c) in [(5, 64), (1000, 768), (37, 1600)] {
+        tch::manual_seed(rows);
+        let f32o = (Kind::Float, dev);
+        let x = Tensor::randn([rows, c], f32o) * 3.0 + 0.5;
+        let a = Tensor::randn([rows, c], f32o).to_kind(Kind::BFloat16);
+        let w = Tensor::randn([c], f32o);
+        let b = Tensor::randn([c], f32o);
+        for bias in [true, false] {
+            let bo = if bias { Some(&b) } else { None };
+            let f = norm::forward(&x, &a, &w, bo, 1e-5).unwrap();
+            let r = norm::reference_forward(&x, &a, &w, bo, 1e-5, Kind::BFloat16).unwrap();
+            assert!(f.x1.equal(&r.x1), "{rows}x{c}: x1 is not x + a");
+            for (what, p, q, tol) in
+                [("mean", &f.mean, &r.mean, 1e-5), ("rstd", &f.rstd, &r.rstd, 1e-5), ("y", &f.y, &r.y, 8e-3)]
+            {
+                let (d, s) = diff_scale(p, q);
+                assert!(d <= tol * s.max(1.0), "{rows}x{c} bias {bias}: {what} differs by {d} (scale {s})");
+            }
+            let gy = Tensor::randn([rows, c], f32o).to_kind(Kind::BFloat16);
+            let gx1 = Tensor::randn([rows, c], f32o);
+            for incoming in [Some(&gx1), None] {
+                let g = norm::backward(incoming, &gy, &f.x1, &w, bias, &f.mean, &f.rstd).unwrap();
+                let q =
+                    norm::reference_backward(incoming, &gy, &f.x1, &w, bo, &f.mean, &f.rstd, Kind::BFloat16)
+                        .unwrap();
+                let mut pairs =
+                    vec![("gx", g.gx, q.gx, 1e-4), ("ga", g.ga, q.ga, 8e-3), ("gw", g.gw, q.gw, 1e-4)];
+                if bias {
+                    pairs.push(("gb", g.gb.unwrap(), q.gb.unwrap(), 1e-4));
+                } else {
+                    assert!(g.gb.is_none());
+                }
+                for (what, p, q, tol) in pairs {
+                    let (d, s) = diff_scale(&p, &q);
+                    assert!(d <= tol * s, "{rows}x{c} bias {bias}: {what} differs by {d} (scale {s})");
+                }
+            }
+        }
+    }
+    assert!(kernels::enabled(), "a kernel failed and switched the fused kernels off");
+    norm::set_enabled(true);
+    tch::manual_seed(5);
+    let m = small_gpt2("mha", true, dev);
+    let x = Tensor::randint(61, [4, 24], (Kind::Int64, dev));
+    let y = Tensor::randint(61, [4, 24], (Kind::Int64, dev));
+    norm::set_enabled(false);
+    let (l0, g0) = loss_and_grads(&m, &x, &y, true);
+    norm::set_enabled(true);
+    let (before, launched) = (knlp::fused::calls(), kernels::launches());
+    let (l1, g1) = loss_and_grads(&m, &x, &y, true);
+    norm::set_enabled(false);
+    assert_eq!(knlp::fused::calls() - before, 4, "the fused path did not run");
+    assert!(kernels::launches() - launched >= 8, "the fused path ran without its kernels");
+    assert!((l0 - l1).abs() <= 2e-3 * l0.abs(), "loss {l1} vs {l0}");
+    for (a, b) in g1.iter().zip(&g0) {
+        let (d, s) = diff_scale(a, b);
+        assert!(s > 0.0 && d <= 2e-2 * s, "gradients differ by {d} (scale {s})");
+    }
+}

@@ -8,6 +8,7 @@
 //! (the reference its GPU test compares against); callers fall back to it,
 //! with one warning, wherever this runtime is unavailable.
 pub mod mla;
+pub mod norm;
 pub mod prune;
 pub mod xent;
 

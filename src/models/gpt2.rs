@@ -747,6 +747,13 @@ impl Gpt2 {
             }
         }
         let mut x = dropout(tok.f_add(&pos)?, p)?;
+        if cache.is_none() && ctx.hooks.is_none() && !last_only && crate::fused::add_layer_norm_applies(&x) {
+            let mut h = self.blocks_fused(x, &ctx)?;
+            if let Some(op) = &self.out_proj {
+                h = op.forward(&h)?;
+            }
+            return self.finish_train(train, h);
+        }
         for (i, block) in self.blocks.iter().enumerate() {
             let lc = match cache.as_deref_mut() {
                 Some(c) => {
@@ -769,6 +776,11 @@ impl Gpt2 {
         if let Some(c) = cache {
             c.len += t;
         }
+        self.finish_train(train, h)
+    }
+
+    /// The RA balance loss of a training forward, then `h` back.
+    fn finish_train(&self, train: bool, h: Tensor) -> Result<Tensor, TchError> {
         if train {
             if let (Some(g), Direction::Learned) = (&self.gate, self.spec.direction) {
                 if self.cfg.ra_balance_weight > 0.0 {
@@ -779,6 +791,41 @@ impl Gpt2 {
             }
         }
         Ok(h)
+    }
+
+    /// The blocks and ln_f with every residual add fused into the layer norm
+    /// that follows it (`fused::add_layer_norm`): a block's branch output is
+    /// added by the next layer norm, the last one by ln_f. The same
+    /// computation as the block loop of [`Self::hidden`] without hooks or a
+    /// cache; returns ln_f's output.
+    fn blocks_fused(&self, mut x: Tensor, ctx: &Ctx) -> Result<Tensor, TchError> {
+        let add_ln = |x: &Tensor, a: &Tensor, ln: &LayerNorm| {
+            crate::fused::add_layer_norm(x, a, &ln.weight, ln.bias.as_ref(), ln.eps)
+        };
+        let mut pending: Option<Tensor> = None;
+        for block in &self.blocks {
+            let h = match pending.take() {
+                Some(m) => {
+                    let (x1, h) = add_ln(&x, &m, &block.ln_1)?;
+                    x = x1;
+                    h
+                }
+                None => block.ln_1.forward(&x)?,
+            };
+            let a = block.attn.forward(&h, 0, None, ctx)?;
+            pending = Some(match (&block.ln_2, &block.mlp) {
+                (Some(ln_2), Some(mlp)) => {
+                    let (x1, h2) = add_ln(&x, &a, ln_2)?;
+                    x = x1;
+                    mlp.forward(&h2, ctx.p, self.act, |_, t| Ok(t))?
+                }
+                _ => a,
+            });
+        }
+        match pending {
+            Some(m) => Ok(add_ln(&x, &m, &self.ln_f)?.1),
+            None => self.ln_f.forward(&x),
+        }
     }
 
     /// A cache for `batch` sequences of up to `capacity` tokens; each layer's
