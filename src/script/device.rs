@@ -36,9 +36,15 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
         crate::kernels::set_enabled,
     );
     api.f(
+        "set_fused_add_layer_norm",
+        "on",
+        "Route GPT-2's residual add and the layer norm after it through one run-time compiled kernel each way (CUDA, bf16 autocast, training forwards without hooks; docs/gpu.md). Off by default until measured on a GPU; `KNLP_FUSED_LN=1` starts with it on.",
+        crate::kernels::norm::set_enabled,
+    );
+    api.f(
         "fused_kernels",
         "",
-        "The fused GPU kernels' state: `#{ enabled, available, runtime }` (available: CUDA device 0 can run them; runtime: NVRTC's version and path, or why it is missing).",
+        "The fused GPU kernels' state: `#{ enabled, add_layer_norm, available, runtime }` (available: CUDA device 0 can run them; runtime: NVRTC's version and path, or why it is missing).",
         || -> Map {
             let dev = tch::Device::Cuda(0);
             let avail = tch::Cuda::is_available() && crate::kernels::available(dev).is_ok();
@@ -49,6 +55,7 @@ pub fn register(engine: &mut Engine, docs: &mut Vec<DocEntry>) {
             };
             map_of(vec![
                 ("enabled", Dynamic::from_bool(crate::kernels::enabled())),
+                ("add_layer_norm", Dynamic::from_bool(crate::kernels::norm::enabled())),
                 ("available", Dynamic::from_bool(avail)),
                 ("runtime", Dynamic::from(runtime)),
             ])

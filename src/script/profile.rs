@@ -35,7 +35,7 @@ fn run(ctx: &NativeCallContext, f: &FnPtr, opts: &Map) -> RResult<Map> {
     let top = match opts.get("top") {
         Some(v) => {
             let n = as_number(v, "profile(): top")?;
-            if !(n >= 0.0) {
+            if n.is_nan() || n < 0.0 {
                 return Err(rerr(format!("profile(): top must be >= 0, got {n}")));
             }
             n as usize
@@ -46,7 +46,7 @@ fn run(ctx: &NativeCallContext, f: &FnPtr, opts: &Map) -> RResult<Map> {
     let per = match opts.get("per") {
         Some(v) => {
             let n = as_number(v, "profile(): per")?;
-            if !(n > 0.0) {
+            if n.is_nan() || n <= 0.0 {
                 return Err(rerr(format!("profile(): per must be > 0, got {n}")));
             }
             n
