@@ -37,6 +37,7 @@ pub const GROUPS: &[(&str, &str)] = &[
     ("Memory tiering", "Modules scored by Adam's state and assigned to HBM, CPU and SSD by the cumulative rule; `train()`'s `tiering` option delays or stages their forwards (docs/tiering.md)."),
     ("Training", "The training loop: run directories, metrics, checkpoints and resume (docs/training.md)."),
     ("Device and precision", "CUDA, TF32, autocast and determinism switches, and CUDA memory statistics."),
+    ("Profiling", "Where a closure's time goes: libtorch's profiler, device time by kernel kind (docs/gpu.md \"Profiling\")."),
     ("Distributed", "Data-parallel ranks (`knlp run --nproc N`, torchrun): the rank's place and the collectives over libtorch's process groups, Gloo for CPU tensors and NCCL for CUDA tensors. `train()` splits each batch over the ranks by itself (docs/distributed.md)."),
     ("Results and graphs", "A project's runs as a data frame (`runs(project)`, the table of `knlp results`) to filter, sort, group and export, and line and bar charts in the style of `knlp graphs` (docs/workflow.md)."),
     ("Script helpers", "Arguments, configuration and utilities for scripts."),
