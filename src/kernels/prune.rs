@@ -157,6 +157,15 @@ pub fn kth_smallest(x: &Tensor, k: i64) -> Result<f64> {
 /// lowest scores: every score below the k-th smallest, then ties at it in
 /// index order, as `Pruner::keep_mask` does; like it, NaN scores are pruned
 /// too (so more than k when there are any).
+/// The tie rule of every exact mask update (this one and
+/// `Pruner::keep_mask`): of the elements equal to the threshold (`ties`, a
+/// flat bool mask), the first `prune` in index order go and the rest are
+/// kept. Returns the kept ones.
+pub fn ties_kept(ties: &Tensor, prune: i64) -> Result<Tensor> {
+    let rank = ties.f_cumsum(0, Kind::Int64).map_err(te)?;
+    rank.f_gt(prune).and_then(|r| r.f_logical_and(ties)).map_err(te)
+}
+
 pub fn keep_masks(expr: &str, parts: &[Part], keep: &mut [Tensor], k: i64) -> Result<Selection> {
     if keep.len() != parts.len() {
         bail!("internal: {} masks for {} parts", keep.len(), parts.len());
@@ -189,8 +198,7 @@ pub fn keep_masks(expr: &str, parts: &[Part], keep: &mut [Tensor], k: i64) -> Re
     if prune_ties < sel.ties && sel.key != NAN_KEY {
         // Only the first `prune_ties` elements equal to the threshold go.
         let ties = keys.f_eq(sel.key as i32 as i64).map_err(te)?;
-        let rank = ties.f_cumsum(0, Kind::Int64).map_err(te)?;
-        let keep_ties = rank.f_gt(prune_ties).and_then(|r| r.f_logical_and(&ties)).map_err(te)?;
+        let keep_ties = ties_kept(&ties, prune_ties)?;
         let mut off = 0i64;
         for m in keep.iter_mut() {
             let len = m.numel() as i64;

@@ -399,9 +399,8 @@ impl Pruner {
             .and_then(|s| s.f_int64_value(&[]))
             .map_err(te)?;
         let ties = scores.f_eq(t).map_err(te)?;
-        let rank = ties.f_cumsum(0, Kind::Int).map_err(te)?;
         // Ties ranked past the k - below that must go are kept.
-        let keep_ties = rank.f_gt(k - below).and_then(|r| r.f_logical_and(&ties)).map_err(te)?;
+        let keep_ties = crate::kernels::prune::ties_kept(&ties, k - below)?;
         keep.f_logical_or(&keep_ties).map_err(te)
     }
 
