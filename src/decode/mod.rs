@@ -151,11 +151,16 @@ pub(crate) fn token_ids(what: &str, model: &Gpt2, tokens: &Tensor, dev: Device) 
         bail!("{what}: tokens must be integer ids, got {}", crate::tensor::kind_name(kind));
     }
     let vocab = model.cfg().vocab_size;
-    let ids = tokens.f_to_device(dev).and_then(|p| p.f_to_kind(Kind::Int64)).map_err(te)?;
+    // The range is checked where the tokens are (a prompt from a script is
+    // on the CPU), in one reduction and one read.
     let (lo, hi) = tch::no_grad(|| -> Result<(i64, i64), tch::TchError> {
-        Ok((ids.f_min()?.f_int64_value(&[])?, ids.f_max()?.f_int64_value(&[])?))
+        let (lo, hi) = tokens.f_aminmax(None::<i64>, false)?;
+        let both = Tensor::f_stack(&[lo.f_to_kind(Kind::Int64)?, hi.f_to_kind(Kind::Int64)?], 0)?
+            .f_to_device(Device::Cpu)?;
+        Ok((both.f_int64_value(&[0])?, both.f_int64_value(&[1])?))
     })
     .map_err(te)?;
+    let ids = tokens.f_to_device(dev).and_then(|p| p.f_to_kind(Kind::Int64)).map_err(te)?;
     if lo < 0 || hi >= vocab {
         bail!("{what}: token ids must lie in [0, {vocab}), got ids from {lo} to {hi}");
     }
