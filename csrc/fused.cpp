@@ -58,6 +58,11 @@ struct AddLayerNorm : public torch::autograd::Function<AddLayerNorm> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // The kernel path records no graph and the fallback treats mean and rstd
+    // as constants: a second derivative would be silently wrong.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "fused add + layer norm: double backward (create_graph) is not supported; "
+                "turn it off with set_fused_add_layer_norm(false)");
     auto saved = ctx->get_saved_variables();
     at::Tensor mean = ctx->saved_data["mean"].toTensor(), rstd = ctx->saved_data["rstd"].toTensor();
     auto bwd = reinterpret_cast<AddLnBwd>(ctx->saved_data["bwd"].toInt());

@@ -49,8 +49,8 @@ pub fn set_cpu_reference(on: bool) {
 
 /// Whether a model should route `x + a` and its layer norm through
 /// [`add_layer_norm`]: the switch is on (`KNLP_FUSED_LN=1`) and either the
-/// kernel takes these tensors under bf16 autocast, or the CPU reference
-/// mode of the tests is on.
+/// kernel takes rows of this width under bf16 autocast, or the CPU
+/// reference mode of the tests is on.
 pub fn add_layer_norm_applies(x: &Tensor) -> bool {
     if !norm::enabled() {
         return false;
@@ -58,7 +58,11 @@ pub fn add_layer_norm_applies(x: &Tensor) -> bool {
     if x.device() == tch::Device::Cpu {
         return CPU_REFERENCE.load(Ordering::Relaxed);
     }
+    let c = x.size().last().copied().unwrap_or(0);
     x.kind() == Kind::Float
+        && c > 0
+        && c % 4 == 0
+        && c <= norm::MAX_COLS
         && matches!(crate::shim::autocast(), Ok((true, crate::shim::AutocastDtype::BF16)))
         && kernels::usable(x.device())
 }

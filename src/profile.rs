@@ -29,7 +29,16 @@ fn check(rc: c_int) -> Result<(), String> {
 const KINDS: &[(&str, &[&str])] = &[
     (
         "knlp fused (nvrtc)",
-        &["keep_above", "mla_attend", "mla_combine", "mla_row", "radix_", "score_keys", "xent_bf16"],
+        &[
+            "add_ln_",
+            "keep_above",
+            "mla_attend",
+            "mla_combine",
+            "mla_row",
+            "radix_",
+            "score_keys",
+            "xent_bf16",
+        ],
     ),
     ("attention", &["flash", "fmha", "attention"]),
     ("matmul", &["gemm", "nvjet", "cutlass", "sm90_", "sm80_", "xmma"]),
@@ -118,7 +127,20 @@ pub fn run<T>(trace: Option<&Path>, f: impl FnOnce() -> T) -> Result<(T, Report)
         None => None,
     };
     check(unsafe { knlp_profile_start(tch::Cuda::is_available() as c_int) })?;
+    // Stops the profiler if `f` panics, so that the next profile can start.
+    struct Running(bool);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if self.0 {
+                let mut n = 0i64;
+                // SAFETY: a null trace path writes nothing.
+                let _ = unsafe { knlp_profile_stop(std::ptr::null(), &mut n) };
+            }
+        }
+    }
+    let mut running = Running(true);
     let out = f();
+    running.0 = false;
     let mut n = 0i64;
     let ptr = trace.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
     check(unsafe { knlp_profile_stop(ptr, &mut n) })?;
@@ -143,6 +165,7 @@ mod tests {
         assert_eq!(kind("cudnn_generated_fort_native_sdpa_sm90_flash_bprop"), "attention");
         assert_eq!(kind("void at::native::vectorized_layer_norm_kernel<float>"), "norm");
         assert_eq!(kind("xent_bf16"), "knlp fused (nvrtc)");
+        assert_eq!(kind("add_ln_bwd"), "knlp fused (nvrtc)");
         assert_eq!(kind("triton_poi_fused_gelu"), "triton (fused)");
         assert_eq!(kind("void at::native::direct_copy_kernel_cuda"), "other elementwise/copy");
     }

@@ -16,16 +16,17 @@ use std::sync::{Mutex, Once};
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::{grid_for, kernel, launch, same_device, te, Arg};
+use super::{contiguous_of, grid_for, kernel, launch, same_device, te, Arg};
 
 const SOURCE: &str = include_str!("norm.cu");
 /// Rows per forward block (one warp each).
 const FWD_WARPS: i64 = 8;
 /// Warps per backward block: `WARPS` in norm.cu.
 const BWD_WARPS: i64 = 4;
-/// The widest row the kernels take (a row lives in a warp's registers; the
-/// backward's block reduction needs `BWD_WARPS · C` floats of shared memory).
-pub const MAX_COLS: i64 = 2048;
+/// The widest row the kernels take: a row lives in a warp's registers (the
+/// backward keeps four float4 per 128 columns per lane; wider rows would
+/// spill), up to GPT-2 medium's 1024.
+pub const MAX_COLS: i64 = 1024;
 
 static ON: AtomicBool = AtomicBool::new(false);
 static INIT: Once = Once::new();
@@ -178,6 +179,11 @@ pub fn backward(
     let rows = x1.numel() as i64 / c;
     let w = param(w, c, "the weight")?;
     same_device(&[&w, mean, rstd], dev)?;
+    contiguous_of(mean, Kind::Float, "add_ln: the row means")?;
+    contiguous_of(rstd, Kind::Float, "add_ln: the row rstd")?;
+    if mean.numel() as i64 != rows || rstd.numel() as i64 != rows {
+        bail!("add_ln: need one mean and rstd per row ({rows})");
+    }
     let grid = grid_for(dev, rows, BWD_WARPS as u32)?;
     let gx = x1.f_empty_like().map_err(te)?;
     let ga = gy.f_empty_like().map_err(te)?;

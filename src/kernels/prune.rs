@@ -153,10 +153,6 @@ pub fn kth_smallest(x: &Tensor, k: i64) -> Result<f64> {
     Ok(sel.value() as f64)
 }
 
-/// Write keep masks (one bool tensor per part, in place) that prune the `k`
-/// lowest scores: every score below the k-th smallest, then ties at it in
-/// index order, as `Pruner::keep_mask` does; like it, NaN scores are pruned
-/// too (so more than k when there are any).
 /// The tie rule of every exact mask update (this one and
 /// `Pruner::keep_mask`): of the elements equal to the threshold (`ties`, a
 /// flat bool mask), the first `prune` in index order go and the rest are
@@ -166,6 +162,10 @@ pub fn ties_kept(ties: &Tensor, prune: i64) -> Result<Tensor> {
     rank.f_gt(prune).and_then(|r| r.f_logical_and(ties)).map_err(te)
 }
 
+/// Write keep masks (one bool tensor per part, in place) that prune the `k`
+/// lowest scores: every score below the k-th smallest, then ties at it in
+/// index order, as `Pruner::keep_mask` does; like it, NaN scores are pruned
+/// too (so more than k when there are any).
 pub fn keep_masks(expr: &str, parts: &[Part], keep: &mut [Tensor], k: i64) -> Result<Selection> {
     if keep.len() != parts.len() {
         bail!("internal: {} masks for {} parts", keep.len(), parts.len());

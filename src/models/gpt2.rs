@@ -747,7 +747,14 @@ impl Gpt2 {
             }
         }
         let mut x = dropout(tok.f_add(&pos)?, p)?;
-        if cache.is_none() && ctx.hooks.is_none() && !last_only && crate::fused::add_layer_norm_applies(&x) {
+        // Not for routed attention: its router reads the layer norm's output
+        // as float32 features, which the fused op would round to bf16 first.
+        if cache.is_none()
+            && ctx.hooks.is_none()
+            && !last_only
+            && self.spec.mixer != Mixer::Route
+            && crate::fused::add_layer_norm_applies(&x)
+        {
             let mut h = self.blocks_fused(x, &ctx)?;
             if let Some(op) = &self.out_proj {
                 h = op.forward(&h)?;
