@@ -5,34 +5,26 @@
 //! reference is `attention::absorb`'s libtorch path (`Folded::attend` after
 //! `rope::apply_at`, the concatenations and `index_copy_`), which keeps
 //! scores and probabilities in bf16 where these kernels keep them in fp32.
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Once;
-
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
-use super::{contiguous_of, kernel, launch, launch_grid, same_device, te, Arg};
+use super::{contiguous_of, kernel, launch, launch_grid, same_device, te, Arg, OptIn};
 
 const SOURCE: &str = include_str!("mla.cu");
 
 /// Off unless asked for (`KNLP_FUSED_MLA_DECODE=1`, or [`set_enabled`]):
 /// these kernels have not run on a GPU yet (docs/attention.md, "Fused
 /// absorbed decode"); the libtorch step is the default until they have.
-static ON: AtomicBool = AtomicBool::new(false);
-static ENV: Once = Once::new();
+static SWITCH: OptIn = OptIn::new("KNLP_FUSED_MLA_DECODE");
 
 pub fn set_enabled(on: bool) {
-    ENV.call_once(|| {});
-    ON.store(on, Ordering::Relaxed);
+    SWITCH.set(on);
 }
 
 /// Whether the graphed absorbed step may use these kernels (the global
 /// switch, `kernels::usable`, applies on top).
 pub fn enabled() -> bool {
-    ENV.call_once(|| {
-        ON.store(std::env::var("KNLP_FUSED_MLA_DECODE").is_ok_and(|v| v == "1"), Ordering::Relaxed)
-    });
-    ON.load(Ordering::Relaxed)
+    SWITCH.enabled()
 }
 
 /// The shape of one layer's absorbed step.

@@ -154,6 +154,33 @@ pub fn enabled() -> bool {
     env_on && ENABLED.load(Ordering::Relaxed)
 }
 
+/// The switch of a kernel family that is off until it has been measured on
+/// a GPU: on when its environment variable is `1` at first use, or when
+/// set. The global switch ([`enabled`], [`usable`]) applies on top.
+pub struct OptIn {
+    on: AtomicBool,
+    env: Once,
+    var: &'static str,
+}
+
+impl OptIn {
+    pub const fn new(var: &'static str) -> Self {
+        OptIn { on: AtomicBool::new(false), env: Once::new(), var }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.env
+            .call_once(|| self.on.store(std::env::var(self.var).is_ok_and(|v| v == "1"), Ordering::Relaxed));
+        self.on.load(Ordering::Relaxed)
+    }
+
+    /// Overrides the environment variable from now on.
+    pub fn set(&self, on: bool) {
+        self.env.call_once(|| {});
+        self.on.store(on, Ordering::Relaxed);
+    }
+}
+
 /// Whether a caller on `device` should take its fused path: switched on,
 /// a CUDA device, and the runtime loads. On a CUDA device where it does
 /// not, says why once and returns false.

@@ -10,13 +10,12 @@
 //! Off unless asked for (`KNLP_FUSED_LN=1`, or [`set_enabled`]) until it has
 //! been measured on a GPU.
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, Once};
+use std::sync::Mutex;
 
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-use super::{contiguous_of, grid_for, kernel, launch, same_device, te, Arg};
+use super::{contiguous_of, grid_for, kernel, launch, same_device, te, Arg, OptIn};
 
 const SOURCE: &str = include_str!("norm.cu");
 /// Rows per forward block (one warp each).
@@ -28,18 +27,15 @@ const BWD_WARPS: i64 = 4;
 /// spill), up to GPT-2 medium's 1024.
 pub const MAX_COLS: i64 = 1024;
 
-static ON: AtomicBool = AtomicBool::new(false);
-static INIT: Once = Once::new();
+static SWITCH: OptIn = OptIn::new("KNLP_FUSED_LN");
 
 /// Whether models use the fused residual add + layer norm where it applies.
 pub fn enabled() -> bool {
-    INIT.call_once(|| ON.store(std::env::var("KNLP_FUSED_LN").is_ok_and(|v| v == "1"), Ordering::Relaxed));
-    ON.load(Ordering::Relaxed)
+    SWITCH.enabled()
 }
 
 pub fn set_enabled(on: bool) {
-    INIT.call_once(|| {});
-    ON.store(on, Ordering::Relaxed);
+    SWITCH.set(on);
 }
 
 /// The kernel source for rows of `cols` floats (compiled once per width).
