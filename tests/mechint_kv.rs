@@ -56,15 +56,26 @@ fn tiny_config() -> gpt2::Config {
     gpt2::Config { vocab_size: VOCAB, block_size: BLOCK, ..gpt2::Config::custom(2, 2, 32) }
 }
 
-/// The tiny model, trained for a few Adam steps on the copy task.
+/// libtorch's default generator is process-wide: the tests here that draw
+/// from it run one at a time, so another test's model init cannot shift the
+/// trained model's (CI once saw exactly that).
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The tiny model, trained with Adam until it has learned to copy (held-out
+/// loss about 1.7 nats against ln 32 = 3.47 for a uniform guess).
+/// Callers hold `rng()`.
 fn trained(tokens: &Path) -> (Gpt2, Optimizer) {
     tch::manual_seed(0);
     let mut m = Gpt2::new(tiny_config().resolve().unwrap()).unwrap();
     m.store_mut().finalize(Device::Cpu).unwrap();
-    let mut opt = Optimizer::new(m.store(), OptConfig { lr: 3e-3, ..OptConfig::default() }).unwrap();
+    let mut opt = Optimizer::new(m.store(), OptConfig { lr: 1e-2, ..OptConfig::default() }).unwrap();
     let train = TokenFile::open(&tokens.join("train.bin"), Some(VOCAB as u32)).unwrap();
     let mut rng = Rng::new(3);
-    for _ in 0..60 {
+    for _ in 0..150 {
         let b = train.sample(16, BLOCK as usize, &mut rng).unwrap();
         m.store().zero_grad().unwrap();
         let loss = cross_entropy(&m.forward(&b.x, true).unwrap(), &b.y).unwrap();
@@ -120,6 +131,7 @@ fn knlp_cmd(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn discovery_library_checkpoints_and_cli() {
+    let _g = rng();
     let dir = temp_dir("all");
     let tokens = dataset(&dir);
     let (model, opt) = trained(&tokens);
@@ -146,7 +158,8 @@ fn discovery_library_checkpoints_and_cli() {
         let want = (r.target_sparsity * c.channels as f64).round() / c.channels as f64;
         assert!((r.sparsity - want).abs() < 1e-9, "step {}: {} vs {want}", r.step, r.sparsity);
     }
-    assert!(c.empty.loss > c.full.loss, "removing every K/V channel hurts a trained model");
+    assert!(c.full.loss < 2.5, "the model learned the copy task: {}", c.full.loss);
+    assert!(c.empty.loss > c.full.loss + 1.0, "removing every K/V channel hurts a trained model: {c:?}");
     assert!(c.faithfulness.is_finite() && c.final_.loss.is_finite());
     assert!((c.final_.bpb - c.final_.loss / std::f64::consts::LN_2 / 4.8).abs() < 1e-12);
     if let Some(b) = before {
@@ -304,6 +317,7 @@ fn kconfig_symbols_and_preset() {
 
 #[test]
 fn decoupled_rope_models_are_refused() {
+    let _g = rng();
     // Their shared rotated key adds to every score outside hook_k/hook_v.
     let dir = temp_dir("decoupled");
     let tokens = dataset(&dir);
