@@ -187,7 +187,7 @@ run: build
 
 test: build /usr/bin/chromium
 	$(CARGO) fmt --all -- --check
-	$(LINUX_TEST_ENV) KNLP_REQUIRE_CHROMIUM=1 $(CARGO) test --release --locked --workspace -- --test-threads=2
+	$(LINUX_TEST_ENV) KNLP_REQUIRE_CHROMIUM=1 KNLP_REQUIRE_NVRTC=1 $(CARGO) test --release --locked --workspace -- --test-threads=2
 
 # ---- experiments, kernel-style ------------------------------------------------
 

@@ -49,6 +49,30 @@ fn version_and_help() {
     assert_eq!(o.status.code(), Some(2));
 }
 
+/// `knlp kernels` compiles every fused kernel with NVRTC (no GPU) and
+/// prints ptxas's report; bad architectures are errors that say so.
+#[test]
+fn kernels_check_reports_every_entry_point() {
+    if knlp::kernels::nvrtc::get().is_err() && std::env::var_os("KNLP_REQUIRE_NVRTC").is_none() {
+        eprintln!("skipped: no NVRTC");
+        return;
+    }
+    let o = knlp(&root(), &["kernels", "--arch", "90"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    for entry in
+        ["score_keys", "radix_pass", "radix_find", "keep_above", "xent_bf16", "add_ln_fwd", "add_ln_bwd"]
+    {
+        assert!(out.lines().any(|l| l.starts_with("sm_90") && l.contains(entry)), "{entry} missing:\n{out}");
+    }
+    assert!(out.contains("H 12, R 256, DR 32") && !out.contains("problem"), "{out}");
+    for (arch, want) in [("sm_9x", "expected an architecture such as 90"), ("sm_20", "has no sm_20")] {
+        let o = knlp(&root(), &["kernels", "--arch", arch]);
+        assert_eq!(o.status.code(), Some(1), "{arch}");
+        assert!(text(&o).1.contains(want), "{arch}: {}", text(&o).1);
+    }
+}
+
 #[test]
 fn tensor_ops_script_passes() {
     let o = knlp(&root(), &["run", "tests/scripts/tensor_ops.rhai"]);

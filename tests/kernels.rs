@@ -26,6 +26,42 @@ fn cuda() -> Option<Device> {
     }
 }
 
+/// Every kernel source, at every specialization knlp launches and at the
+/// boundary of what the families accept, compiles with the torch wheel's
+/// NVRTC for Ampere and Hopper on this machine (no GPU needed), declares
+/// exactly the entry points the Rust side launches, does not spill, and
+/// fits the register file at its block size. `make test` sets
+/// KNLP_REQUIRE_NVRTC=1, so a missing NVRTC fails there instead of skipping.
+#[test]
+fn every_kernel_compiles_without_spills_for_ampere_and_hopper() {
+    if let Err(e) = kernels::nvrtc::get() {
+        assert!(std::env::var_os("KNLP_REQUIRE_NVRTC").is_none(), "KNLP_REQUIRE_NVRTC=1 but {e}");
+        eprintln!("skipped: {e}");
+        return;
+    }
+    let sources = kernels::check::sources(&knlp::prune::score::cuda_scorers());
+    let families: std::collections::BTreeSet<_> = sources.iter().map(|s| s.family).collect();
+    assert_eq!(families.into_iter().collect::<Vec<_>>(), ["mla", "norm", "prune", "xent"]);
+    for arch in [80, 90] {
+        let reports = kernels::check::run(&sources, arch).unwrap();
+        assert_eq!(reports.len(), sources.len());
+        for (r, s) in reports.iter().zip(&sources) {
+            assert!(r.problems.is_empty(), "sm_{arch} {} {}: {:?}", r.family, r.variant, r.problems);
+            assert_eq!(r.entries.len(), s.entries.len(), "{} {}", r.family, r.variant);
+            assert!(r.entries.iter().all(|e| e.registers > 0 && e.threads > 0), "{} {}", r.family, r.variant);
+        }
+    }
+    // A source NVRTC rejects is an error that carries its log.
+    let bad = [kernels::check::Source {
+        family: "broken",
+        variant: String::new(),
+        src: "extern \"C\" __global__ void k() { undeclared(); }".into(),
+        entries: vec![("k", 32)],
+    }];
+    let e = format!("{:#}", kernels::check::run(&bad, 90).err().expect("an error"));
+    assert!(e.contains("could not compile kernel broken") && e.contains("undeclared"), "{e}");
+}
+
 #[test]
 fn cpu_selection_ignores_the_switch() {
     let _g = SWITCH.lock().unwrap_or_else(|e| e.into_inner());

@@ -101,6 +101,13 @@ enum Command {
         #[arg(long, default_value_t = knlp::data::DEFAULT_VAL_FRACTION)]
         val_fraction: f64,
     },
+    /// Compile every fused GPU kernel with NVRTC for ARCH, no GPU needed; print ptxas's
+    /// registers, spills and shared memory per entry point (docs/gpu.md).
+    Kernels {
+        /// Architectures, as 90 or sm_90
+        #[arg(long = "arch", value_name = "ARCH", default_values_t = ["sm_80".to_string(), "sm_90".to_string()])]
+        archs: Vec<String>,
+    },
     /// Every NVIDIA GPU's utilisation, memory, temperature, power and clocks (q quits).
     Gputop {
         /// JSON lines (one per GPU per round) instead of the terminal view
@@ -591,6 +598,20 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Kernels { archs } => report((|| {
+            let sources = knlp::kernels::check::sources(&knlp::prune::score::cuda_scorers());
+            let mut bad = 0;
+            for a in &archs {
+                let arch = knlp::kernels::check::parse_arch(a)?;
+                let reports = knlp::kernels::check::run(&sources, arch)?;
+                print!("{}", knlp::kernels::check::table(&reports));
+                bad += reports.iter().map(|r| r.problems.len()).sum::<usize>();
+            }
+            if bad > 0 {
+                eprintln!("knlp kernels: {bad} problem(s)");
+            }
+            Ok(i32::from(bad > 0))
+        })()),
         Command::Gputop { json, interval, count } => {
             let run = || -> anyhow::Result<()> {
                 if !(interval.is_finite() && interval > 0.0 && interval <= 3600.0) {

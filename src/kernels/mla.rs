@@ -11,6 +11,8 @@ use tch::{Kind, Tensor};
 use super::{contiguous_of, kernel, launch, launch_grid, same_device, te, Arg, OptIn};
 
 const SOURCE: &str = include_str!("mla.cu");
+/// Threads per block of `mla_row`.
+const ROW_THREADS: u32 = 256;
 
 /// Off unless asked for (`KNLP_FUSED_MLA_DECODE=1`, or [`set_enabled`]):
 /// these kernels have not run on a GPU yet (docs/attention.md, "Fused
@@ -43,10 +45,57 @@ impl Shape {
     }
 
     /// Whether the kernels take this shape: a warp per head, a thread per
-    /// latent column in the merge, an even RoPE width.
+    /// latent column in the merge, an even RoPE width, and an attend block
+    /// whose registers fit the register file (64 K per block).
     pub fn fits(&self) -> bool {
-        (1..=32).contains(&self.heads) && (1..=1024).contains(&self.r) && self.dr >= 0 && self.dr % 2 == 0
+        (1..=32).contains(&self.heads)
+            && (1..=1024).contains(&self.r)
+            && (0..=256).contains(&self.dr)
+            && self.dr % 2 == 0
+            && 32 * self.heads * self.attend_registers() <= 65_536
     }
+
+    /// `mla_attend`'s registers per thread, from above: a lane holds its
+    /// query and key columns (2·⌈(R+DR)/32⌉) and its share of the R
+    /// accumulators (⌈R/32⌉), plus 32 for the rest; allocated in units of
+    /// 8. ptxas reports at most this for every boundary shape `fits`
+    /// admits (`knlp kernels`, tests/kernels.rs).
+    fn attend_registers(&self) -> i64 {
+        let ke = (self.r + self.dr + 31) / 32;
+        let re = (self.r + 31) / 32;
+        (2 * ke + re + 32 + 7) / 8 * 8
+    }
+}
+
+/// The sources [`super::check`] compiles: GPT-2 124M's latent shapes with
+/// and without decoupled RoPE, a tiny test shape, and the boundary of
+/// [`Shape::fits`].
+pub fn check_sources() -> Vec<super::check::Source> {
+    // For a given head count the largest latent `fits` admits, with and
+    // without RoPE: the shapes that press hardest on the register file.
+    let widest = |heads: i64, dr: i64| (1..=1024).rev().find(|&r| Shape { heads, r, dr }.fits());
+    let mut shapes = vec![(12, 256, 32), (12, 256, 0), (2, 16, 8)];
+    for heads in [1, 8, 12, 16, 25, 32] {
+        for dr in [0, 64, 256] {
+            shapes.extend(widest(heads, dr).map(|r| (heads, r, dr)));
+        }
+    }
+    shapes
+        .into_iter()
+        .map(|(heads, r, dr)| {
+            let sh = Shape { heads, r, dr };
+            super::check::Source {
+                family: "mla",
+                variant: format!("H {heads}, R {r}, DR {dr}"),
+                src: sh.source(),
+                entries: vec![
+                    ("mla_row", ROW_THREADS),
+                    ("mla_attend", 32 * heads as u32),
+                    ("mla_combine", r as u32),
+                ],
+            }
+        })
+        .collect()
 }
 
 /// From the folded projection `out` [B, 1, H·r + (H+1)·dr + r] build the
@@ -89,7 +138,7 @@ pub fn row(sh: Shape, out: &Tensor, cos_sin: Option<&Tensor>, pos: &Tensor, slot
     launch(
         kr,
         b as u32,
-        256,
+        ROW_THREADS,
         0,
         &[
             Arg::tensor(out, 0)?,

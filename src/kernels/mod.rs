@@ -7,8 +7,10 @@
 //! Every kernel family has a libtorch path that computes the same thing
 //! (the reference its GPU test compares against); callers fall back to it,
 //! with one warning, wherever this runtime is unavailable.
+pub mod check;
 pub mod mla;
 pub mod norm;
+pub mod nvrtc;
 pub mod prune;
 pub mod xent;
 
@@ -34,11 +36,9 @@ fn contiguous_of(t: &Tensor, kind: Kind, what: &str) -> Result<()> {
 }
 
 type CuResult = c_int;
-type NvrtcResult = c_int;
-type Prog = *mut c_void;
 
-/// The driver and NVRTC entry points knlp uses, with the signatures of
-/// `cuda.h` and `nvrtc.h` (opaque handles as pointers, `CUdevice` as int).
+/// The driver entry points knlp uses, with the signatures of `cuda.h`
+/// (opaque handles as pointers, `CUdevice` as int).
 struct Fns {
     cu_init: unsafe extern "C" fn(c_uint) -> CuResult,
     cu_device_get: unsafe extern "C" fn(*mut c_int, c_int) -> CuResult,
@@ -64,32 +64,12 @@ struct Fns {
         *mut *mut c_void,
     ) -> CuResult,
     cu_error_string: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
-    rtc_create: unsafe extern "C" fn(
-        *mut Prog,
-        *const c_char,
-        *const c_char,
-        c_int,
-        *const *const c_char,
-        *const *const c_char,
-    ) -> NvrtcResult,
-    rtc_compile: unsafe extern "C" fn(Prog, c_int, *const *const c_char) -> NvrtcResult,
-    rtc_log_size: unsafe extern "C" fn(Prog, *mut usize) -> NvrtcResult,
-    rtc_log: unsafe extern "C" fn(Prog, *mut c_char) -> NvrtcResult,
-    rtc_cubin_size: unsafe extern "C" fn(Prog, *mut usize) -> NvrtcResult,
-    rtc_cubin: unsafe extern "C" fn(Prog, *mut c_char) -> NvrtcResult,
-    rtc_ptx_size: unsafe extern "C" fn(Prog, *mut usize) -> NvrtcResult,
-    rtc_ptx: unsafe extern "C" fn(Prog, *mut c_char) -> NvrtcResult,
-    rtc_destroy: unsafe extern "C" fn(*mut Prog) -> NvrtcResult,
-    rtc_error_string: unsafe extern "C" fn(NvrtcResult) -> *const c_char,
-    rtc_num_archs: unsafe extern "C" fn(*mut c_int) -> NvrtcResult,
-    rtc_archs: unsafe extern "C" fn(*mut c_int) -> NvrtcResult,
-    rtc_version: unsafe extern "C" fn(*mut c_int, *mut c_int) -> NvrtcResult,
 }
 
-/// The loaded libraries and where NVRTC came from.
+/// The loaded driver and NVRTC.
 struct Rtc {
     f: Fns,
-    nvrtc_path: String,
+    nvrtc: &'static nvrtc::Nvrtc,
     /// Per device: its primary context (retained once) and SM count.
     devices: Mutex<HashMap<c_int, (usize, i64)>>,
 }
@@ -210,57 +190,10 @@ pub fn disable(e: &anyhow::Error) {
 pub fn describe() -> String {
     match RTC.get_or_init(load) {
         Ok(r) => {
-            let (mut a, mut b) = (0, 0);
-            // SAFETY: two out-pointers to locals.
-            unsafe { (r.f.rtc_version)(&mut a, &mut b) };
-            format!("NVRTC {a}.{b} ({})", r.nvrtc_path)
+            let (a, b) = r.nvrtc.version();
+            format!("NVRTC {a}.{b} ({})", r.nvrtc.path)
         }
         Err(e) => e.clone(),
-    }
-}
-
-/// The folder libtorch's libc10.so was loaded from (the wheel's
-/// `torch/lib`), read from the process's own memory map.
-fn torch_lib_dir() -> Option<std::path::PathBuf> {
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    maps.lines()
-        .filter_map(|l| l.split_whitespace().nth(5))
-        .find(|p| p.ends_with("/libc10.so"))
-        .and_then(|p| std::path::Path::new(p).parent().map(|d| d.to_path_buf()))
-}
-
-/// NVRTC candidates, most specific first: `KNLP_NVRTC`, the wheels beside
-/// the loaded libtorch (CUDA 13 and 12 layouts), then the loader's search
-/// path.
-fn nvrtc_candidates() -> Vec<String> {
-    let mut c = Vec::new();
-    if let Ok(p) = std::env::var("KNLP_NVRTC") {
-        c.push(p);
-    }
-    if let Some(lib) = torch_lib_dir() {
-        let site = lib.join("../..");
-        for rel in ["nvidia/cu13/lib/libnvrtc.so.13", "nvidia/cuda_nvrtc/lib/libnvrtc.so.12"] {
-            let p = site.join(rel);
-            if p.exists() {
-                c.push(p.display().to_string());
-            }
-        }
-    }
-    c.extend(["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"].map(String::from));
-    c
-}
-
-unsafe fn open(name: &str) -> *mut c_void {
-    let Ok(c) = CString::new(name) else { return std::ptr::null_mut() };
-    libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL)
-}
-
-unsafe fn sym(lib: *mut c_void, what: &str, name: &CStr) -> std::result::Result<*mut c_void, String> {
-    let p = libc::dlsym(lib, name.as_ptr());
-    if p.is_null() {
-        Err(format!("{what} lacks {}", name.to_string_lossy()))
-    } else {
-        Ok(p)
     }
 }
 
@@ -270,49 +203,30 @@ fn load() -> std::result::Result<Rtc, String> {
     // SAFETY: dlopen/dlsym with NUL-terminated names; every symbol is cast to
     // the signature its header declares.
     unsafe {
-        let cuda = open("libcuda.so.1");
+        let cuda = nvrtc::open("libcuda.so.1", libc::RTLD_NOW | libc::RTLD_LOCAL);
         if cuda.is_null() {
             return Err("no NVIDIA driver here (libcuda.so.1 cannot be loaded)".into());
         }
-        let tried = nvrtc_candidates();
-        let Some((nvrtc, nvrtc_path)) =
-            tried.iter().map(|p| (open(p), p.clone())).find(|(h, _)| !h.is_null())
-        else {
-            return Err(format!("NVRTC not found (tried {}; set KNLP_NVRTC)", tried.join(", ")));
-        };
+        let nvrtc = nvrtc::get()?;
         let d = "libcuda.so.1";
-        let n = nvrtc_path.as_str();
         let f = Fns {
-            cu_init: std::mem::transmute(sym(cuda, d, c"cuInit")?),
-            cu_device_get: std::mem::transmute(sym(cuda, d, c"cuDeviceGet")?),
-            cu_device_attr: std::mem::transmute(sym(cuda, d, c"cuDeviceGetAttribute")?),
-            cu_primary_ctx: std::mem::transmute(sym(cuda, d, c"cuDevicePrimaryCtxRetain")?),
-            cu_ctx_push: std::mem::transmute(sym(cuda, d, c"cuCtxPushCurrent_v2")?),
-            cu_ctx_pop: std::mem::transmute(sym(cuda, d, c"cuCtxPopCurrent_v2")?),
-            cu_ctx_current: std::mem::transmute(sym(cuda, d, c"cuCtxGetCurrent")?),
-            cu_module_load: std::mem::transmute(sym(cuda, d, c"cuModuleLoadData")?),
-            cu_module_fn: std::mem::transmute(sym(cuda, d, c"cuModuleGetFunction")?),
-            cu_launch: std::mem::transmute(sym(cuda, d, c"cuLaunchKernel")?),
-            cu_error_string: std::mem::transmute(sym(cuda, d, c"cuGetErrorString")?),
-            rtc_create: std::mem::transmute(sym(nvrtc, n, c"nvrtcCreateProgram")?),
-            rtc_compile: std::mem::transmute(sym(nvrtc, n, c"nvrtcCompileProgram")?),
-            rtc_log_size: std::mem::transmute(sym(nvrtc, n, c"nvrtcGetProgramLogSize")?),
-            rtc_log: std::mem::transmute(sym(nvrtc, n, c"nvrtcGetProgramLog")?),
-            rtc_cubin_size: std::mem::transmute(sym(nvrtc, n, c"nvrtcGetCUBINSize")?),
-            rtc_cubin: std::mem::transmute(sym(nvrtc, n, c"nvrtcGetCUBIN")?),
-            rtc_ptx_size: std::mem::transmute(sym(nvrtc, n, c"nvrtcGetPTXSize")?),
-            rtc_ptx: std::mem::transmute(sym(nvrtc, n, c"nvrtcGetPTX")?),
-            rtc_destroy: std::mem::transmute(sym(nvrtc, n, c"nvrtcDestroyProgram")?),
-            rtc_error_string: std::mem::transmute(sym(nvrtc, n, c"nvrtcGetErrorString")?),
-            rtc_num_archs: std::mem::transmute(sym(nvrtc, n, c"nvrtcGetNumSupportedArchs")?),
-            rtc_archs: std::mem::transmute(sym(nvrtc, n, c"nvrtcGetSupportedArchs")?),
-            rtc_version: std::mem::transmute(sym(nvrtc, n, c"nvrtcVersion")?),
+            cu_init: std::mem::transmute(nvrtc::sym(cuda, d, c"cuInit")?),
+            cu_device_get: std::mem::transmute(nvrtc::sym(cuda, d, c"cuDeviceGet")?),
+            cu_device_attr: std::mem::transmute(nvrtc::sym(cuda, d, c"cuDeviceGetAttribute")?),
+            cu_primary_ctx: std::mem::transmute(nvrtc::sym(cuda, d, c"cuDevicePrimaryCtxRetain")?),
+            cu_ctx_push: std::mem::transmute(nvrtc::sym(cuda, d, c"cuCtxPushCurrent_v2")?),
+            cu_ctx_pop: std::mem::transmute(nvrtc::sym(cuda, d, c"cuCtxPopCurrent_v2")?),
+            cu_ctx_current: std::mem::transmute(nvrtc::sym(cuda, d, c"cuCtxGetCurrent")?),
+            cu_module_load: std::mem::transmute(nvrtc::sym(cuda, d, c"cuModuleLoadData")?),
+            cu_module_fn: std::mem::transmute(nvrtc::sym(cuda, d, c"cuModuleGetFunction")?),
+            cu_launch: std::mem::transmute(nvrtc::sym(cuda, d, c"cuLaunchKernel")?),
+            cu_error_string: std::mem::transmute(nvrtc::sym(cuda, d, c"cuGetErrorString")?),
         };
         let r = (f.cu_init)(0);
         if r != 0 {
             return Err(format!("cuInit failed (CUDA error {r})"));
         }
-        Ok(Rtc { f, nvrtc_path, devices: Mutex::new(HashMap::new()) })
+        Ok(Rtc { f, nvrtc, devices: Mutex::new(HashMap::new()) })
     }
 }
 
@@ -330,15 +244,6 @@ impl Rtc {
             // SAFETY: a NUL-terminated static string from the driver.
             unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
         };
-        bail!("{what}: {msg}")
-    }
-
-    fn rtc(&self, r: NvrtcResult, what: &str) -> Result<()> {
-        if r == 0 {
-            return Ok(());
-        }
-        // SAFETY: NVRTC returns a static NUL-terminated string.
-        let msg = unsafe { CStr::from_ptr((self.f.rtc_error_string)(r)) }.to_string_lossy().into_owned();
         bail!("{what}: {msg}")
     }
 
@@ -396,77 +301,6 @@ impl Rtc {
         }
         Ok(major * 10 + minor)
     }
-
-    /// Compile `src` for compute capability `cc`: a cubin when this NVRTC
-    /// knows the architecture, else PTX for the newest one it knows below
-    /// it (the driver finishes the compilation).
-    fn compile(&self, name: &str, src: &str, cc: c_int) -> Result<Vec<u8>> {
-        let mut count = 0;
-        // SAFETY: out-pointer, then a buffer of the reported length.
-        let archs = unsafe {
-            self.rtc((self.f.rtc_num_archs)(&mut count), "nvrtcGetNumSupportedArchs")?;
-            let mut a = vec![0; count.max(0) as usize];
-            self.rtc((self.f.rtc_archs)(a.as_mut_ptr()), "nvrtcGetSupportedArchs")?;
-            a
-        };
-        let cubin = archs.contains(&cc);
-        let arch = if cubin {
-            format!("--gpu-architecture=sm_{cc}")
-        } else {
-            let below = archs.iter().copied().filter(|a| *a <= cc).max();
-            let Some(a) = below else { bail!("NVRTC supports no architecture at or below sm_{cc}") };
-            format!("--gpu-architecture=compute_{a}")
-        };
-        let opts: Vec<CString> = [arch.as_str(), "--std=c++17", "-default-device"]
-            .iter()
-            .map(|o| CString::new(*o).unwrap())
-            .collect();
-        let optp: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
-        let csrc = CString::new(src).map_err(|_| anyhow!("kernel source {name} contains NUL"))?;
-        let cname = CString::new(format!("{name}.cu")).unwrap();
-        let mut prog: Prog = std::ptr::null_mut();
-        // SAFETY: NVRTC copies the source; the program is destroyed below.
-        unsafe {
-            self.rtc(
-                (self.f.rtc_create)(
-                    &mut prog,
-                    csrc.as_ptr(),
-                    cname.as_ptr(),
-                    0,
-                    std::ptr::null(),
-                    std::ptr::null(),
-                ),
-                "nvrtcCreateProgram",
-            )?;
-        }
-        let out = (|| {
-            // SAFETY: `prog` is live; buffers are sized by NVRTC's own answers.
-            unsafe {
-                let r = (self.f.rtc_compile)(prog, optp.len() as c_int, optp.as_ptr());
-                if r != 0 {
-                    let mut n = 0usize;
-                    (self.f.rtc_log_size)(prog, &mut n);
-                    let mut log = vec![0u8; n.max(1)];
-                    (self.f.rtc_log)(prog, log.as_mut_ptr() as *mut c_char);
-                    let log = String::from_utf8_lossy(&log).trim_end_matches('\0').trim().to_string();
-                    bail!("NVRTC could not compile kernel {name} for sm_{cc}:\n{log}");
-                }
-                let (size, get) = if cubin {
-                    (self.f.rtc_cubin_size, self.f.rtc_cubin)
-                } else {
-                    (self.f.rtc_ptx_size, self.f.rtc_ptx)
-                };
-                let mut n = 0usize;
-                self.rtc(size(prog, &mut n), "nvrtcGet{CUBIN,PTX}Size")?;
-                let mut image = vec![0u8; n];
-                self.rtc(get(prog, image.as_mut_ptr() as *mut c_char), "nvrtcGet{CUBIN,PTX}")?;
-                Ok(image)
-            }
-        })();
-        // SAFETY: destroys the program created above, once.
-        unsafe { (self.f.rtc_destroy)(&mut prog) };
-        out
-    }
 }
 
 /// The kernel `entry` (an `extern "C" __global__` function) of `src`,
@@ -483,7 +317,7 @@ pub fn kernel(device: Device, name: &str, src: &str, entry: &str) -> Result<Kern
     let loaded = cache.modules.get(src).and_then(|m| m.get(&d)).copied();
     let image = match loaded {
         Some(_) => None,
-        None => Some(r.compile(name, src, r.capability(d)?)?),
+        None => Some(r.nvrtc.compile(name, src, r.capability(d)?, false)?.image),
     };
     let cname = CString::new(entry).map_err(|_| anyhow!("bad kernel name {entry}"))?;
     let (module, func) = r.with_ctx(d, || {

@@ -47,6 +47,20 @@ fn source(cols: i64) -> &'static str {
         .or_insert_with(|| Box::leak(format!("#define COLS {cols}\n{SOURCE}").into_boxed_str()))
 }
 
+/// The sources [`super::check`] compiles: the test widths, GPT-2 124M's
+/// 768, and the widest row taken.
+pub fn check_sources() -> Vec<super::check::Source> {
+    [64, 768, 1020, MAX_COLS]
+        .into_iter()
+        .map(|c| super::check::Source {
+            family: "norm",
+            variant: format!("COLS {c}"),
+            src: source(c).to_string(),
+            entries: vec![("add_ln_fwd", (32 * FWD_WARPS) as u32), ("add_ln_bwd", (32 * BWD_WARPS) as u32)],
+        })
+        .collect()
+}
+
 fn aligned(t: &Tensor, bytes: usize) -> bool {
     (t.data_ptr() as usize).is_multiple_of(bytes)
 }

@@ -45,6 +45,30 @@ impl Selection {
     }
 }
 
+/// Threads of the one-warp bin finder.
+const FIND_THREADS: u32 = 32;
+
+/// The sources [`super::check`] compiles: one per scorer expression
+/// (name, CUDA expression) and one for ready scores (`w`).
+pub fn check_sources(scores: &[(String, String)]) -> Vec<super::check::Source> {
+    let ready = [("ready scores".to_string(), "w".to_string())];
+    scores
+        .iter()
+        .chain(ready.iter())
+        .map(|(name, expr)| super::check::Source {
+            family: "prune",
+            variant: name.clone(),
+            src: source(expr),
+            entries: vec![
+                ("score_keys", BLOCK),
+                ("radix_pass", BLOCK),
+                ("radix_find", FIND_THREADS),
+                ("keep_above", BLOCK),
+            ],
+        })
+        .collect()
+}
+
 fn source(expr: &str) -> String {
     format!("#define SCORE(w, m, v) ({expr})\n{SOURCE}")
 }
@@ -121,7 +145,7 @@ fn select_in(src: &str, parts: &[Part], k: i64) -> Result<(Tensor, Tensor, Selec
         off += len;
     }
     let st = Arg::tensor(&state, 0)?;
-    launch(k_find, 1, 32, 0, &[h(0)?, Arg::I32(11), st])?;
+    launch(k_find, 1, FIND_THREADS, 0, &[h(0)?, Arg::I32(11), st])?;
     for (i, (shift, bits)) in [(10, 11), (0, 10)].into_iter().enumerate() {
         let hi = h(i as i64 + 1)?;
         launch(
@@ -131,7 +155,7 @@ fn select_in(src: &str, parts: &[Part], k: i64) -> Result<(Tensor, Tensor, Selec
             0,
             &[Arg::tensor(&keys, 0)?, Arg::I64(n), st, Arg::I32(shift), Arg::I32(bits), hi],
         )?;
-        launch(k_find, 1, 32, 0, &[hi, Arg::I32(bits), st])?;
+        launch(k_find, 1, FIND_THREADS, 0, &[hi, Arg::I32(bits), st])?;
     }
     let s = Vec::<i64>::try_from(state.f_to_device(Device::Cpu).map_err(te)?).map_err(te)?;
     let sel = Selection { key: s[0] as u32, below: s[2], ties: s[3] };

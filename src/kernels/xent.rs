@@ -11,6 +11,16 @@ use super::{kernel, launch, same_device, te, Arg};
 const SOURCE: &str = include_str!("xent.cu");
 const BLOCK: u32 = 512;
 
+/// The source [`super::check`] compiles.
+pub fn check_sources() -> Vec<super::check::Source> {
+    vec![super::check::Source {
+        family: "xent",
+        variant: String::new(),
+        src: SOURCE.to_string(),
+        entries: vec![("xent_bf16", BLOCK)],
+    }]
+}
+
 /// Whether [`xent_`] takes `logits`: contiguous bf16 rows of even length
 /// starting 4-byte aligned (the kernel reads pairs).
 pub fn fits(logits: &Tensor) -> bool {

@@ -148,6 +148,12 @@ pub fn cuda_expr(name: &str, eps: f64) -> Option<String> {
     Some(e.replace("EPS", &format!("{:e}f", eps as f32)))
 }
 
+/// Every scorer the fused mask update evaluates, as (name, CUDA
+/// expression at ε = [`EPS`]): what `kernels::check` compiles.
+pub fn cuda_scorers() -> Vec<(String, String)> {
+    CUDA.iter().filter_map(|(n, _)| Some((n.to_string(), cuda_expr(n, EPS)?))).collect()
+}
+
 /// RATIO structural weight of a GPT-2 tensor for bitter8/bitter9: attention
 /// 2.5, MLP 1.0, coupling 3.0, anything else 1.0 (DECISIONS.md). Vanilla
 /// GPT-2 has no coupling tensors; names containing `coupling` or R-MLP's
