@@ -393,7 +393,16 @@ fn diff_scale(a: &Tensor, b: &Tensor) -> (f64, f64) {
 /// `x + a` then a layer norm through the fused op (`knlp::fused`), or
 /// through the plain ops; a loss that reaches `x1` (when `use_x1`) and `y`
 /// (when `use_y`); returns the outputs and the gradients of x, a, w, b.
-fn add_ln_grads(fused: bool, inputs: &[Tensor; 4], bias: bool, use_x1: bool, use_y: bool) -> Vec<Tensor> {
+/// `probes` weigh `y` and `x1` in the loss; the caller draws them once so
+/// both paths see the same ones.
+fn add_ln_grads(
+    fused: bool,
+    inputs: &[Tensor; 4],
+    probes: &[Tensor; 2],
+    bias: bool,
+    use_x1: bool,
+    use_y: bool,
+) -> Vec<Tensor> {
     let leaf = |t: &Tensor| t.copy().set_requires_grad(true);
     let (x, a, w, b) = (leaf(&inputs[0]), leaf(&inputs[1]), leaf(&inputs[2]), leaf(&inputs[3]));
     let c = *x.size().last().unwrap();
@@ -405,9 +414,8 @@ fn add_ln_grads(fused: bool, inputs: &[Tensor; 4], bias: bool, use_x1: bool, use
         let y = x1.layer_norm([c], Some(&w), bo, 1e-5, false);
         (x1, y)
     };
-    tch::manual_seed(11);
-    let r1 = Tensor::randn(x1.size(), (Kind::Float, x.device())).to_kind(y.kind());
-    let r2 = Tensor::randn(x1.size(), (Kind::Float, x.device())).to_kind(x1.kind());
+    let r1 = probes[0].to_kind(y.kind());
+    let r2 = probes[1].to_kind(x1.kind());
     let mut loss = Tensor::zeros([], (Kind::Double, x.device()));
     if use_y {
         loss += (&y * &r1).to_kind(Kind::Double).sum(Kind::Double);
@@ -434,6 +442,8 @@ fn add_ln_grads(fused: bool, inputs: &[Tensor; 4], bias: bool, use_x1: bool, use
 /// residual used further or not, with the normalised output used or not.
 #[test]
 fn add_layer_norm_function_matches_autograd_on_cpu() {
+    // The generator and the fused-call counter are process-wide.
+    let _g = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     for (bias, use_x1, use_y) in
         [(true, true, true), (false, true, true), (true, false, true), (true, true, false)]
     {
@@ -445,8 +455,9 @@ fn add_layer_norm_function_matches_autograd_on_cpu() {
             Tensor::randn([12], o),
             Tensor::randn([12], o),
         ];
-        let f = add_ln_grads(true, &inputs, bias, use_x1, use_y);
-        let r = add_ln_grads(false, &inputs, bias, use_x1, use_y);
+        let probes = [Tensor::randn([2, 5, 12], o), Tensor::randn([2, 5, 12], o)];
+        let f = add_ln_grads(true, &inputs, &probes, bias, use_x1, use_y);
+        let r = add_ln_grads(false, &inputs, &probes, bias, use_x1, use_y);
         for (what, a, b) in ["x1", "y", "grad x", "grad a", "grad w", "grad b"]
             .iter()
             .zip(&f)

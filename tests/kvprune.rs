@@ -150,6 +150,7 @@ fn kv_importance_matches_a_hand_computed_example() {
 
 #[test]
 fn kv_kept_count_and_recency_window() {
+    let _rng = rng();
     for (r, k_min, rec, len, want) in [
         (0.382, 64, 64, 1024, 391),
         (0.5, 4, 2, 20, 10),

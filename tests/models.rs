@@ -10,6 +10,14 @@ use tch::{Device, Kind, Tensor};
 
 const CPU: Device = Device::Cpu;
 
+/// libtorch's default generator is process-wide: the tests here seed it
+/// and draw from it (model init, inputs), so they run one at a time.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn rng() -> std::sync::MutexGuard<'static, ()> {
+    RNG.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn names(m: &dyn Model) -> Vec<String> {
     m.store().params().iter().map(|p| p.name.clone()).collect()
 }
@@ -35,6 +43,7 @@ fn tokens(shape: &[i64], vocab: i64) -> Tensor {
 
 #[test]
 fn lenet5_has_61750_parameters() {
+    let _rng = rng();
     let m = LeNet5::new(lenet5::Config::default()).unwrap();
     assert_eq!(m.store().numel(), 61_750);
     assert_eq!(lenet5::Config::default().num_params(), 61_750);
@@ -44,6 +53,7 @@ fn lenet5_has_61750_parameters() {
 
 #[test]
 fn resnet_parameter_counts() {
+    let _rng = rng();
     for (cfg, want) in [
         (resnet::Config::resnet18(10), 11_173_962),
         (resnet::Config::resnet50(100), 23_712_932),
@@ -71,6 +81,7 @@ fn resnet_parameter_counts() {
 
 #[test]
 fn gpt2_parameter_counts() {
+    let _rng = rng();
     let c = gpt2::Config::preset("gpt2").unwrap();
     assert_eq!(c.num_params(false).unwrap(), 124_475_904);
     assert_eq!(c.num_params(true).unwrap(), 123_689_472);
@@ -97,6 +108,7 @@ fn gpt2_parameter_counts() {
 
 #[test]
 fn gpt2_124m_constructs_with_the_exact_count() {
+    let _rng = rng();
     let m = Gpt2::new(gpt2::Config::preset("124M").unwrap()).unwrap();
     assert_eq!(m.num_params(false), 124_475_904);
     assert_eq!(m.num_params(true), 123_689_472);
@@ -107,6 +119,7 @@ fn gpt2_124m_constructs_with_the_exact_count() {
 
 #[test]
 fn gpt2_names_follow_hugging_face() {
+    let _rng = rng();
     let m = Gpt2::new(tiny_gpt2(true)).unwrap();
     let mut want = vec!["transformer.wte.weight".to_string(), "transformer.wpe.weight".to_string()];
     for i in 0..2 {
@@ -147,6 +160,7 @@ fn gpt2_names_follow_hugging_face() {
 
 #[test]
 fn cnn_names_follow_python_and_torchvision() {
+    let _rng = rng();
     let m = LeNet5::new(lenet5::Config::default()).unwrap();
     let want = [
         "layer1.0.weight",
@@ -196,6 +210,7 @@ fn cnn_names_follow_python_and_torchvision() {
 
 #[test]
 fn forward_shapes() {
+    let _rng = rng();
     tch::manual_seed(1);
     let mut m = LeNet5::new(lenet5::Config::default()).unwrap();
     finalize(&mut m, CPU).unwrap();
@@ -232,6 +247,7 @@ fn forward_shapes() {
 
 #[test]
 fn batch_norm_statistics_move_only_in_training() {
+    let _rng = rng();
     tch::manual_seed(2);
     let mut m = LeNet5::new(lenet5::Config::default()).unwrap();
     finalize(&mut m, CPU).unwrap();
@@ -247,6 +263,7 @@ fn batch_norm_statistics_move_only_in_training() {
 
 #[test]
 fn gpt2_is_causal() {
+    let _rng = rng();
     tch::manual_seed(3);
     // Dropout is configured but off in eval mode.
     let mut m = Gpt2::new(gpt2::Config { dropout: 0.1, ..gpt2::Config::custom(2, 4, 32) }.resolve().unwrap())
@@ -272,6 +289,7 @@ fn gpt2_is_causal() {
 
 #[test]
 fn gpt2_dropout_is_active_only_in_training() {
+    let _rng = rng();
     tch::manual_seed(4);
     let mut m = Gpt2::new(gpt2::Config { dropout: 0.5, ..tiny_gpt2(true) }).unwrap();
     finalize(&mut m, CPU).unwrap();
@@ -347,6 +365,7 @@ fn grad_check(m: &dyn Model, x: &Tensor, y: &Tensor, train: bool, picks: &[(&str
 
 #[test]
 fn lenet5_gradients_match_finite_differences() {
+    let _rng = rng();
     tch::manual_seed(5);
     let m = LeNet5::new(lenet5::Config::default()).unwrap();
     let x = Tensor::randn([4, 1, 32, 32], (Kind::Double, CPU));
@@ -369,6 +388,7 @@ fn lenet5_gradients_match_finite_differences() {
 
 #[test]
 fn gpt2_gradients_match_finite_differences() {
+    let _rng = rng();
     tch::manual_seed(6);
     let m = Gpt2::new(tiny_gpt2(true)).unwrap();
     // Every id appears, so every used wte row gets both gradients.
@@ -400,6 +420,7 @@ fn gpt2_gradients_match_finite_differences() {
 
 #[test]
 fn gpt2_init_statistics() {
+    let _rng = rng();
     tch::manual_seed(7);
     let cfg = gpt2::Config { vocab_size: 512, block_size: 256, ..gpt2::Config::custom(4, 4, 256) };
     let m = Gpt2::new(cfg).unwrap();
@@ -427,6 +448,7 @@ fn gpt2_init_statistics() {
 
 #[test]
 fn cnn_init_statistics() {
+    let _rng = rng();
     tch::manual_seed(8);
     let m = ResNet::new(resnet::Config::resnet18(10)).unwrap();
     for (name, fan_out) in [("layer4.0.conv2.weight", 512 * 9), ("layer3.1.conv1.weight", 256 * 9)] {
@@ -451,6 +473,7 @@ fn cnn_init_statistics() {
 
 #[test]
 fn tied_head_shares_storage_with_wte() {
+    let _rng = rng();
     tch::manual_seed(9);
     let mut m = Gpt2::new(tiny_gpt2(true)).unwrap();
     assert!(m.store().get("lm_head.weight").is_none());
@@ -477,6 +500,7 @@ fn tied_head_shares_storage_with_wte() {
 
 #[test]
 fn untied_head_is_its_own_parameter() {
+    let _rng = rng();
     tch::manual_seed(10);
     let mut m = Gpt2::new(tiny_gpt2(false)).unwrap();
     finalize(&mut m, CPU).unwrap();
@@ -496,6 +520,7 @@ fn untied_head_is_its_own_parameter() {
 
 #[test]
 fn configs_reject_unknown_keys_and_round_trip() {
+    let _rng = rng();
     let e = serde_json::from_value::<gpt2::Config>(json!({"n_layers": 4})).unwrap_err().to_string();
     assert!(e.contains("unknown field `n_layers`") && e.contains("`n_layer`"), "{e}");
     let e = serde_json::from_value::<lenet5::Config>(json!({"class": 4})).unwrap_err().to_string();
@@ -523,6 +548,7 @@ fn configs_reject_unknown_keys_and_round_trip() {
 
 #[test]
 fn gpt2_presets() {
+    let _rng = rng();
     let c = gpt2::Config::preset("124M").unwrap();
     assert_eq!(
         (c.preset.as_deref(), c.n_layer, c.n_head, c.n_embd),
@@ -547,6 +573,7 @@ fn gpt2_presets() {
 
 #[test]
 fn bad_inputs_are_errors() {
+    let _rng = rng();
     let msg = |r: Result<Tensor, tch::TchError>| knlp::tensor::torch_error(&r.expect_err("an error"));
     let m = LeNet5::new(lenet5::Config::default()).unwrap();
     let e = msg(m.forward(&Tensor::zeros([2, 1, 28, 28], (Kind::Float, CPU)), false));

@@ -154,6 +154,7 @@ fn read_json(path: &std::path::Path) -> Value {
 
 #[test]
 fn modules_are_parameter_prefixes() {
+    let _g = serial();
     assert_eq!(module_of("transformer.h.3.attn.c_attn.weight"), "transformer.h.3.attn");
     assert_eq!(module_of("transformer.h.0.ln_1.weight"), "transformer.h.0.ln_1");
     assert_eq!(module_of("transformer.wte.weight"), "transformer.wte");
@@ -243,6 +244,7 @@ fn cumulative_rule_and_hints() {
 
 #[test]
 fn assignment_steps() {
+    let _g = serial();
     let c = TieringConfig::default();
     assert_eq!(c.assign_at(100, 500), 100, "after the warm-up");
     assert_eq!(c.assign_at(0, 50), 50, "else the first evaluation");
@@ -454,6 +456,7 @@ fn real_mode_stages_and_restores() {
 
 #[test]
 fn models_without_block_hooks_are_refused() {
+    let _g = serial();
     let mut m = knlp::models::lenet5::LeNet5::new(Default::default()).unwrap();
     m.store_mut().finalize(CPU).unwrap();
     let e = Tiering::new(&TieringConfig::default(), &m).err().unwrap().to_string();

@@ -13,11 +13,9 @@ use knlp::models::Model;
 use knlp::shim::AutocastDtype;
 use tch::{Device, Kind, Tensor};
 
-static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-pub(crate) fn rng() -> std::sync::MutexGuard<'static, ()> {
-    RNG.lock().unwrap_or_else(|e| e.into_inner())
-}
+// One lock for the whole test binary (tests/attention.rs): the generator
+// is process-wide.
+use crate::rng;
 
 fn small(attention: &str, dev: Device) -> Gpt2 {
     small_rope(attention, None, dev)

@@ -18,7 +18,7 @@ fn root() -> PathBuf {
 
 #[test]
 fn mla_decoupled_matches_the_pytorch_oracle() {
-    let _rng = super::graph_decode::rng();
+    let _rng = crate::rng();
     let py = std::env::var_os("KNLP_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join(".venv"))
