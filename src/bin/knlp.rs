@@ -599,6 +599,9 @@ fn main() -> ExitCode {
             }
         }
         Command::Kernels { archs } => report((|| {
+            let rtc = knlp::kernels::nvrtc::get().map_err(anyhow::Error::msg)?;
+            let (major, minor) = rtc.version();
+            println!("# NVRTC {major}.{minor} ({})", rtc.path);
             let sources = knlp::kernels::check::sources(&knlp::prune::score::cuda_scorers());
             let mut bad = 0;
             for a in &archs {

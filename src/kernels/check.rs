@@ -33,10 +33,11 @@ pub struct Entry {
 
 impl Entry {
     /// Registers a block of `threads` takes: allocated per warp in units
-    /// of 256 (sm_50 and later).
+    /// of 256, to warps in groups of four (one per SM sub-partition; the
+    /// occupancy calculator's hardware check, sm_75 to sm_90).
     pub fn block_registers(&self) -> u32 {
         let per_warp = (self.registers * 32).div_ceil(256) * 256;
-        self.threads.div_ceil(32) * per_warp
+        self.threads.div_ceil(32).next_multiple_of(4) * per_warp
     }
 }
 
@@ -65,14 +66,24 @@ fn number_before(line: &str, unit: &str) -> Option<u32> {
 /// The entry points of a ptxas `-v` log, in the order reported.
 pub fn parse_ptxas(log: &str) -> Vec<Entry> {
     let mut out: Vec<Entry> = Vec::new();
+    // ptxas reports a non-inlined device function's properties after the
+    // entry that calls it: a stack line counts only under its entry's name.
+    let mut props_of = String::new();
     for line in log.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let name = rest.split('\'').next().unwrap_or("").to_string();
             out.push(Entry { name, ..Entry::default() });
             continue;
         }
+        if let Some(rest) = line.split("Function properties for ").nth(1) {
+            props_of = rest.trim().to_string();
+            continue;
+        }
         let Some(e) = out.last_mut() else { continue };
         if line.contains("bytes stack frame") {
+            if props_of != e.name {
+                continue;
+            }
             e.stack_bytes = number_before(line, "bytes stack frame").unwrap_or(0);
             e.spill_stores = number_before(line, "bytes spill stores").unwrap_or(0);
             e.spill_loads = number_before(line, "bytes spill loads").unwrap_or(0);
@@ -218,6 +229,27 @@ ptxas info    : Compile time = 21.715 ms";
             }
         );
         assert_eq!((e[1].name.as_str(), e[1].registers, e[1].smem_bytes), ("add_ln_fwd", 66, 0));
+    }
+
+    #[test]
+    fn a_device_functions_properties_stay_its_own() {
+        let log = "ptxas info    : Compiling entry function 'k' for 'sm_90'
+ptxas info    : Function properties for k
+ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Function properties for _Z6helperv
+ptxas         .     64 bytes stack frame, 16 bytes spill stores, 16 bytes spill loads
+ptxas info    : Used 40 registers, used 0 barriers";
+        let e = parse_ptxas(log);
+        assert_eq!((e.len(), e[0].spill_stores, e[0].stack_bytes, e[0].registers), (1, 0, 0, 40));
+    }
+
+    #[test]
+    fn blocks_take_registers_in_groups_of_four_warps() {
+        // 108 registers: 3584 per warp. 17 warps round to 20: 71,680.
+        let e = Entry { registers: 108, threads: 17 * 32, ..Entry::default() };
+        assert_eq!(e.block_registers(), 20 * 3584);
+        let e = Entry { registers: 108, threads: 16 * 32, ..Entry::default() };
+        assert_eq!(e.block_registers(), 16 * 3584);
     }
 
     #[test]

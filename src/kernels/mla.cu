@@ -58,9 +58,10 @@ extern "C" __global__ void mla_row(const u16* __restrict__ out, i64 n_out, const
   for (int j = threadIdx.x; j < K; j += blockDim.x) dst[j] = j < R ? c[j] : rot(kr, row_cs, j - R);
 }
 
-// Grid: (splits, B); block: 32·H threads. Partials per (b, h, split):
+// Grid: (splits, B); block: 32·H threads, which the launch bounds make
+// ptxas fit in the register file for any H. Partials per (b, h, split):
 // max m, sum l, and the R weighted sums.
-extern "C" __global__ void mla_attend(const u16* __restrict__ qq, const u16* __restrict__ slot,
+extern "C" __global__ void __launch_bounds__(32 * H) mla_attend(const u16* __restrict__ qq, const u16* __restrict__ slot,
                                       const i64* __restrict__ pos, i64 S, int chunk, float scale,
                                       float* __restrict__ pm, float* __restrict__ pl,
                                       float* __restrict__ pacc) {

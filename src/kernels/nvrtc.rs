@@ -110,20 +110,28 @@ pub(super) unsafe fn sym(
     }
 }
 
-/// NVRTC opens its builtins library by name at the first compile, through
-/// the loader's search path, which does not include the wheel's folder
-/// unless libtorch's CUDA libraries happen to have loaded it already.
-/// Loading it from beside NVRTC first makes the compile independent of
-/// that (a CPU-only process compiles too).
-fn preload_builtins(nvrtc: &str) {
-    let Some(dir) = Path::new(nvrtc).parent().filter(|d| !d.as_os_str().is_empty()) else { return };
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("libnvrtc-builtins.so.") {
-            // SAFETY: dlopen of a library file; the handle stays open.
-            unsafe { open(&e.path().display().to_string(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+/// NVRTC opens its builtins library (`libnvrtc-builtins.so.MAJOR.MINOR`)
+/// by name at the first compile, through the loader's search path, which
+/// does not include the wheel's folder unless libtorch's CUDA libraries
+/// happen to have loaded it already. Loading it from NVRTC's own folder
+/// first makes the compile independent of that (a CPU-only process
+/// compiles too). `anchor` is any symbol of the loaded NVRTC: its folder
+/// comes from the loader, also when NVRTC was found by bare name.
+fn preload_builtins(anchor: *mut c_void, (major, minor): (i32, i32)) {
+    // SAFETY: dladdr fills `info` for an address inside a loaded object;
+    // dli_fname is then a NUL-terminated path owned by the loader.
+    let file = unsafe {
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(anchor as *const c_void, &mut info) == 0 || info.dli_fname.is_null() {
+            return;
         }
+        CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned()
+    };
+    let Some(dir) = Path::new(&file).parent() else { return };
+    let builtins = dir.join(format!("libnvrtc-builtins.so.{major}.{minor}"));
+    if builtins.exists() {
+        // SAFETY: dlopen of a library file; the handle stays open.
+        unsafe { open(&builtins.display().to_string(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
     }
 }
 
@@ -141,7 +149,6 @@ fn load() -> std::result::Result<Nvrtc, String> {
         else {
             return Err(format!("NVRTC not found (tried {}; set KNLP_NVRTC)", tried.join(", ")));
         };
-        preload_builtins(&path);
         let n = path.as_str();
         let f = Fns {
             create: std::mem::transmute(sym(lib, n, c"nvrtcCreateProgram")?),
@@ -158,7 +165,10 @@ fn load() -> std::result::Result<Nvrtc, String> {
             archs: std::mem::transmute(sym(lib, n, c"nvrtcGetSupportedArchs")?),
             version: std::mem::transmute(sym(lib, n, c"nvrtcVersion")?),
         };
-        Ok(Nvrtc { f, path })
+        let anchor = f.version as *mut c_void;
+        let rtc = Nvrtc { f, path };
+        preload_builtins(anchor, rtc.version());
+        Ok(rtc)
     }
 }
 
