@@ -58,11 +58,8 @@ pub fn add_layer_norm_applies(x: &Tensor) -> bool {
     if x.device() == tch::Device::Cpu {
         return CPU_REFERENCE.load(Ordering::Relaxed);
     }
-    let c = x.size().last().copied().unwrap_or(0);
     x.kind() == Kind::Float
-        && c > 0
-        && c % 4 == 0
-        && c <= norm::MAX_COLS
+        && norm::takes_width(x.size().last().copied().unwrap_or(0))
         && matches!(crate::shim::autocast(), Ok((true, crate::shim::AutocastDtype::BF16)))
         && kernels::usable(x.device())
 }

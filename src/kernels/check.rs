@@ -32,13 +32,19 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// Registers a block of `threads` takes: allocated per warp in units
-    /// of 256, to warps in groups of four (one per SM sub-partition; the
-    /// occupancy calculator's hardware check, sm_75 to sm_90).
+    /// Registers a block of its launch size takes ([`block_registers`]).
     pub fn block_registers(&self) -> u32 {
-        let per_warp = (self.registers * 32).div_ceil(256) * 256;
-        self.threads.div_ceil(32).next_multiple_of(4) * per_warp
+        block_registers(self.registers, self.threads)
     }
+}
+
+/// Registers a block of `threads` takes at `registers` per thread:
+/// allocated per warp in units of 256, to warps in groups of four (one per
+/// SM sub-partition; the occupancy calculator's hardware check, sm_75 to
+/// sm_90). At most [`BLOCK_REGISTERS`] for the launch to succeed.
+pub fn block_registers(registers: u32, threads: u32) -> u32 {
+    let per_warp = (registers * 32).div_ceil(256) * 256;
+    threads.div_ceil(32).next_multiple_of(4) * per_warp
 }
 
 /// One compiled source.
@@ -55,7 +61,7 @@ pub struct Report {
 /// A block's registers and static shared memory on every architecture
 /// knlp targets (sm_75 and later): 64 K registers, 48 KiB of static
 /// shared memory.
-const BLOCK_REGISTERS: u32 = 65_536;
+pub const BLOCK_REGISTERS: u32 = 65_536;
 const STATIC_SMEM: u32 = 48 * 1024;
 
 fn number_before(line: &str, unit: &str) -> Option<u32> {
@@ -133,8 +139,9 @@ fn problems(declared: &[(&'static str, u32)], entries: &mut [Entry]) -> Vec<Stri
 /// this NVRTC knows, e.g. 90) and report on each.
 pub fn run(sources: &[Source], arch: i32) -> Result<Vec<Report>> {
     let rtc = nvrtc::get().map_err(anyhow::Error::msg)?;
-    if !rtc.archs()?.contains(&arch) {
-        bail!("NVRTC {:?} has no sm_{arch} (it knows {:?})", rtc.version(), rtc.archs()?);
+    let archs = rtc.archs()?;
+    if !archs.contains(&arch) {
+        bail!("NVRTC {:?} has no sm_{arch} (it knows {archs:?})", rtc.version());
     }
     sources
         .iter()

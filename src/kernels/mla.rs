@@ -8,7 +8,7 @@
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
-use super::{contiguous_of, kernel, launch, launch_grid, same_device, te, Arg, OptIn};
+use super::{check, contiguous_of, kernel, launch, launch_grid, same_device, te, Arg, OptIn};
 
 const SOURCE: &str = include_str!("mla.cu");
 /// Threads per block of `mla_row`.
@@ -27,12 +27,6 @@ pub fn set_enabled(on: bool) {
 /// switch, `kernels::usable`, applies on top).
 pub fn enabled() -> bool {
     SWITCH.enabled()
-}
-
-/// Warps are allocated registers in groups of four (one per SM
-/// sub-partition), so a block of `heads` warps takes as many as this.
-fn round_up4(heads: i64) -> i64 {
-    (heads + 3) / 4 * 4
 }
 
 /// The shape of one layer's absorbed step.
@@ -61,27 +55,29 @@ impl Shape {
             && (1..=1024).contains(&self.r)
             && (0..=256).contains(&self.dr)
             && self.dr % 2 == 0
-            && 32 * round_up4(self.heads) * self.attend_registers() <= 65_536
+            && check::block_registers(self.attend_registers(), 32 * self.heads as u32)
+                <= check::BLOCK_REGISTERS
     }
 
     /// An estimate from above of the registers `mla_attend` needs per
     /// thread: a lane holds its query and key columns (2·⌈(R+DR)/32⌉) and
-    /// its share of the R accumulators (⌈R/32⌉), plus 48 for the rest, in
-    /// units of 8. Measured with NVRTC 13.0 without launch bounds over R in
-    /// steps of 8 (and some odd R) and DR in {0, 2, 32, 64, 128, 256}:
-    /// ptxas used at most this minus 5 on sm_80 and sm_90. Not monotone in
-    /// R, so `check_sources` compiles inside points too.
-    fn attend_registers(&self) -> i64 {
+    /// its share of the R accumulators (⌈R/32⌉), plus 48 for the rest.
+    /// Measured with NVRTC 13.0 without launch bounds over R in steps of 8
+    /// (and some odd R) and DR in {0, 2, 32, 64, 128, 256}: ptxas used at
+    /// most this, rounded up to a multiple of 8, minus 5 on sm_80 and
+    /// sm_90. Not monotone in R, so `check_sources` compiles inside points
+    /// too. Called only for shapes within the bounds `fits` checks first.
+    fn attend_registers(&self) -> u32 {
         let ke = (self.r + self.dr + 31) / 32;
         let re = (self.r + 31) / 32;
-        (2 * ke + re + 48 + 7) / 8 * 8
+        (2 * ke + re + 48) as u32
     }
 }
 
 /// The sources [`super::check`] compiles: GPT-2 124M's latent shapes with
 /// and without decoupled RoPE, a tiny test shape, and the boundary of
 /// [`Shape::fits`].
-pub fn check_sources() -> Vec<super::check::Source> {
+pub fn check_sources() -> Vec<check::Source> {
     // For a given head count the largest latent `fits` admits, with and
     // without RoPE: the shapes that press hardest on the register file.
     let widest = |heads: i64, dr: i64| (1..=1024).rev().find(|&r| Shape { heads, r, dr }.fits());
@@ -97,7 +93,7 @@ pub fn check_sources() -> Vec<super::check::Source> {
         .into_iter()
         .map(|(heads, r, dr)| {
             let sh = Shape { heads, r, dr };
-            super::check::Source {
+            check::Source {
                 family: "mla",
                 variant: format!("H {heads}, R {r}, DR {dr}"),
                 src: sh.source(),

@@ -193,14 +193,7 @@ pub fn describe() -> String {
             let (a, b) = r.nvrtc.version();
             format!("NVRTC {a}.{b} ({})", r.nvrtc.path)
         }
-        Err(e) => match nvrtc::get() {
-            // Compiling needs no driver: say so where only launching fails.
-            Ok(n) => {
-                let (a, b) = n.version();
-                format!("{e}; NVRTC {a}.{b} compiles here (knlp kernels) ({})", n.path)
-            }
-            Err(_) => e.clone(),
-        },
+        Err(e) => e.clone(),
     }
 }
 

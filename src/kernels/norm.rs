@@ -22,10 +22,16 @@ const SOURCE: &str = include_str!("norm.cu");
 const FWD_WARPS: i64 = 8;
 /// Warps per backward block: `WARPS` in norm.cu.
 const BWD_WARPS: i64 = 4;
-/// The widest row the kernels take: a row lives in a warp's registers (the
-/// backward keeps four float4 per 128 columns per lane; wider rows would
-/// spill), up to GPT-2 medium's 1024.
+/// The widest row the kernels take, GPT-2 medium's 1024: a row lives in
+/// registers, and the backward needs 212 per thread at 1024 on sm_90;
+/// 1280 would need 246 (255 on sm_80) and 1600 spills (`knlp kernels`).
 pub const MAX_COLS: i64 = 1024;
+
+/// Whether the kernels take rows of `c` floats: a positive multiple of 4
+/// (float4 loads) up to [`MAX_COLS`].
+pub fn takes_width(c: i64) -> bool {
+    c > 0 && c % 4 == 0 && c <= MAX_COLS
+}
 
 static SWITCH: OptIn = OptIn::new("KNLP_FUSED_LN");
 
@@ -76,9 +82,7 @@ pub fn fits(x: &Tensor, a: &Tensor) -> bool {
         && x.kind() == Kind::Float
         && a.kind() == Kind::BFloat16
         && a.size() == s
-        && c % 4 == 0
-        && c > 0
-        && c <= MAX_COLS
+        && takes_width(c)
         && x.is_contiguous()
         && a.is_contiguous()
         && aligned(x, 16)

@@ -26,33 +26,26 @@ fn entries(v: &[Entry], top: usize, per: f64, with_kind: bool) -> Array {
         .collect()
 }
 
+/// Option `key` of `opts` as a number satisfying `ok` (NaN never does),
+/// else `default`.
+fn number(opts: &Map, key: &str, default: f64, ok: fn(f64) -> bool, rule: &str) -> RResult<f64> {
+    let Some(v) = opts.get(key) else { return Ok(default) };
+    let n = as_number(v, &format!("profile(): {key}"))?;
+    if !ok(n) {
+        return Err(rerr(format!("profile(): {key} must be {rule}, got {n}")));
+    }
+    Ok(n)
+}
+
 fn run(ctx: &NativeCallContext, f: &FnPtr, opts: &Map) -> RResult<Map> {
     check_keys(opts, KEYS, "profile()")?;
     let trace = match opts.get("trace") {
         Some(v) => Some(PathBuf::from(expect_str(v, "profile(): trace")?)),
         None => None,
     };
-    let top = match opts.get("top") {
-        Some(v) => {
-            let n = as_number(v, "profile(): top")?;
-            if n.is_nan() || n < 0.0 {
-                return Err(rerr(format!("profile(): top must be >= 0, got {n}")));
-            }
-            n as usize
-        }
-        None => 20,
-    };
+    let top = number(opts, "top", 20.0, |n| n >= 0.0, ">= 0")? as usize;
     // Per-call figures: divide by the number of steps the closure ran.
-    let per = match opts.get("per") {
-        Some(v) => {
-            let n = as_number(v, "profile(): per")?;
-            if n.is_nan() || n <= 0.0 {
-                return Err(rerr(format!("profile(): per must be > 0, got {n}")));
-            }
-            n
-        }
-        None => 1.0,
-    };
+    let per = number(opts, "per", 1.0, |n| n > 0.0, "> 0")?;
     let (out, rep) = profile::run(trace.as_deref(), || {
         let r = f.call_within_context::<Dynamic>(ctx, ());
         // The last kernels are recorded only once they have finished.
