@@ -42,6 +42,10 @@ fn every_kernel_compiles_without_spills_for_ampere_and_hopper() {
     let sources = kernels::check::sources(&knlp::prune::score::cuda_scorers());
     let families: std::collections::BTreeSet<_> = sources.iter().map(|s| s.family).collect();
     assert_eq!(families.into_iter().collect::<Vec<_>>(), ["mla", "norm", "prune", "xent"]);
+    // The profiler's kind table names the same entry points.
+    for (entry, _) in sources.iter().flat_map(|s| &s.entries) {
+        assert_eq!(knlp::profile::kind(entry), "knlp fused (nvrtc)", "{entry}");
+    }
     for arch in [80, 90] {
         let reports = kernels::check::run(&sources, arch).unwrap();
         assert_eq!(reports.len(), sources.len());
